@@ -1,0 +1,58 @@
+"""``slotcon <stage>``: parse -> load the stage's params section -> call the stage's pure function -> write metrics.
+
+Each stage module exposes ``main(args: argparse.Namespace) -> int | None`` and, optionally,
+``add_arguments(parser)``. This file only routes; modules are imported lazily so ``slotcon --help`` is fast.
+A :class:`~components.errors.UserError` (bad params, missing files) is printed as one line, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> (module, one-line help). Order = the DAG's order.
+STAGES: dict[str, tuple[str, str]] = {
+    "check": ("components.check", "validate every section of params.yaml and exit"),
+    "scenes": ("components.data.scenes", "generate the scene-centric demo dataset in COCO format"),
+    "prepare": ("components.data.coco", "discover and check a source; write per-split Parquet manifests"),
+    "shard": ("components.data.shards", "write WebDataset shards + manifest (or --verify them)"),
+    "pretrain": ("components.train.loop", "SlotCon pretraining from shards (launches torchrun when asked)"),
+    "export": ("components.transfer.convert", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),
+    "detect": ("components.transfer.detection", "Mask R-CNN FPN fine-tuning + COCO evaluation (AP^b, AP^m)"),
+    "segment": ("components.transfer.segmentation", "FCN semantic segmentation fine-tuning (mIoU)"),
+    "unsup_seg": ("components.transfer.unsup_seg", "prototype assignment -> Hungarian-matched mIoU"),
+    "viz": ("components.transfer.viz", "pictures of what the slots found"),
+}
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``stage``'s module is imported (to add its own options), so ``--help`` stays fast."""
+    parser = argparse.ArgumentParser(prog="slotcon", description="SlotCon pipeline stages (see dvc.yaml).")
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.set_defaults(_module=module)
+        if name == stage:
+            mod = importlib.import_module(module)
+            if hasattr(mod, "add_arguments"):
+                mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from components.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    try:
+        rc = importlib.import_module(args._module).main(args)
+    except UserError as exc:
+        print(f"slotcon {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+import pytest
+
+from components.config import SECTIONS, ConfigError, load_all, load_section, parse_section
+
+
+def test_defaults_of_params_yaml_load(repo_root):
+    sections = load_all(repo_root / "params.yaml")
+    assert set(sections) == set(SECTIONS)
+    assert sections["pretrain"].teacher_temp == 0.07 and sections["pretrain"].student_temp == 0.1
+
+
+def test_every_section_model_defaults_equal_params_yaml(repo_root):
+    """params.yaml is the demo; the typed defaults must say the same thing (one source of truth for docs)."""
+    sections = load_all(repo_root / "params.yaml")
+    for name, cls in SECTIONS.items():
+        assert sections[name] == cls(), f"params.yaml section {name} differs from components/config.py defaults"
+
+
+@pytest.mark.parametrize(
+    "section,raw,needle",
+    [
+        ("pretrain", {"batch_sise": 32}, "unknown key pretrain.batch_sise"),
+        ("pretrain", {"batch_size": "32"}, "pretrain.batch_size='32' is invalid"),
+        ("pretrain", {"teacher_temp": -0.1}, "pretrain.teacher_temp=-0.1 is invalid"),
+        ("pretrain", {"arch": "vit"}, "pretrain.arch='vit' is invalid"),
+        ("pretrain", {"batch_size": 100, "nproc_per_node": 8}, "pretrain.batch_size=100 is not divisible by world size 8"),
+        ("scenes", {"min_objects": 6, "max_objects": 3}, "min_objects=6 must be <= max_objects=3"),
+        ("data", {"source": "coco"}, "needs data.coco_root"),
+        ("detect", {"init": "imagenet"}, "init='imagenet'"),
+        ("detect", {"iters": 10, "steps": [20]}, "must be increasing and < iters=10"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_the_key(section, raw, needle):
+    with pytest.raises(ConfigError) as exc:
+        parse_section(section, raw, "params.yaml")
+    msg = str(exc.value)
+    assert needle in msg, msg
+    assert "\n" not in msg and msg.startswith("params.yaml: ")
+
+
+def test_unknown_section_and_missing_file(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrian:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['pretrian'\]"):
+        load_section("pretrain", p)
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_section("pretrain", tmp_path / "nope.yaml")
+
+
+def test_cli_reports_bad_params_in_one_line(tmp_path, capsys):
+    from components.cli import main
+
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  epochs: 0\n")
+    assert main(["check", "--params", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pretrain.epochs=0 is invalid" in err
