@@ -46,17 +46,18 @@ class TrackingConfig(Section):
 # data: which source, and the generated scenes
 # --------------------------------------------------------------------------------------------------------------------
 class ScenesConfig(Section):
-    seed: int = 0  # everything generated derives from it: same seed -> byte-identical files
-    num_train: int = Field(default=192, ge=1)  # demo size; enough images for 2-core CPU epochs in seconds
-    num_val: int = Field(default=48, ge=1)
+    seed: int = Field(default=0, ge=0)  # image i is drawn from default_rng([seed, id]): same seed -> identical bytes
+    num_train: int = Field(default=192, ge=1, le=10_000_000)  # demo size; val ids start at 10_000_001 (no collision)
+    num_val: int = Field(default=48, ge=1, le=10_000_000)
     image_size: int = Field(default=128, ge=32, le=1024)  # square images; COCO's are ~640x480
     min_objects: int = Field(default=2, ge=1)  # scene-centric: several objects per image, as in COCO (~7 on average)
-    max_objects: int = Field(default=5, ge=1)
+    max_objects: int = Field(default=5, ge=1, le=100)  # annotation id = image_id * 1000 + k
     num_thing_classes: int = Field(default=6, ge=1, le=12)  # "things": shape + texture define a class
     num_stuff_classes: int = Field(default=3, ge=1, le=8)  # "stuff" backgrounds, labelled in the semantic maps
     min_object_frac: float = Field(default=0.15, gt=0.0, le=1.0)  # object size as a fraction of the image side
     max_object_frac: float = Field(default=0.45, gt=0.0, le=1.0)
     jpeg_quality: int = Field(default=90, ge=50, le=100)
+    workers: int = Field(default=1, ge=1)  # processes drawing images; same bytes for any value (demo: 1 is fastest)
 
     @model_validator(mode="after")
     def _check(self) -> "ScenesConfig":
@@ -64,6 +65,11 @@ class ScenesConfig(Section):
             raise ValueError(f"min_objects={self.min_objects} must be <= max_objects={self.max_objects}")
         if self.min_object_frac > self.max_object_frac:
             raise ValueError(f"min_object_frac={self.min_object_frac} must be <= max_object_frac={self.max_object_frac}")
+        if self.min_object_frac * self.image_size < 4:
+            raise ValueError(
+                f"min_object_frac={self.min_object_frac} * image_size={self.image_size} is under 4 px: objects would "
+                "be too small to carry a texture; raise min_object_frac or image_size"
+            )
         return self
 
 
@@ -83,7 +89,8 @@ class ShardConfig(Section):
     max_count: int = Field(default=64, ge=1)  # samples per shard (COCO: ~1000 -> ~160 MB shards)
     max_bytes: int = Field(default=64_000_000, ge=1_000)  # shard byte budget; a shard closes at whichever comes first
     seed: int = 0  # write-time shuffle
-    workers: int = Field(default=2, ge=1)  # parallel shard writers
+    workers: int = Field(default=2, ge=1)  # parallel shard writers (and --verify readers)
+    verify: bool = True  # re-read every shard after writing and check it against the manifest (one extra read)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,30 +154,49 @@ def _check_init(value: str) -> None:
 
 
 class DetectConfig(Section):
-    init: InitKind = "pretrained"
+    """Mask R-CNN FPN fine-tuning (stage ``detect``). Defaults: the CPU demo; the paper's COCO 1x values in comments
+    (detectron2 ``mask_rcnn_R_50_FPN_1x`` with SyncBN, as SlotCon/MoCo transfer: 90k iterations at batch 16, lr 0.02,
+    steps 60k/80k, warm-up 1000 from lr/1000, short side 640-800 (step 32), max 1333, test 800)."""
+
+    init: InitKind = "pretrained"  # random | pretrained (--backbone) | path/to/backbone.pt
     compare_random: bool = True  # also train from random init with the same schedule, so the gain is visible
-    norm: Literal["bn", "syncbn", "frozen"] = "bn"  # SSL transfer protocol: SyncBN under DDP, BN on one device
+    norm: Literal["bn", "syncbn", "frozen"] = "bn"  # SSL transfer: BN in train mode (SyncBN under DDP on GPUs)
+    box_head: Literal["2fc", "4conv1fc"] = "2fc"  # 2fc: torchvision v1 (fast); 4conv1fc+norm: the SSL configs
     iters: int = Field(default=60, ge=1)  # COCO 1x: 90000 at batch 16
-    batch_size: int = Field(default=4, ge=1)  # COCO 1x: 16
+    batch_size: int = Field(default=4, ge=1)  # global, over all ranks; COCO 1x: 16
     lr: float = Field(default=0.02, gt=0)  # COCO 1x: 0.02 at batch 16
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    warmup_iters: int = Field(default=10, ge=0)  # COCO 1x: 1000
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # COCO 1x: 0.9
+    weight_decay: float = Field(default=1e-4, ge=0)  # COCO 1x: 1e-4 (none on norm parameters)
+    warmup_iters: int = Field(default=10, ge=0)  # linear from lr/1000; COCO 1x: 1000
     steps: list[int] = Field(default_factory=lambda: [40, 53])  # lr x0.1 at these iters; COCO 1x: [60000, 80000]
-    min_size: list[int] = Field(default_factory=lambda: [128])  # train short side(s), multi-scale; COCO: 640..800
-    max_size: int = Field(default=256, ge=32)  # COCO: 1333
+    min_size: list[int] = Field(default_factory=lambda: [96, 112, 128], min_length=1)  # train short side drawn per
+    # image; COCO 1x: [640, 672, 704, 736, 768, 800]
+    max_size: int = Field(default=256, ge=32)  # longest side cap; COCO: 1333
     test_size: int = Field(default=128, ge=32)  # COCO: 800
-    num_workers: int = Field(default=0, ge=0)
-    nproc_per_node: int = Field(default=1, ge=1)
+    rpn_batch_size: int = Field(default=64, ge=2)  # anchors sampled per image for the RPN loss; COCO: 256
+    roi_batch_size: int = Field(default=64, ge=2)  # proposals sampled per image for the ROI heads; COCO: 512
+    proposals_train: int = Field(default=500, ge=1)  # RPN proposals kept after NMS in training; COCO: 2000
+    proposals_test: int = Field(default=300, ge=1)  # in evaluation; COCO: 1000
+    mask_head: list[int] = Field(default_factory=lambda: [128, 128], min_length=1)  # widths of the mask head's 3x3
+    # convs (the CPU step's biggest cost); COCO: [256, 256, 256, 256]
+    detections_per_img: int = Field(default=50, ge=1)  # kept per val image; COCO: 100
+    num_workers: int = Field(default=0, ge=0)  # loader workers per rank
+    nproc_per_node: int = Field(default=1, ge=1)  # >1: the stage launches torch.distributed.run itself
     seed: int = 0
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on CUDA; fp32 on CPU
+    save_every: int = Field(default=20, ge=1)  # resumable checkpoint cadence (iterations), with --checkpoints
     num_vis: int = Field(default=4, ge=0)  # val images drawn with predictions
+    log_model: bool = True  # log the fine-tuned detector to MLflow (not registered)
 
     @model_validator(mode="after")
     def _check(self) -> "DetectConfig":
         _check_init(self.init)
         if any(s >= self.iters for s in self.steps) or list(self.steps) != sorted(self.steps):
             raise ValueError(f"steps={self.steps} must be increasing and < iters={self.iters}")
+        if any(s < 32 for s in self.min_size) or max(self.min_size) > self.max_size:
+            raise ValueError(f"min_size={self.min_size} must be >= 32 and <= max_size={self.max_size}")
+        if self.batch_size % self.nproc_per_node:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by nproc_per_node={self.nproc_per_node}")
         return self
 
 
@@ -187,18 +213,29 @@ class SegmentConfig(Section):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     crop_size: int = Field(default=96, ge=32)  # mmseg VOC: 512
+    scale_range: list[float] = Field(default_factory=lambda: [0.5, 2.0])  # random rescale ratio; mmseg: [0.5, 2.0]
+    head_channels: int = Field(default=128, ge=8)  # FCN head width; mmseg R50: 512
+    num_convs: int = Field(default=2, ge=0)  # 3x3 conv-BN-ReLU in the head; mmseg: 2
+    concat_input: bool = True  # concat the trunk output back before the classifier; mmseg FCN: true
+    aux_weight: float = Field(default=0.4, ge=0)  # auxiliary FCN head on layer3; mmseg: 0.4 (0 = no aux head)
+    test_mode: Literal["whole", "slide"] = "whole"  # slide: crop_size windows, 2/3 overlap (mmseg Cityscapes)
     num_workers: int = Field(default=0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> "SegmentConfig":
         _check_init(self.init)
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range={self.scale_range} must be [min, max] with 0 < min <= max")
         return self
 
 
 class UnsupConfig(Section):
-    resolution: int = Field(default=128, ge=32)  # PiCIE protocol on COCO-Stuff-27: 320
-    compare_random: bool = True
+    dataset: Literal["auto", "scenes", "cocostuff27", "cocostuff", "voc", "cityscapes", "ade20k"] = "auto"
+    data_root: str = ""  # empty = the scenes shards' val split; a COCO-Stuff root -> COCO-Stuff-27 (PiCIE protocol)
+    resolution: int = Field(default=128, ge=32)  # short side resize + centre crop; PiCIE on COCO-Stuff-27: 320
+    compare_random: bool = True  # same path from a randomly initialised SlotCon (same model_kwargs), the baseline
+    seed: int = 0  # init seed of that random baseline
     batch_size: int = Field(default=16, ge=1)
 
 
@@ -206,6 +243,8 @@ class VizConfig(Section):
     num_images: int = Field(default=6, ge=1)  # val images shown beside their prototype maps
     top_prototypes: int = Field(default=6, ge=1)  # most used prototypes in the concept figure
     num_neighbors: int = Field(default=5, ge=1)  # nearest segments per prototype (paper: 5)
+    resolution: int = Field(default=128, ge=32)  # short side resize + centre crop of the val images
+    batch_size: int = Field(default=16, ge=1)
 
 
 SECTIONS: dict[str, type[Section]] = {

@@ -1,0 +1,133 @@
+"""SlotCon's two losses as pure, single-process functions (paper Sec. 3.2, Eq. 2-5).
+
+The distributed parts are parameters: ``all_reduce`` (mean over ranks, ``components.dist.all_reduce_mean``) for the
+center, ``gather`` (concatenate over ranks, ``components.dist.gather_cat``) for the contrastive negatives. ``None``
+means one process, so every loss here runs on a CPU without a process group and equals the multi-rank loss on the
+concatenated batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from components.slotcon.grouping import slot_keep_mask
+
+__all__ = ["group_loss", "update_center", "slot_contrastive_loss"]
+
+Collective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def group_loss(
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """Self-distillation of the pixel-to-prototype assignment across views, one direction (paper Eq. 2-3).
+
+    ``mean_{b,h,w} Σ_k −softmax_k((t − c) / τ_t) · log_softmax_k(s / τ_s)`` on aligned maps; the caller sums the two
+    directions (student view 1 vs teacher view 2 and 2 vs 1).
+
+    Args:
+        student_scores: (B, K, h, w) aligned student cosine scores (with gradient).
+        teacher_scores: (B, K, h, w) aligned teacher cosine scores of the *other* view (no gradient needed).
+        center: (1, K) running center of the teacher scores.
+    Returns:
+        () float32 loss averaged over the B·h·w aligned pixels.
+    """
+    k = student_scores.shape[1]
+    s = student_scores.float().permute(0, 2, 3, 1).reshape(-1, k)
+    t = teacher_scores.detach().float().permute(0, 2, 3, 1).reshape(-1, k)
+    target = F.softmax((t - center.float()) / teacher_temp, dim=-1)
+    return -(target * F.log_softmax(s / student_temp, dim=-1)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_center(
+    center: torch.Tensor,
+    teacher_scores: torch.Tensor | Sequence[torch.Tensor],
+    momentum: float,
+    all_reduce: Collective | None = None,
+) -> torch.Tensor:
+    """New center: ``c ← m·c + (1 − m)·mean(teacher scores)`` (DINO's centering, paper Sec. 3.2).
+
+    Args:
+        center: (1, K) current center.
+        teacher_scores: (N, K, h, w) or a sequence of such maps: the teacher's **un-aligned** scores of both views.
+        momentum: m (0.9 in the paper).
+        all_reduce: mean over ranks of the (1, K) batch mean (equal batch sizes per rank, as DDP requires).
+    Returns:
+        (1, K) the updated center (a new tensor; the caller stores it).
+    """
+    if not isinstance(teacher_scores, torch.Tensor):
+        teacher_scores = torch.cat(list(teacher_scores))
+    batch_center = teacher_scores.float().mean(dim=(0, 2, 3)).unsqueeze(0)
+    if all_reduce is not None:
+        batch_center = all_reduce(batch_center)
+    return center * momentum + batch_center.to(center) * (1.0 - momentum)
+
+
+def slot_contrastive_loss(
+    student_slots: torch.Tensor,
+    teacher_slots: torch.Tensor,
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    *,
+    temperature: float = 0.2,
+    predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gather: Collective | None = None,
+) -> torch.Tensor:
+    """Slot-level InfoNCE, one direction (paper Eq. 4-5), times 2τ as the official code.
+
+    Keep masks: a query slot (b, k) of the student view is used only if prototype k is the argmax of at least one pixel
+    of the student's full score map **and** of the teacher's other-view score map; a key slot only if k wins a pixel
+    of the teacher view. Query ``q = normalize(predictor(student slot))``, keys ``normalize(teacher slot)``; the
+    positive of query (b, k) is the key (b, k); the negatives are every other kept key of every rank (``gather``).
+
+    ``loss = 2τ · mean_q [ logsumexp_{kept keys j} (q·k_j / τ) − q·k_pos / τ ]``.
+    The positive logit is computed locally (it is also one of the gathered keys), so no rank offset is needed.
+
+    The predictor (BatchNorm1d inside) runs on the kept queries only, as the official code.
+
+    Args:
+        student_slots: (B, K, D) student slots of view a (with gradient).
+        teacher_slots: (B, K, D) teacher slots of view b.
+        student_scores: (B, K, h, w) un-aligned student scores of view a.
+        teacher_scores: (B, K, h, w) un-aligned teacher scores of view b.
+        temperature: τ (0.2 in the paper).
+        predictor: maps (N, D) → (N, D); None = identity.
+        gather: concatenates (B·K, …) tensors over ranks along dim 0; None = one process.
+    Returns:
+        () float32 loss (mean over the kept queries of this rank).
+    """
+    b, k, d = student_slots.shape
+    key_mask = slot_keep_mask(teacher_scores).reshape(-1)  # (B*K,)
+    query_mask = slot_keep_mask(student_scores).reshape(-1) & key_mask
+    query_idx = query_mask.nonzero().squeeze(1)
+
+    keys_local = F.normalize(teacher_slots.detach().float().reshape(b * k, d), dim=1)
+    if query_idx.numel() == 0:
+        # nothing to contrast on this rank: a zero that still reaches every trainable input (DDP needs the grads)
+        zero = student_slots.sum() * 0.0
+        if isinstance(predictor, torch.nn.Module):
+            zero = zero + sum(p.sum() * 0.0 for p in predictor.parameters() if p.requires_grad)
+        return zero
+
+    queries = student_slots.reshape(b * k, d)[query_idx]
+    if predictor is not None:
+        queries = predictor(queries)
+    queries = F.normalize(queries.float(), dim=1)  # (Nq, D)
+
+    keys_all, mask_all = keys_local, key_mask.float()
+    if gather is not None:
+        keys_all = gather(keys_local)
+        mask_all = gather(mask_all)
+    keys_all = keys_all[mask_all > 0.5].float()  # (Nk, D) kept keys of every rank, rank order
+
+    with torch.autocast(queries.device.type, enabled=False):  # logits / τ in fp32 even under bf16 autocast
+        logits = queries @ keys_all.t() / temperature  # (Nq, Nk)
+        positive = (queries * keys_local[query_idx]).sum(dim=1) / temperature  # (Nq,)
+        return (torch.logsumexp(logits, dim=1) - positive).mean() * (2.0 * temperature)

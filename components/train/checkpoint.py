@@ -1,0 +1,193 @@
+"""Atomic checkpoints, finding the latest one, exact resume, and loading the pretrained model for downstream stages.
+
+Layout: ``<ckpt_dir>/<fingerprint>/step_<step:09d>.pt``. The fingerprint is a short hash of every param that changes
+what the run computes (model, optimisation, seed, data identity, world size) but not of ``epochs`` (more epochs
+continue a run) nor of knobs that don't change the numbers (workers, logging/checkpoint cadence, compile). So:
+
+- same params  -> the stage resumes from the newest checkpoint of that fingerprint (``torchrun --max-restarts`` and a
+  re-run of ``dvc repro`` after a crash both land here);
+- changed params (``dvc exp run -S pretrain.base_lr=0.5``) -> a clean restart in a fresh sub-folder; the old run's
+  checkpoints stay untouched (switching back resumes it), and the log says which of the two happened and why.
+
+A checkpoint holds what an exact resume needs (see :func:`make_state`): model state (student, teacher and the
+group-loss center, which is a buffer of the model), optimiser state, the global step, the epoch and the number of
+batches consumed in it (the loader is rebuilt for that epoch with the same seed and skips them), per-rank RNG states
+(torch CPU/CUDA and the augmentation generator of every rank), the per-epoch running loss sums, and the config.
+
+Every file is written with :func:`components.io.save_torch_atomic` (temp file in the same folder, fsync, rename): a
+crash mid-save leaves the previous checkpoint intact; only the newest ``keep`` files are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from components.errors import UserError
+from components.io import save_torch_atomic
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
+
+# Params that do not change what a step computes: they may differ between a checkpoint and the resuming run.
+RESUME_FREE_KEYS = frozenset(
+    {"epochs", "num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes"}
+)
+
+
+def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``(short hash, dict)`` of the run-defining params (all but :data:`RESUME_FREE_KEYS`) plus ``extra``.
+
+    ``extra`` carries resolved facts that also define the run: world size, samples per epoch, a hash of the shard
+    index (different data -> different run).
+    """
+    fp = {k: v for k, v in sorted(params.items()) if k not in RESUME_FREE_KEYS}
+    fp.update({f"_{k}": v for k, v in sorted((extra or {}).items())})
+    text = json.dumps(fp, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12], fp
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"step_{step:09d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` sorted by step; temp files of interrupted saves are ignored."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`; UserError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated / not a torch file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it to start over")
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a SlotCon checkpoint (no 'model' entry); point to a pretrain checkpoint")
+    return state
+
+
+def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint in ``run_dir`` as ``(path, state)``, or None.
+
+    A file that fails to load (cannot happen with atomic saves, but a disk can still lie) is skipped in favour of the
+    previous one, with a warning.
+    """
+    import warnings
+
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as exc:
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=2)
+    return None
+
+
+def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
+    """Atomically write ``state`` as ``run_dir/step_<step>.pt`` and delete all but the newest ``keep`` files."""
+    path = checkpoint_path(run_dir, step)
+    save_torch_atomic(dict(state, format=FORMAT_VERSION), path)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def other_runs(ckpt_dir: str | os.PathLike, current: str) -> list[str]:
+    """Fingerprints of other configurations that have checkpoints under ``ckpt_dir`` (for the restart message)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name != current and list_checkpoints(p))
+
+
+def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``"base_lr: 1.0 -> 0.5, seed: 0 -> 1"`` for the restart message."""
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(diffs) if diffs else "nothing"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RNG states (per rank)
+# --------------------------------------------------------------------------------------------------------------------
+def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """This rank's RNG states: torch CPU, CUDA (current device), and the augmentation generator."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the pretrained model for downstream stages
+# --------------------------------------------------------------------------------------------------------------------
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers (so state_dict keys carry no ``module.`` prefix)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes anywhere in the keys (DDP, torch.compile)."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("_orig_mod.", "")
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def load_pretrained(path: str | os.PathLike):
+    """``models/pretrain/last.pt`` (or any pretrain checkpoint) -> :class:`SlotCon` in eval mode on the CPU.
+
+    Raises UserError naming the file if it is missing, unreadable, or its weights do not match ``model_kwargs``.
+    """
+    from components.slotcon.model import SlotCon
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: pretrained model not found; run `dvc repro pretrain` (or `slotcon pretrain`) first")
+    state = load_checkpoint(path)
+    kwargs = state.get("model_kwargs")
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{path}: no 'model_kwargs' entry; it was not written by `slotcon pretrain`")
+    model = SlotCon(**kwargs)
+    try:
+        model.load_state_dict(clean_state_dict(state["model"]), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path}: weights do not match SlotCon({kwargs}): {first}; re-run `slotcon pretrain`") from None
+    return model.eval()

@@ -1,0 +1,155 @@
+"""``slotcon export``: the pretrained teacher backbone -> ``models/backbone.pt`` with torchvision ResNet key names.
+
+The teacher (EMA) encoder is what SlotCon transfers (the official ``convert_pretrain_to_*`` scripts take
+``encoder_k``). Its ``backbone`` is a torchvision ResNet without ``fc``, so the conversion is a prefix strip:
+``teacher_encoder.backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight``. The result loads with ``strict=True``
+into ``torchvision.models.<arch>()`` whose ``fc`` is replaced by ``nn.Identity()`` (checked before writing).
+
+Output: ``{"arch": "resnet18", "state_dict": {...}, "source": {...}}``; with ``export.register_model`` the backbone
+is also logged to MLflow as a model and registered as a new version of ``tracking.registered_model``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from components.errors import UserError
+
+PREFIX = "teacher_encoder.backbone."
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """``torchvision.models.<arch>(weights=None)`` with ``fc = Identity`` (no download), optionally loaded strictly.
+
+    Forward: ``(B, 3, H, W) -> (B, C)`` pooled features (C = 512 for resnet18/34, 2048 for resnet50).
+    """
+    import torchvision
+
+    if arch not in ARCHS:
+        raise UserError(f"unknown backbone arch {arch!r} (allowed: {', '.join(ARCHS)})")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = torch.nn.Identity()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def teacher_backbone_state(model_state: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` with the prefix removed (``module.`` from DDP dropped first); tensors cloned to CPU."""
+    from components.train.checkpoint import clean_state_dict
+
+    sd = clean_state_dict(model_state)
+    out = {k[len(prefix):]: v.detach().cpu().clone() for k, v in sd.items() if k.startswith(prefix)}
+    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+
+
+def _arch_of(state: Mapping[str, Any]) -> str | None:
+    arch = state.get("arch")
+    if arch is None and isinstance(state.get("model_kwargs"), dict):
+        arch = state["model_kwargs"].get("arch")
+    return arch
+
+
+def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """Pretrain checkpoint -> ``(arch, torchvision state_dict, source info)``; UserError naming the file if bad."""
+    from components.train.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: pretrain checkpoint not found; run `dvc repro pretrain` first")
+    state = load_checkpoint(path)
+    arch = _arch_of(state)
+    if arch not in ARCHS:
+        raise UserError(f"{path}: checkpoint names no known arch (got {arch!r}); it was not written by slotcon pretrain")
+    sd = teacher_backbone_state(state["model"])
+    if not sd:
+        raise UserError(f"{path}: no '{PREFIX}*' weights in the checkpoint's model; is it a SlotCon checkpoint?")
+    try:
+        build_backbone(arch, sd)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: teacher backbone does not load into torchvision {arch}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    source = {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step")}
+    return arch, sd, source
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """``models/backbone.pt`` -> ``(arch, state_dict)`` (torchvision keys minus ``fc.*``); UserError if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: backbone not found; run `dvc repro export` (slotcon export) first")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable backbone file ({type(exc).__name__}); re-run `slotcon export`")
+    if not isinstance(obj, dict) or obj.get("arch") not in ARCHS or not isinstance(obj.get("state_dict"), dict):
+        raise UserError(f"{path}: expected {{'arch': one of {ARCHS}, 'state_dict': {{...}}}}; re-run `slotcon export`")
+    return obj["arch"], obj["state_dict"]
+
+
+def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, tracker=None,
+               registered_model: str = "slotcon-backbone") -> dict[str, Any]:
+    """Convert ``checkpoint``'s teacher backbone, write ``out`` atomically, and (optionally) register it in MLflow.
+
+    ``cfg`` is the :class:`~components.config.ExportConfig`; returns a small summary dict.
+    """
+    from components.io import save_torch_atomic
+
+    arch, sd, source = convert_checkpoint(checkpoint)
+    save_torch_atomic({"arch": arch, "state_dict": sd, "source": source}, out)
+    n_params = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    summary: dict[str, Any] = {"arch": arch, "num_tensors": len(sd), "num_params": n_params, **source}
+    if tracker is not None and tracker.active:
+        tracker.log_params({"arch": arch, "source_checkpoint": str(checkpoint)}, prefix="export.")
+        if cfg.register_model:
+            summary["model_uri"] = _log_model(tracker, build_backbone(arch, sd).eval(), registered_model)
+    print(f"slotcon export: {arch} teacher backbone ({n_params:,} parameters, step {source['step']}) -> {out}")
+    return summary
+
+
+def _log_model(tracker, model: torch.nn.Module, registered_model: str) -> str:
+    """Log ``model`` in ``tracker``'s run and register a new version of ``registered_model``; returns the model URI."""
+    import mlflow
+    import torchvision
+
+    active = mlflow.active_run()
+    ctx = mlflow.start_run(run_id=tracker.run_id) if active is None or active.info.run_id != tracker.run_id else None
+    try:
+        import numpy as np
+
+        info = mlflow.pytorch.log_model(
+            model,
+            name="backbone",
+            registered_model_name=registered_model,
+            # pickle: loads back as the torchvision module (pt2 would need a torch.export trace, seconds per export)
+            serialization_format="pickle",
+            input_example=np.zeros((1, 3, 224, 224), dtype=np.float32),  # -> a tensor signature in the model card
+            # explicit: inferring requirements would import/probe the environment (and may try the network)
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}"],
+        )
+    finally:
+        if ctx is not None:
+            mlflow.end_run()
+    return info.model_uri
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default="models/pretrain/last.pt", help="pretrain output (last.pt)")
+    parser.add_argument("--out", default="models/backbone.pt", help="torchvision-keyed backbone file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from components import tracking
+    from components.config import load_section
+
+    cfg = load_section("export", args.params)
+    tcfg = load_section("tracking", args.params)
+    with tracking.stage_run("export", cfg, tcfg) as tracker:
+        run_export(cfg, args.checkpoint, args.out, tracker=tracker, registered_model=tcfg.registered_model)
+    return 0

@@ -1,0 +1,277 @@
+"""The Prefect flow on a tiny, real DVC project (git + dvc init, four python stages), under a Prefect test server.
+
+The tiny project's stages are small python scripts that open a real ``components.tracking.stage_run`` and write DVC
+metrics, so the flow, DVC and MLflow all run for real; only the ML work is left out. The real pipeline (dvc.yaml of
+this repo) is exercised by tests/test_dvc_pipeline.py.
+
+Graph: a -> b -> d, a -> c. Stage b fails while the file ``FAIL_b`` exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+STAGE_PY = textwrap.dedent(
+    """
+    import json, pathlib, sys
+    from components.config import load_section
+    from components.io import write_json_atomic
+    from components.tracking import stage_run
+
+    name, inputs = sys.argv[1], sys.argv[2:]
+    attempts = pathlib.Path("attempts")
+    attempts.mkdir(exist_ok=True)
+    with open(attempts / name, "a") as f:  # counts how often the stage really ran
+        f.write("x")
+    cfg = load_section("scenes")
+    with stage_run(name, cfg, load_section("tracking")) as tracker:
+        print(f"stage {name}: reading {inputs}", flush=True)
+        if pathlib.Path(f"FAIL_{name}").exists():
+            print(f"boom: tiny stage {name} failed on purpose", file=sys.stderr, flush=True)
+            sys.exit(3)
+        total = cfg.seed + sum(len(pathlib.Path(p).read_text()) for p in inputs)
+        pathlib.Path("out").mkdir(exist_ok=True)
+        pathlib.Path(f"out/{name}.txt").write_text(name * (total % 5 + 1))
+        for step in range(3):
+            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        tracker.log_metrics({"value": total})
+        write_json_atomic(f"metrics/{name}.json", {"value": total, "nested": {"seed": cfg.seed}})
+    """
+)
+
+
+def _stage(name: str, inputs: list[str]) -> dict:
+    return {
+        "cmd": f"python stage.py {name} {' '.join(inputs)}".strip(),
+        "deps": ["stage.py", *inputs],
+        "params": ["scenes.seed"],
+        "outs": [f"out/{name}.txt"],
+        "metrics": [{f"metrics/{name}.json": {"cache": False}}],
+    }
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def make_tiny_project(root: Path) -> Path:
+    """A committed git + DVC repo with stages a -> b -> d, a -> c; returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stage.py").write_text(STAGE_PY)
+    (root / "params.yaml").write_text(
+        "tracking:\n  enabled: true\n  tracking_uri: sqlite:///mlflow.db\n  artifact_location: mlartifacts\n"
+        "  experiment: tiny\n  registered_model: tiny-backbone\nscenes:\n  seed: 3\n"
+    )
+    dvc_yaml = {"stages": {"a": _stage("a", []), "b": _stage("b", ["out/a.txt"]),
+                           "c": _stage("c", ["out/a.txt"]), "d": _stage("d", ["out/b.txt"])}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nattempts/\nFAIL_*\n")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "test@example.com")
+    _git(root, "config", "user.name", "test")
+    subprocess.run(["dvc", "init", "-q"], cwd=root, env=env, check=True)
+    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, env=env, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "tiny project")
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One Prefect test server for the module (its first start migrates a SQLite DB: allow 90 s)."""
+    home = tmp_path_factory.mktemp("prefect_home")
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _task_runs(flow_run_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    return {tr.name: tr for tr in runs}
+
+
+def _logs(flow_run_id) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs, offset = [], 0
+        while True:  # the API serves at most 200 logs per call
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=offset, sort=LogSort.TIMESTAMP_ASC)
+            logs += page
+            offset += len(page)
+            if len(page) < 200:
+                break
+    return "\n".join(log.message for log in logs)
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    root = make_tiny_project(tmp_path / "tiny")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SLOTCON_PARENT_RUN_ID", raising=False)
+    return root
+
+
+@pytest.mark.slow
+def test_flow_runs_stages_in_order_then_nothing(prefect_server, tiny):
+    from mlflow import MlflowClient
+
+    from pipelines.flow import load_stages, slotcon_pipeline
+
+    assert [s.name for s in load_stages(tiny)] == ["a", "b", "c", "d"]
+    state = slotcon_pipeline(repo_dir=str(tiny), retries=0, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert {n: r["status"] for n, r in result["stages"].items()} == dict.fromkeys("abcd", "ran")
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert set(runs) >= {"a", "b", "c", "d"}
+    assert all(tr.state.is_completed() for tr in runs.values()), {n: tr.state.name for n, tr in runs.items()}
+    order = sorted("abcd", key=lambda n: runs[n].start_time)
+    assert order.index("a") == 0 and order.index("b") < order.index("d")
+    for n in "abcd":
+        assert json.loads((tiny / "metrics" / f"{n}.json").read_text())["nested"]["seed"] == 3
+    logs = _logs(state.state_details.flow_run_id)
+    assert "stage b: reading ['out/a.txt']" in logs  # the stage's own stdout, streamed into the Prefect log
+    assert "Running stage 'd'" in logs
+
+    # MLflow: one parent (pipeline) with one child per stage, metrics copied onto the parent
+    client = MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    parents = client.search_runs([exp.experiment_id], "tags.`slotcon.pipeline` = '1'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    assert parent.data.tags["git.commit"] not in ("", "unknown")
+    assert parent.data.metrics["d.value"] == json.loads((tiny / "metrics/d.json").read_text())["value"]
+    assert parent.data.params["scenes.seed"] == "3"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["slotcon.stage"] for c in children) == ["a", "b", "c", "d"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for c in children)
+    assert len(client.get_metric_history(children[0].info.run_id, "loss")) == 3
+
+    # a second run re-executes nothing: DVC reports every stage up to date
+    state2 = slotcon_pipeline(repo_dir=str(tiny), retries=0, return_state=True)
+    assert state2.is_completed()
+    assert {n: r["status"] for n, r in state2.result()["stages"].items()} == dict.fromkeys("abcd", "up to date")
+    assert all((tiny / "attempts" / n).read_text() == "x" for n in "abcd")
+    assert "didn't change, skipping" in _logs(state2.state_details.flow_run_id)
+
+
+@pytest.mark.slow
+def test_failing_stage_retries_then_stops_downstream(prefect_server, tiny):
+    from mlflow import MlflowClient
+
+    from pipelines.flow import slotcon_pipeline
+
+    (tiny / "FAIL_b").touch()
+    state = slotcon_pipeline(repo_dir=str(tiny), retries=1, retry_delay_seconds=0, return_state=True)
+    assert state.is_failed()
+    assert (tiny / "attempts" / "b").read_text() == "xx"  # 1 try + 1 retry
+    assert not (tiny / "attempts" / "d").exists()  # downstream of b: never started
+    assert (tiny / "attempts" / "c").read_text() == "x"  # independent branch still ran
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["a"].state.is_completed() and runs["c"].state.is_completed()
+    assert runs["b"].state.is_failed() and runs["b"].run_count == 2
+    assert runs["d"].state.is_cancelled() and "upstream stage b failed" in runs["d"].state.message
+    logs = _logs(state.state_details.flow_run_id)
+    assert "boom: tiny stage b failed on purpose" in logs
+    assert "boom: tiny stage b failed on purpose" in (state.message or "") or "pipeline failed at stage b" in logs
+
+    client = MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`slotcon.pipeline` = '1'")
+    assert parent.info.status == "FAILED"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    statuses = sorted((c.data.tags["slotcon.stage"], c.info.status) for c in children)
+    assert statuses == [("a", "FINISHED")] + [("b", "FAILED")] * 2 + [("c", "FINISHED")]
+
+
+@pytest.mark.slow
+def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
+    from pipelines.flow import slotcon_pipeline
+
+    before = (tiny / "params.yaml").read_text()
+    state = slotcon_pipeline(repo_dir=str(tiny), targets=["b"], params_overrides={"scenes.seed": 7}, retries=0,
+                             return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert list(result["stages"]) == ["a", "b"]  # the target and its upstream only
+    assert json.loads((tiny / "metrics/a.json").read_text())["nested"]["seed"] == 7
+    assert (tiny / "params.yaml").read_text() == before  # restored
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=tiny, env=env, capture_output=True, text=True,
+                           check=True).stdout
+    assert result["experiment"] in shown and '"seed": 7' in shown.replace("\n", "").replace("  ", " ") or \
+        result["experiment"] in shown
+
+
+def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
+    from pipelines.flow import load_stages, select_stages
+
+    stages = load_stages(make_tiny_project(tmp_path / "p"))
+    assert [s.name for s in select_stages(stages, ["d"])] == ["a", "b", "d"]
+    assert [s.metrics for s in stages][0] == ("metrics/a.json",)
+    with pytest.raises(ValueError, match="no stage"):
+        select_stages(stages, ["nope"])
+
+
+def test_normalize_overrides():
+    from pipelines.flow import normalize_overrides
+
+    assert normalize_overrides({"pretrain.epochs": 5, "detect.steps": [1, 2]}) == [
+        "pretrain.epochs=5", "detect.steps=[1, 2]"]
+    assert normalize_overrides(["pretrain.epochs=5"]) == ["pretrain.epochs=5"]
+    with pytest.raises(ValueError):
+        normalize_overrides(["pretrain.epochs"])
+
+
+def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
+    """Structure-wide wiring of this repo's dvc.yaml: every stage reachable, DAG order as documented."""
+    from pipelines.flow import load_stages
+
+    stages = load_stages(repo_root)
+    names = [s.name for s in stages]
+    assert names[0] == "scenes"
+    pos = {n: i for i, n in enumerate(names)}
+    for s in stages:
+        assert all(pos[u] < pos[s.name] for u in s.upstream)
+    expected = ["scenes", "prepare", "shard", "pretrain", "export", "detect", "segment", "unsup_seg", "viz"]
+    assert [n for n in names if n in expected] == [n for n in expected if n in names]
+    # every stage but the first depends on some other stage's outs
+    assert all(s.upstream for s in stages[1:])
