@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: generated scenes -> shards -> SlotCon -> downstream, through the Prefect flow
 # (which runs each DVC stage in order and records everything in MLflow).
+# Ephemeral Prefect (no server, nothing scheduled): PREFECT_HOME in the repo, PREFECT_API_URL unset.
 demo: setup
-	$(BIN)/python -m pipelines.flow
+	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
+	  $(BIN)/python -m pipelines.flow
 
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; \

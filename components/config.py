@@ -51,7 +51,7 @@ class ScenesConfig(Section):
     num_val: int = Field(default=48, ge=1, le=10_000_000)
     image_size: int = Field(default=128, ge=32, le=1024)  # square images; COCO's are ~640x480
     min_objects: int = Field(default=2, ge=1)  # scene-centric: several objects per image, as in COCO (~7 on average)
-    max_objects: int = Field(default=5, ge=1, le=100)  # annotation id = image_id * 1000 + k
+    max_objects: int = Field(default=5, ge=1, le=98)  # annotation id = image_id * 100 + k stays < 2**31
     num_thing_classes: int = Field(default=6, ge=1, le=12)  # "things": shape + texture define a class
     num_stuff_classes: int = Field(default=3, ge=1, le=8)  # "stuff" backgrounds, labelled in the semantic maps
     min_object_frac: float = Field(default=0.15, gt=0.0, le=1.0)  # object size as a fraction of the image side
@@ -160,7 +160,7 @@ class DetectConfig(Section):
 
     init: InitKind = "pretrained"  # random | pretrained (--backbone) | path/to/backbone.pt
     compare_random: bool = True  # also train from random init with the same schedule, so the gain is visible
-    norm: Literal["bn", "syncbn", "frozen"] = "bn"  # SSL transfer: BN in train mode (SyncBN under DDP on GPUs)
+    norm: Literal["bn", "syncbn", "frozen"] = "syncbn"  # SSL protocol: SyncBN under DDP (GPUs), BN on one device
     box_head: Literal["2fc", "4conv1fc"] = "2fc"  # 2fc: torchvision v1 (fast); 4conv1fc+norm: the SSL configs
     iters: int = Field(default=60, ge=1)  # COCO 1x: 90000 at batch 16
     batch_size: int = Field(default=4, ge=1)  # global, over all ranks; COCO 1x: 16
@@ -233,7 +233,9 @@ class SegmentConfig(Section):
 class UnsupConfig(Section):
     dataset: Literal["auto", "scenes", "cocostuff27", "cocostuff", "voc", "cityscapes", "ade20k"] = "auto"
     data_root: str = ""  # empty = the scenes shards' val split; a COCO-Stuff root -> COCO-Stuff-27 (PiCIE protocol)
-    resolution: int = Field(default=128, ge=32)  # short side resize + centre crop; PiCIE on COCO-Stuff-27: 320
+    # short side resize + centre crop; PiCIE on COCO-Stuff-27: 320. The demo upsamples its 128 px scenes 2x so the
+    # stride-32 teacher sees an 8x8 grid and objects near their pretraining scale (64 px crops of 128 px images)
+    resolution: int = Field(default=256, ge=32)
     compare_random: bool = True  # same path from a randomly initialised SlotCon (same model_kwargs), the baseline
     seed: int = 0  # init seed of that random baseline
     batch_size: int = Field(default=16, ge=1)
@@ -243,7 +245,7 @@ class VizConfig(Section):
     num_images: int = Field(default=6, ge=1)  # val images shown beside their prototype maps
     top_prototypes: int = Field(default=6, ge=1)  # most used prototypes in the concept figure
     num_neighbors: int = Field(default=5, ge=1)  # nearest segments per prototype (paper: 5)
-    resolution: int = Field(default=128, ge=32)  # short side resize + centre crop of the val images
+    resolution: int = Field(default=256, ge=32)  # short side resize + centre crop of the val images (as unsup)
     batch_size: int = Field(default=16, ge=1)
 
 

@@ -6,6 +6,11 @@
   :func:`ensure_experiment` before ``torchrun``).
 - Runs: :func:`stage_run` opens one run per stage. If ``SLOTCON_PARENT_RUN_ID`` is set (by the Prefect flow or
   ``slotcon`` wrappers), the run is a child of that pipeline run. Tags: stage, git commit, ``dvc.lock`` hash, flow run.
+- A plain ``dvc repro`` / ``dvc exp run`` (no flow) gets a parent too: the stage finds the ``dvc`` process that launched
+  it among its ancestors, and all stages of that one DVC invocation share a parent run tagged
+  ``slotcon.dvc_invocation=<host>:<pid>:<start time>`` (created by the first stage, found by the next ones). Each stage
+  copies its final metrics onto it (``<stage>.<metric>``) and ends it FINISHED (FAILED if the stage failed); the next
+  stage sets it RUNNING again. A stage run by hand (``slotcon pretrain ...``) is a top-level run.
 - Only rank 0 writes; on other ranks, or with ``tracking.enabled: false``, every call does nothing.
 """
 from __future__ import annotations
@@ -99,6 +104,7 @@ class Tracker:
     def __init__(self, run_id: str | None = None, client: Any = None):
         self.run_id = run_id
         self._client = client
+        self.last_metrics: dict[str, float] = {}  # last value of every metric logged (copied onto a dvc parent)
 
     @property
     def active(self) -> bool:
@@ -129,6 +135,7 @@ class Tracker:
         ]
         for i in range(0, len(items), 500):
             self._client.log_batch(self.run_id, metrics=items[i : i + 500])
+        self.last_metrics.update({m.key: m.value for m in items})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
@@ -195,6 +202,8 @@ def stage_run(
         "dvc.lock.md5": dvc_lock_hash(),
     }
     parent = os.environ.get(PARENT_ENV)
+    implicit_parent = None if parent else _dvc_pipeline_parent(client, exp_id)
+    parent = parent or implicit_parent
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     if os.environ.get(FLOW_RUN_ENV):
@@ -207,8 +216,75 @@ def stage_run(
         yield tracker
     except BaseException:
         client.set_terminated(run.info.run_id, status="FAILED")
+        if implicit_parent:
+            _close_dvc_parent(client, implicit_parent, stage, tracker, "FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+    if implicit_parent:
+        _close_dvc_parent(client, implicit_parent, stage, tracker, "FINISHED")
+
+
+def dvc_invocation() -> tuple[str, str] | None:
+    """``(key, "dvc repro ...")`` of the ``dvc repro``/``dvc exp run`` process among this process's ancestors.
+
+    The key (host, pid, start time) is unique per DVC invocation, so every stage of one ``dvc repro`` finds the same
+    parent run. None when not launched by DVC (or psutil can't tell).
+    """
+    import socket
+
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        while proc is not None and proc.pid > 1:
+            cmd = proc.cmdline()
+            names = [Path(c).name for c in cmd[:3]]
+            if "dvc" in names:
+                i = names.index("dvc")
+                if set(cmd[i + 1 : i + 3]) & {"repro", "exp", "experiments"}:
+                    key = f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+                    return key, " ".join(["dvc", *cmd[i + 1 :]])
+            proc = proc.parent()
+    except Exception:  # no psutil, a vanished process, no permission: no implicit parent
+        return None
+    return None
+
+
+def _dvc_pipeline_parent(client: Any, exp_id: str) -> str | None:
+    """The parent run of the DVC invocation that launched this stage (created by its first stage), or None."""
+    inv = dvc_invocation()
+    if inv is None:
+        return None
+    key, desc = inv
+    found = client.search_runs([exp_id], filter_string=f"tags.`slotcon.dvc_invocation` = '{key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {
+        "slotcon.pipeline": "1",
+        "slotcon.dvc_invocation": key,
+        "mlflow.source.name": desc,
+        "git.commit": git_commit(),
+        "dvc.lock.md5": dvc_lock_hash(),
+    }
+    run = client.create_run(exp_id, tags=tags, run_name=desc)
+    try:  # the whole params.yaml on the parent, so two pipeline runs compare side by side in the UI
+        import yaml
+
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        if isinstance(params, Mapping):
+            Tracker(run.info.run_id, client).log_params(params)
+    except Exception:
+        pass
+    return run.info.run_id
+
+
+def _close_dvc_parent(client: Any, parent: str, stage: str, tracker: Tracker, status: str) -> None:
+    """Copy the stage's final metrics onto the DVC invocation's parent run and end it (until the next stage)."""
+    Tracker(parent, client).log_metrics({f"{stage}.{k}": v for k, v in tracker.last_metrics.items()})
+    client.set_tag(parent, "dvc.lock.md5.final", dvc_lock_hash())
+    client.set_terminated(parent, status=status)
 
 
 def log_json_artifact(tracker: Tracker, obj: Any, name: str) -> None:

@@ -416,6 +416,28 @@ def slotcon_pipeline(
 # --------------------------------------------------------------------------------------------------------------------
 # command line (``make demo``)
 # --------------------------------------------------------------------------------------------------------------------
+def print_metrics(root: Path, max_rows_per_file: int = 12) -> None:
+    """``dvc metrics show``, one row per metric (DVC's own table is one very wide row per file)."""
+    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=root, env=stage_env(), capture_output=True,
+                         text=True)
+    try:
+        data = json.loads(out.stdout)
+    except ValueError:
+        print(out.stdout + out.stderr)
+        return
+    from components.tracking import flatten
+
+    print("\ndvc metrics show (workspace):")
+    for rev in data.values():
+        for path, entry in sorted((rev.get("data") or {}).items()):
+            flat = {k: v for k, v in flatten(entry.get("data") or {}).items() if isinstance(v, (int, float))}
+            print(f"  {path}")
+            for k in sorted(flat)[:max_rows_per_file]:
+                print(f"    {k:<40} {flat[k]:.6g}")
+            if len(flat) > max_rows_per_file:
+                print(f"    ... {len(flat) - max_rows_per_file} more (dvc metrics show {path})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.flow", description=__doc__.split("\n")[0])
     p.add_argument("--targets", nargs="*", default=None, help="stages (plus upstream); default: all")
@@ -435,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = state.result()
         for name, r in summary["stages"].items():
             print(f"  {name:<12} {r['status']:<11} {r.get('seconds', 0):>7.1f} s")
-        subprocess.run(["dvc", "metrics", "show"], cwd=root, env=stage_env())
+        print_metrics(root)
         if summary.get("parent_run_id"):
             from components.config import TrackingConfig
             from pipelines import mlflow_runs

@@ -193,3 +193,15 @@ def test_batched_tensor_input_and_model_ready():
     params = collate_crop_params([sample_two_crops(64, 64, g) for _ in range(2)])
     out = A.TwoViewAugment(32)(images, params, g)
     assert out["view1"].shape == (2, 3, 32, 32) and torch.isfinite(out["view2"]).all()
+
+
+def test_uneven_sizes_take_the_per_image_path_with_the_same_result():
+    """One huge image among small ones is cropped image by image (no giant padded batch), with identical crops."""
+    images = [_smooth_image(40, 48, 1), _smooth_image(300, 320, 2), _smooth_image(36, 40, 3)]
+    g = torch.Generator().manual_seed(0)
+    boxes = collate_crop_params([sample_two_crops(im.shape[1], im.shape[2], g) for im in images])["boxes"]
+    got = A.crop_resize(images, boxes, 24)
+    for i, im in enumerate(images):
+        alone = A.crop_resize([im], boxes[i:i + 1], 24)  # a single image: the stacked path
+        torch.testing.assert_close(got[i], alone[0], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got[3 + i], alone[1], atol=1e-4, rtol=1e-5)

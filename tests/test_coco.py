@@ -146,15 +146,18 @@ def test_cli_missing_annotations_exit_2_one_line(tmp_path, capsys):
     assert "annotations/instances_train2017.json not found" in err and "slotcon scenes" in err
 
 
-def test_cli_writes_metrics(tmp_path):
+def test_cli_writes_metrics_and_relative_root(tmp_path, monkeypatch):
     from components.cli import main
 
-    root = write_coco(tmp_path / "scenes", n_train=3, n_val=2)
-    rc = main(["prepare", "--params", _params(tmp_path, workers=1), "--scenes", str(root), "--out",
-               str(tmp_path / "raw"), "--metrics", str(tmp_path / "m.json"), "--no-progress"])
+    write_coco(tmp_path / "data" / "scenes", n_train=3, n_val=2)
+    monkeypatch.chdir(tmp_path)  # as DVC runs it: relative paths from the repository root
+    rc = main(["prepare", "--params", _params(tmp_path, workers=1), "--scenes", "data/scenes", "--out", "data/raw",
+               "--metrics", "metrics/prepare.json", "--no-progress"])
     assert rc == 0
-    m = json.loads((tmp_path / "m.json").read_text())
+    m = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert m["images"] == 5 and m["splits"]["val2017"]["images"] == 2
+    index = json.loads((tmp_path / "data" / "raw" / "index.json").read_text())
+    assert index["root"] == "../scenes"  # relative to data/raw: the DVC output doesn't depend on the checkout path
 
 
 def test_cocoplus_adds_unlabeled_and_cocostuff_classes(tmp_path):

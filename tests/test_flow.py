@@ -1,91 +1,18 @@
-"""The Prefect flow on a tiny, real DVC project (git + dvc init, four python stages), under a Prefect test server.
+"""The Prefect flow on a tiny, real DVC project (tests/tiny_dvc_project.py), under a Prefect test server.
 
-The tiny project's stages are small python scripts that open a real ``components.tracking.stage_run`` and write DVC
-metrics, so the flow, DVC and MLflow all run for real; only the ML work is left out. The real pipeline (dvc.yaml of
-this repo) is exercised by tests/test_dvc_pipeline.py.
-
-Graph: a -> b -> d, a -> c. Stage b fails while the file ``FAIL_b`` exists.
+The real pipeline (this repo's dvc.yaml) is exercised by tests/test_dvc_pipeline.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_dvc_project import make_tiny_project, venv_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-
-STAGE_PY = textwrap.dedent(
-    """
-    import json, pathlib, sys
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import stage_run
-
-    name, inputs = sys.argv[1], sys.argv[2:]
-    attempts = pathlib.Path("attempts")
-    attempts.mkdir(exist_ok=True)
-    with open(attempts / name, "a") as f:  # counts how often the stage really ran
-        f.write("x")
-    cfg = load_section("scenes")
-    with stage_run(name, cfg, load_section("tracking")) as tracker:
-        print(f"stage {name}: reading {inputs}", flush=True)
-        if pathlib.Path(f"FAIL_{name}").exists():
-            print(f"boom: tiny stage {name} failed on purpose", file=sys.stderr, flush=True)
-            sys.exit(3)
-        total = cfg.seed + sum(len(pathlib.Path(p).read_text()) for p in inputs)
-        pathlib.Path("out").mkdir(exist_ok=True)
-        pathlib.Path(f"out/{name}.txt").write_text(name * (total % 5 + 1))
-        for step in range(3):
-            tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
-        tracker.log_metrics({"value": total})
-        write_json_atomic(f"metrics/{name}.json", {"value": total, "nested": {"seed": cfg.seed}})
-    """
-)
-
-
-def _stage(name: str, inputs: list[str]) -> dict:
-    return {
-        "cmd": f"python stage.py {name} {' '.join(inputs)}".strip(),
-        "deps": ["stage.py", *inputs],
-        "params": ["scenes.seed"],
-        "outs": [f"out/{name}.txt"],
-        "metrics": [{f"metrics/{name}.json": {"cache": False}}],
-    }
-
-
-def _git(root: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
-
-
-def make_tiny_project(root: Path) -> Path:
-    """A committed git + DVC repo with stages a -> b -> d, a -> c; returns ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "stage.py").write_text(STAGE_PY)
-    (root / "params.yaml").write_text(
-        "tracking:\n  enabled: true\n  tracking_uri: sqlite:///mlflow.db\n  artifact_location: mlartifacts\n"
-        "  experiment: tiny\n  registered_model: tiny-backbone\nscenes:\n  seed: 3\n"
-    )
-    dvc_yaml = {"stages": {"a": _stage("a", []), "b": _stage("b", ["out/a.txt"]),
-                           "c": _stage("c", ["out/a.txt"]), "d": _stage("d", ["out/b.txt"])}}
-    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nattempts/\nFAIL_*\n")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    _git(root, "init", "-q")
-    _git(root, "config", "user.email", "test@example.com")
-    _git(root, "config", "user.name", "test")
-    subprocess.run(["dvc", "init", "-q"], cwd=root, env=env, check=True)
-    subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=root, env=env, check=True)
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "tiny project")
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -234,11 +161,21 @@ def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
     assert list(result["stages"]) == ["a", "b"]  # the target and its upstream only
     assert json.loads((tiny / "metrics/a.json").read_text())["nested"]["seed"] == 7
     assert (tiny / "params.yaml").read_text() == before  # restored
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=tiny, env=env, capture_output=True, text=True,
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=tiny, env=venv_env(), capture_output=True, text=True,
                            check=True).stdout
-    assert result["experiment"] in shown and '"seed": 7' in shown.replace("\n", "").replace("  ", " ") or \
-        result["experiment"] in shown
+
+    def find(node):  # the experiment's entry anywhere in `dvc exp show --json`
+        if isinstance(node, dict):
+            if node.get("name") == result["experiment"]:
+                return node
+            node = list(node.values())
+        if isinstance(node, list):
+            return next((hit for hit in map(find, node) if hit), None)
+        return None
+
+    exp = find(json.loads(shown))
+    assert exp is not None, shown[:2000]
+    assert '"seed": 7' in json.dumps(exp), json.dumps(exp)[:2000]
 
 
 def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
@@ -275,3 +212,29 @@ def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
     assert [n for n in names if n in expected] == [n for n in expected if n in names]
     # every stage but the first depends on some other stage's outs
     assert all(s.upstream for s in stages[1:])
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path):
+    """`prefect deploy --all` with this repo's prefect.yaml against the test server; schedules read back."""
+    import yaml
+    from prefect import get_client
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    assert all(d["entrypoint"] == "pipelines/flow.py:slotcon_pipeline" for d in spec["deployments"])
+    pool = spec["deployments"][0]["work_pool"]["name"]
+    env = {**venv_env(), "PREFECT_API_URL": prefect_server, "PWD": str(REPO_ROOT),
+           "PREFECT_HOME": os.environ["PREFECT_HOME"]}
+    for cmd in (["prefect", "work-pool", "create", pool, "--type", "process", "--overwrite"],
+                ["prefect", "--no-prompt", "deploy", "--all"]):
+        out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        for d in spec["deployments"]:
+            dep = client.read_deployment_by_name(f"slotcon-pipeline/{d['name']}")
+            assert dep.work_pool_name == pool and dep.entrypoint == d["entrypoint"]
+            assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
+                                       {"directory": str(REPO_ROOT)}}]
+            crons = [s.schedule.cron for s in client.read_deployment_schedules(dep.id)]
+            assert crons == [s["cron"] for s in d["schedules"]]
+            assert dep.parameters == d["parameters"]

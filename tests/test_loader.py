@@ -146,6 +146,8 @@ def test_too_few_shards_for_ranks_times_workers(tmp_path):
         make_loader(urls, batch_size=2, num_workers=2, rank=0, world_size=2)
     with pytest.raises(UserError, match="needs samples_per_epoch"):
         make_loader(urls, batch_size=2, resampled=True)
+    with pytest.raises(UserError, match="s-000009.tar: shard not found"):
+        make_loader(urls + [str(tmp_path / "s-000009.tar")], batch_size=2, resampled=True, samples_per_epoch=8)
 
 
 def test_map_fn_collate_fn_and_seeded_worker_rng(tmp_path):

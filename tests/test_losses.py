@@ -228,3 +228,26 @@ def test_grouping_matches_reference():
             attn = torch.softmax(dots[b] / 0.07, dim=0)[kk] + 1e-6  # (h, w)
             ref_slot = sum(z[b, :, i, j] * attn[i, j] for i in range(3) for j in range(2)) / attn.sum()
             torch.testing.assert_close(slots[b, kk], ref_slot, atol=1e-5, rtol=1e-5)
+
+
+def test_rank_without_queries_still_gathers():
+    """A rank with no kept query must still join the all_gather (else the other ranks hang) and return 0."""
+    b, k, d, h, w = 4, 6, 5, 2, 2
+    q, kk, ss, ts = _slot_inputs(b, k, d, h, w, seed=21)
+    ss[:2] = 0.0
+    ss[:2, 0] = 1.0  # rank 0: student picks prototype 0 everywhere ...
+    ts[:2] = 0.0
+    ts[:2, 1] = 1.0  # ... teacher prototype 1: no query kept on rank 0, but its keys (prototype 1) are negatives
+    group, results = ThreadGather(2), {}
+
+    def run(rank):
+        sl = slice(rank * 2, rank * 2 + 2)
+        results[rank] = slot_contrastive_loss(q[sl], kk[sl], ss[sl], ts[sl], gather=group.for_rank(rank))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=30) for t in threads]
+    assert not any(t.is_alive() for t in threads), "a rank hung in gather"
+    assert results[0].item() == 0.0
+    full = slot_contrastive_loss(q, kk, ss, ts)
+    assert abs(results[1].item() - full.item()) < 1e-5  # all full-batch queries live on rank 1

@@ -250,3 +250,12 @@ def test_worker_processes_write_the_same_bytes(generated, tmp_path):
     par = tmp_path / "scenes"
     sc.generate_scenes(cfg.model_copy(update={"workers": 2}), par)
     assert tree_digest(par) == tree_digest(out)
+
+
+def test_ids_stay_int32_for_the_largest_allowed_config():
+    big = ScenesConfig(num_train=10_000_000, num_val=10_000_000, max_objects=98)
+    assert sc.image_ids(small_cfg(num_val=2), "val2017") == [sc.SPLIT_ID_OFFSET["val2017"] + 1,
+                                                             sc.SPLIT_ID_OFFSET["val2017"] + 2]
+    last_val = sc.SPLIT_ID_OFFSET["val2017"] + big.num_val
+    assert last_val > big.num_train  # no collision with train ids
+    assert last_val * sc.ANN_PER_IMAGE + big.max_objects + 1 < 2**31

@@ -87,10 +87,10 @@ def _toy_batch(n=4, size=64, seed=0):
 def test_a_few_cpu_iterations_lower_the_loss():
     torch.manual_seed(0)
     model = FCN(arch="resnet18", num_classes=3, output_stride=16, head_channels=16)
-    batch = _toy_batch()
-    losses = train_fcn(model, itertools.repeat(batch), iters=12, lr=0.01, aux_weight=0.4)
-    assert len(losses) == 12 and all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    batch = _toy_batch(size=48)
+    losses = train_fcn(model, itertools.repeat(batch), iters=8, lr=0.05, aux_weight=0.4)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2]), losses
 
 
 def test_sliding_window_covers_the_image():

@@ -153,6 +153,7 @@ run_shard(ShardConfig(max_count=4, workers=1), sys.argv[1], sys.argv[2], progres
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports the stage (~3-5 s on a busy 2-core machine)
 def test_killed_writer_leaves_nothing_verify_accepts(raw, tmp_path):
     _, raw_dir = raw
     out = tmp_path / "shards"
@@ -199,3 +200,27 @@ def test_shard_bytes_hash_matches_manifest_metadata(raw, tmp_path):
         data = (out / "val2017" / s["name"]).read_bytes()
         assert len(data) == s["bytes"] and hashlib.sha1(data).hexdigest() == s["sha1"]
         assert tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0].mtime == 946684800
+
+
+def test_cocoplus_unlabeled_split_and_cli_metrics(tmp_path):
+    from components.cli import main
+
+    root = write_coco(tmp_path / "coco", n_train=4, n_val=2, n_unlabeled=3, with_seg=False)
+    run_prepare(DataConfig(source="cocoplus", coco_root=str(root), workers=1), "unused", tmp_path / "raw", progress=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("tracking:\n  enabled: false\nshard:\n  workers: 1\n  max_count: 2\n")
+    rc = main(["shard", "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "shards"), "--metrics",
+               str(tmp_path / "shard.json"), "--params", str(params), "--no-progress"])
+    assert rc == 0
+    m = json.loads((tmp_path / "shard.json").read_text())
+    assert m["samples"] == 9 and m["splits"]["unlabeled2017"] == {"samples": 3, "shards": 2, "bytes": m["splits"]["unlabeled2017"]["bytes"]}
+    assert m["img_per_s"] > 0 and m["mb_per_s"] > 0 and m["verified_samples"] == 9
+    index = read_index(tmp_path / "shards")
+    assert index["pretrain"] == ["train2017", "unlabeled2017"] and index["semantic_classes"] is None
+    assert index["splits"]["unlabeled2017"]["labeled"] is False and index["splits"]["train2017"]["with_seg"] == 0
+    for url in split_urls(tmp_path / "shards", "unlabeled2017"):
+        for name, data in _tar_members(url):
+            assert not name.endswith("seg.png")
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                assert meta["annotations"] == [] and meta["image"]["width"] == 64 and meta["image"]["height"] == 56

@@ -18,8 +18,9 @@ Distributed reading (rank / world size from the arguments, else :mod:`components
   ``world_size * max(1, num_workers)`` shards (a clear UserError otherwise); ranks may get different batch counts.
 
 Shuffling: shard order (above) plus a sample buffer, seeded from ``(seed, epoch, rank, worker)``, as are Python's,
-NumPy's and torch's RNGs in each worker (so ``map_fn``'s random crops are repeatable). Samples were also shuffled
-once when the shards were written.
+NumPy's and torch's RNGs in each loader worker process (so ``map_fn``'s random crops are repeatable; with
+``num_workers=0`` the caller's global RNGs are left alone). Samples were also shuffled once when the shards were
+written. Non-resampled mode under DDP can give ranks different batch counts: train with ``resampled=True``.
 
 Corrupt data (undecodable JPEG, bad JSON, a sample missing a member, a truncated or unreadable tar) is skipped,
 logged with its key and shard URL, and counted. Workers send their error records to the main process alongside the
@@ -33,7 +34,6 @@ import io
 import json
 import logging
 import random
-import sys
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg  # imported here, once: forked workers inherit it
 
 _wds_gopen = importlib.import_module("webdataset.gopen")  # the module (``webdataset.gopen`` is also a function)
 
@@ -90,6 +92,19 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     if not out:
         raise UserError("make_loader: no shard URLs given; pass split_urls(shards_root, split) or a brace pattern")
     return out
+
+
+def _check_local(urls: list[str]) -> None:
+    """Local shard paths must exist before any worker starts (a typo would otherwise only log skips, or spin forever
+    when resampling); remote URLs are checked when opened."""
+    import os
+    from urllib.parse import urlparse
+
+    for u in urls:
+        scheme = urlparse(u).scheme
+        path = urlparse(u).path if scheme == "file" else u if scheme == "" or len(scheme) == 1 else None
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{path}: shard not found ({len(urls)} URLs given); run `slotcon shard` or fix the path")
 
 
 def _seed(*parts: int) -> int:
@@ -187,13 +202,9 @@ class _WorkerSplitter:
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """JPEG bytes -> uint8 (3, H, W) RGB. libjpeg-turbo via torchvision (grey and CMYK become RGB); PIL for the rest."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -201,8 +212,6 @@ def decode_rgb(data: bytes) -> torch.Tensor:
 
 def decode_seg(data: bytes) -> torch.Tensor:
     """Single-channel PNG -> uint8 (H, W) class ids (255 = ignore)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         if im.mode not in ("L", "P"):
             raise ValueError(f"semantic map has mode {im.mode}, expected L or P")
@@ -250,10 +259,12 @@ class _Samples:
     def __call__(self, src):
         wid, _ = _worker()
         s = _seed(self.seed, self.epoch, self.rank, wid)
-        # map_fn's randomness (crop parameters) is a function of (seed, epoch, rank, worker): repeatable runs
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)
+        if torch.utils.data.get_worker_info() is not None:
+            # in a loader worker, map_fn's global-RNG draws (crop parameters) become a function of (seed, epoch,
+            # rank, worker): repeatable runs. Never in the main process (num_workers=0): the caller's RNGs are its own.
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            torch.manual_seed(s)
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(s ^ 0xB0FFE7)
             src = wds.filters._shuffle(src, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
@@ -354,6 +365,10 @@ def _build_dataset(urls, *, rank, world_size, resampled, shuffle, seed, epoch, e
     return ds
 
 
+def _pass_through(item):
+    return item
+
+
 class ShardLoader:
     """Iterable of batches over WebDataset shards; one ``for`` loop = one epoch (see the module docstring).
 
@@ -392,6 +407,7 @@ class ShardLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.urls = expand_urls(urls)
+        _check_local(self.urls)
         self.rank = dist.get_rank() if rank is None else int(rank)
         self.world_size = dist.get_world_size() if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
@@ -453,7 +469,9 @@ class ShardLoader:
         ds = self._pipeline()
         if self.num_workers > 0:
             kw: dict[str, Any] = dict(
-                batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                # batch_size=None: workers already batch; _pass_through: skip DataLoader's default_convert, which
+                # would walk every annotation list of every sample in Python
+                batch_size=None, collate_fn=_pass_through, num_workers=self.num_workers, pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank)),
             )
             if self.prefetch_factor is not None:
@@ -481,7 +499,10 @@ class ShardLoader:
                 if self.num_batches is not None and self.stats["batches"] >= self.num_batches:
                     break
         finally:
-            del it  # shuts the DataLoader workers down (resampled workers never finish on their own)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # shuts the DataLoader workers down now (resampled workers never finish on their own)
+            del it
             level = logging.WARNING if self.stats["skipped"] else logging.INFO
             log.log(level, "loader: epoch %d rank %d: %d batches, %d samples, %d skipped %s", self.epoch, self.rank,
                     self.stats["batches"], self.stats["samples"], self.stats["skipped"], self.stats["skipped_by_reason"])
@@ -530,7 +551,9 @@ class SampleIterator:
         if decode not in ("rgb", "bytes"):
             raise ValueError(f"decode={decode!r}: must be 'rgb' or 'bytes'")
         self._errors = _ErrorLog()
-        ds = _build_dataset(expand_urls(urls), rank=0, world_size=1, resampled=False, shuffle=False, seed=0, epoch=0,
+        urls = expand_urls(urls)
+        _check_local(urls)
+        ds = _build_dataset(urls, rank=0, world_size=1, resampled=False, shuffle=False, seed=0, epoch=0,
                             errors=self._errors)
         self._it = iter(ds)
         self.decode, self.with_seg = decode, with_seg

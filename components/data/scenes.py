@@ -59,7 +59,8 @@ SPLITS: tuple[str, ...] = ("train2017", "val2017")
 # Image ids: train 1..num_train, val VAL_ID_OFFSET+1.. (config caps num_train below it) -> unique across splits and a
 # val image's id/content doesn't depend on num_train.
 SPLIT_ID_OFFSET: dict[str, int] = {"train2017": 0, "val2017": 10_000_000}
-ANN_PER_IMAGE = 1000  # annotation id = image_id * 1000 + k: unique across splits, independent of generation order
+ANN_PER_IMAGE = 100  # annotation id = image_id * 100 + k (k <= max_objects + 1 crowd <= 99): unique across
+# splits, independent of generation order, and < 2**31 for every allowed config (int32-safe downstream)
 CROWD_PROB = 0.2  # fraction of images holding one crowd region (COCO: ~1% of annotations are crowds)
 RLE_PROB = 0.15  # non-crowd instances stored as compressed RLE instead of polygons
 TWO_STUFF_PROB = 0.5  # images whose background is two stuff regions (sky/ground-like)
@@ -379,7 +380,7 @@ def render_scene(cfg: ScenesConfig, image_id: int) -> Scene:
     canvas = np.empty((s, s, 3), np.float32)
     semantic = np.empty((s, s), np.uint8)
     for region, k in zip((~lower, lower), stuff):
-        name, texture, base = STUFF_CATALOGUE[k]
+        _, texture, base = STUFF_CATALOGUE[k]
         base = np.clip(np.array(base, np.float32) + rng.uniform(-0.08, 0.08, 3), 0.05, 1.0)
         layer = _stuff_image(texture, base, rng, s)
         np.copyto(canvas, layer, where=region[..., None])
@@ -408,7 +409,7 @@ def render_scene(cfg: ScenesConfig, image_id: int) -> Scene:
 
     # shapes -> full masks (pycocotools' own rasterisation of the outline, minus the hole if any)
     for obj in objects:
-        name, shape, texture, _ = THING_CATALOGUE[obj["category"]]
+        _, shape, _, _ = THING_CATALOGUE[obj["category"]]
         outline, hole = _shape_outline(shape)
         obj["full"] = np.zeros((s, s), bool)
         obj["parts"] = []
@@ -438,7 +439,7 @@ def render_scene(cfg: ScenesConfig, image_id: int) -> Scene:
     inst_map = np.zeros((s, s), np.int32)
     instances: list[DrawnInstance] = []
     for idx, obj in enumerate(kept, start=1):
-        name, shape, texture, _ = THING_CATALOGUE[obj["category"]]
+        texture = THING_CATALOGUE[obj["category"]][2]
         colours = []
         for mem, part, poly in obj["parts"]:
             colour = _random_colour(rng)
@@ -641,8 +642,10 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | os.PathLike, tracker: Any 
     pix_thing = pix_stuff = pix_ignore = pix_total = 0
     # images are independent (own generator each): workers only change the speed, never the bytes. "spawn" keeps
     # children clean of the parent's threads (tqdm monitor, MLflow, torch) at ~1 s start-up each.
-    pool = multiprocessing.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+    pool = None
     try:
+        if cfg.workers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(cfg.workers)
         (tmp / "annotations").mkdir()
         cats = categories(cfg)
         for split in SPLITS:
@@ -662,8 +665,9 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | os.PathLike, tracker: Any 
                 anns.extend(enc.annotations)
                 for k, v in enc.encodings.items():
                     enc_counts[k] += v
-                pix_thing, pix_stuff, pix_ignore = (a + b for a, b in zip((pix_thing, pix_stuff, pix_ignore),
-                                                                           enc.pixels))
+                pix_thing += enc.pixels[0]
+                pix_stuff += enc.pixels[1]
+                pix_ignore += enc.pixels[2]
                 pix_total += cfg.image_size**2
             doc = {
                 "info": {"description": f"slotcon-pipeline generated scenes (seed {cfg.seed})", "version": "1.0",

@@ -11,6 +11,7 @@ ImageNet normalisation. Here the crop boxes and flips come from the loader worke
   (``align_corners=False``) when up-sampling, an antialiased (box-of-bilinear) filter when down-sampling. The
   official code uses PIL bicubic (also antialiased); we approximate it with this filter to keep it one kernel.
   Padding replicates each image's last row/column, so crops touching the border match torchvision's edge clamping.
+  Batches of very uneven sizes (padding > 4x the pixels, e.g. one huge ImageNet image) are cropped image by image.
 * **colour jitter**: torchvision's formulas (``adjust_brightness/contrast/saturation/hue`` on float images) with a
   random order per sample; brightness/contrast/saturation run on the whole batch with identity factors where a
   sample does something else at that position (exact no-ops), hue runs only on the samples that use it there.
@@ -91,18 +92,28 @@ def crop_resize(
     Returns:
         (V·B, 3, S, S) float32 in the input's value range, view-major: rows v·B … v·B + B − 1 are crop v.
     """
+    b, v = boxes.shape[:2]
+    if len(images) != b:
+        raise ValueError(f"{len(images)} images but boxes for {b}")
+    device = images[0].device
+    boxes = boxes.to(device=device, dtype=torch.float32)
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         batch = images
     elif len({tuple(im.shape) for im in images}) == 1:
         batch = torch.stack(list(images))
     else:
-        batch = _pad_batch(images)
-    b, v = boxes.shape[:2]
-    if batch.shape[0] != b:
-        raise ValueError(f"{batch.shape[0]} images but boxes for {b}")
-    device = batch.device
+        padded = len(images) * (max(im.shape[-2] for im in images) + 1) * (max(im.shape[-1] for im in images) + 1)
+        if padded <= 4 * sum(im.shape[-2] * im.shape[-1] for im in images):
+            batch = _pad_batch(images)  # COCO-like sizes: one padded batch, one kernel
+        else:  # very uneven sizes (a few huge images): crop image by image instead of padding everything
+            crops = [
+                roi_align(im.unsqueeze(0).float(), [boxes[i]], output_size=(size, size),
+                          sampling_ratio=sampling_ratio, aligned=True)
+                for i, im in enumerate(images)
+            ]  # each (V, 3, S, S)
+            return torch.stack(crops, dim=1).flatten(0, 1)  # view-major
     idx = torch.arange(b, device=device, dtype=torch.float32).repeat(v)  # view-major
-    rois = torch.cat([idx.unsqueeze(1), boxes.to(device=device, dtype=torch.float32).transpose(0, 1).reshape(-1, 4)], 1)
+    rois = torch.cat([idx.unsqueeze(1), boxes.transpose(0, 1).reshape(-1, 4)], 1)
     return roi_align(batch.float(), rois, output_size=(size, size), sampling_ratio=sampling_ratio, aligned=True)
 
 

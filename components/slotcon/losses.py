@@ -109,23 +109,26 @@ def slot_contrastive_loss(
     query_idx = query_mask.nonzero().squeeze(1)
 
     keys_local = F.normalize(teacher_slots.detach().float().reshape(b * k, d), dim=1)
-    if query_idx.numel() == 0:
-        # nothing to contrast on this rank: a zero that still reaches every trainable input (DDP needs the grads)
-        zero = student_slots.sum() * 0.0
-        if isinstance(predictor, torch.nn.Module):
-            zero = zero + sum(p.sum() * 0.0 for p in predictor.parameters() if p.requires_grad)
-        return zero
-
-    queries = student_slots.reshape(b * k, d)[query_idx]
-    if predictor is not None:
-        queries = predictor(queries)
-    queries = F.normalize(queries.float(), dim=1)  # (Nq, D)
-
+    # every rank gathers, even one with nothing to contrast (all_gather is collective)
     keys_all, mask_all = keys_local, key_mask.float()
     if gather is not None:
         keys_all = gather(keys_local)
         mask_all = gather(mask_all)
     keys_all = keys_all[mask_all > 0.5].float()  # (Nk, D) kept keys of every rank, rank order
+    if query_idx.numel() == 0:
+        # nothing to contrast on this rank: a zero that still reaches every trainable input (DDP needs the grads)
+        zero = student_slots.sum() * 0.0
+        if isinstance(predictor, torch.nn.Module):
+            if any(isinstance(m, torch.nn.SyncBatchNorm) for m in predictor.modules()):
+                # SyncBN's collectives must run on every rank; it accepts an empty input (plain BN would not)
+                zero = zero + predictor(student_slots.reshape(b * k, d)[:0]).sum() * 0.0
+            zero = zero + sum(p.sum() * 0.0 for p in predictor.parameters() if p.requires_grad)
+        return zero.float()
+
+    queries = student_slots.reshape(b * k, d)[query_idx]
+    if predictor is not None:
+        queries = predictor(queries)
+    queries = F.normalize(queries.float(), dim=1)  # (Nq, D)
 
     with torch.autocast(queries.device.type, enabled=False):  # logits / τ in fp32 even under bf16 autocast
         logits = queries @ keys_all.t() / temperature  # (Nq, Nk)

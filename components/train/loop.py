@@ -246,6 +246,54 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+class StepRunner:
+    """One optimisation step exactly as the loop runs it (the benchmark times this same code).
+
+    Wraps ``model`` for the run: SyncBatchNorm + DDP when ``world > 1`` (SyncBN on CUDA only: torch has none on CPU,
+    where each rank normalises with its own half-batch statistics), ``nn.Module.compile`` of both encoders when
+    ``cfg.compile`` (in place, so state_dict keys stay plain), bf16 autocast on CUDA when ``cfg.amp``.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, world: int):
+        cuda = device.type == "cuda"
+        self.raw = model
+        if dist.is_initialized() and world > 1:
+            if cuda:
+                self.raw = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the official recipe
+            model = torch.nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=[device.index] if cuda else None, broadcast_buffers=True
+            )
+        else:
+            model = self.raw
+        if cfg.compile:
+            self.raw.student_encoder.compile()
+            self.raw.teacher_encoder.compile()
+        self.model = model
+        self.teacher_params, self.student_params = self.raw.ema_parameters()
+        self.gather = dist.gather_cat if world > 1 else None
+        self.all_reduce = dist.all_reduce_mean if world > 1 else None
+        self.amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and cfg.amp) else contextlib.nullcontext
+
+    def __call__(self, views: dict, optimizer: torch.optim.Optimizer, lr: float, momentum: float) -> torch.Tensor:
+        """Forward, check, backward, optimiser step, EMA. Returns the rank-SUM over ranks of
+        ``[loss, loss_group, loss_slot, num_slots, assign_entropy, non-finite flag]`` on the CPU; when the flag is
+        > 0 (any rank saw a non-finite loss) nothing was updated, on any rank."""
+        set_lr(optimizer, lr)
+        with self.amp():
+            out = self.model(**views, gather=self.gather, all_reduce=self.all_reduce)
+        loss = out["loss"]
+        # one collective per step: the stats and how many ranks saw a non-finite loss
+        vec = torch.stack([out[k].detach().float() for k in STAT_KEYS] + [(~torch.isfinite(loss.detach())).float()])
+        vec = dist.all_reduce_sum(vec).cpu()
+        if vec[-1].item() > 0:
+            return vec
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update_(self.teacher_params, self.student_params, momentum)
+        return vec
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------------------------
@@ -361,21 +409,8 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
         epoch, skip = epoch + 1, 0
 
     # ---- wrappers: SyncBN + DDP, compile ----------------------------------------------------------------------------
-    raw = model
-    if dist.is_initialized() and world > 1:
-        if cuda:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # official recipe; torch has none on CPU
-            raw = model
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None, broadcast_buffers=True
-        )
-    if cfg.compile:
-        raw.student_encoder.compile()  # in place: state_dict keys stay plain
-        raw.teacher_encoder.compile()
-    teacher_params, student_params = raw.ema_parameters()
-    gather = dist.gather_cat if world > 1 else None
-    all_reduce = dist.all_reduce_mean if world > 1 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else contextlib.nullcontext()
+    runner = StepRunner(model, cfg, device, world)
+    raw = runner.raw
 
     if is_main:
         tracker.log_params({"global_batch": plan.global_batch, "world_size": world, "steps_per_epoch":
@@ -411,7 +446,7 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
 
     bar = tqdm(total=plan.total_steps, initial=min(step, plan.total_steps), disable=not (progress and is_main),
                desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
-    model.train()
+    runner.model.train()
     t_start = time.perf_counter()
     t_window, steps_window, steps_run = time.perf_counter(), 0, 0
     last_stats: dict[str, float] = {}
@@ -429,25 +464,14 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
             lr = lr_at(step, peak_lr=plan.peak_lr, min_lr=cfg.min_lr, warmup_steps=plan.warmup_steps,
                        total_steps=plan.total_steps)
             m = momentum_at(step, base_momentum=cfg.teacher_momentum, total_steps=plan.total_steps)
-            set_lr(optimizer, lr)
             views = make_views(batch, augment, generator, device)
-            with amp:
-                out = model(**views, gather=gather, all_reduce=all_reduce)
-            loss = out["loss"]
-            # one collective per step: rank-mean stats + how many ranks saw a non-finite loss
-            vec = torch.stack([out[k].detach().float() for k in STAT_KEYS]
-                              + [(~torch.isfinite(loss.detach())).float()])
-            vec = dist.all_reduce_sum(vec).cpu()
+            vec = runner(views, optimizer, lr, m)
             if vec[-1].item() > 0:
                 where = checkpoint_hint(run_dir)
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step} (epoch {epoch + 1}, batch {i}) on {int(vec[-1].item())} of "
                     f"{world} rank(s); every rank stopped before the update; last good checkpoint: {where}. "
                     "Lower pretrain.base_lr or check the data, then re-run (it resumes from that checkpoint)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            ema_update_(teacher_params, student_params, m)
             step += 1
             steps_run += 1
             steps_window += 1

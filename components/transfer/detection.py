@@ -241,8 +241,8 @@ def _prepare_train_sample(sample: dict, *, cat_to_label: Mapping[int, int], seed
         print(f"detect: skipping {key} ({sample.get('url', '?')}): bad annotation ({type(exc).__name__}: {exc})",
               file=sys.stderr)
         return {"key": key, "skip": "bad_annotation"}
-    if len(target["boxes"]) == 0:
-        return {"key": key, "skip": "no_valid_annotation", "counts": counts}
+    # an image whose only usable objects are crowds trains with empty targets (all proposals background), as the
+    # reference does: its filter runs before crowds are removed
     if random.Random(f"{seed}:{epoch}:{key}").random() < 0.5:
         image, target = hflip(image, target)
     return {"key": key, "image": image, "target": target, "counts": counts}
@@ -305,11 +305,12 @@ def train_detector(
     optimizer = torch.optim.SGD(param_groups(bare, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
     it, epoch, consumed = 0, 0, 0
     losses: list[float] = []
+    times: list[float] = []  # seconds per iteration (data + step), kept in checkpoints so a resumed run reports them
     skipped: dict[str, str] = {}  # image key -> why it was left out (per image, not per epoch)
     per_image: dict[str, Counter] = {}
     run_dir = None
     if ckpt_dir is not None:
-        fp, fp_dict = ckpt.fingerprint(cfg.model_dump(), {"label": label, "world_size": world_size,
+        fp, _ = ckpt.fingerprint(cfg.model_dump(), {"label": label, "world_size": world_size,
                                                           **(fingerprint_extra or {})})
         run_dir = Path(ckpt_dir) / f"{label}-{fp}"
         found = ckpt.find_latest(run_dir)
@@ -320,6 +321,7 @@ def train_detector(
             it, epoch, consumed = int(state["step"]), int(state["epoch"]), int(state["consumed"])
             losses = list(state.get("losses", []))
             skipped = dict(state.get("skipped", {}))
+            times = list(state.get("times", []))
             ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
             print(f"detect[{label}]: resuming from {path} at iteration {it}/{cfg.iters}")
 
@@ -334,13 +336,12 @@ def train_detector(
         if rank == 0:
             ckpt.save_checkpoint({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "step": it,
                                   "epoch": epoch, "consumed": consumed, "losses": losses, "skipped": dict(skipped),
-                                  "rng": rngs, "config": cfg.model_dump(), "label": label}, run_dir, it)
+                                  "rng": rngs, "times": times, "config": cfg.model_dump(), "label": label},
+                                 run_dir, it, keep=1)
 
     model.train()
     bar = tqdm(total=cfg.iters, initial=it, desc=f"detect[{label}]", disable=rank != 0 or tqdm is None,
                dynamic_ncols=True) if tqdm else None
-    times: list[float] = []
-    images_seen = 0
     # one pass per epoch on one process; resampled (equal batch counts on every rank) under DDP or when there are
     # fewer shards than workers
     resampled = world_size > 1 or len(train_urls) < max(1, cfg.num_workers)
@@ -388,16 +389,16 @@ def train_detector(
             now = time.perf_counter()
             times.append(now - t_last)  # data + step: what an iteration costs end to end
             t_last = now
-            images_seen += len(batch)
-            values = {k: float(v) for k, v in loss_dict.items()}
-            losses.append(float(loss))
+            # logged values are means over ranks (each rank saw its own part of the global batch)
+            values = {k: float(dist.all_reduce_mean(v.detach().float())) for k, v in loss_dict.items()}
+            losses.append(float(dist.all_reduce_mean(loss.detach())))
             if tracker is not None:
-                tracker.log_metrics({f"{label}/loss": float(loss), f"{label}/lr": lr,
+                tracker.log_metrics({f"{label}/loss": losses[-1], f"{label}/lr": lr,
                                      **{f"{label}/{k}": v for k, v in values.items()}}, step=it)
             it += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2g}", s_it=f"{times[-1]:.2f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2g}", s_it=f"{times[-1]:.2f}")
             if it % cfg.save_every == 0 or it == cfg.iters:
                 save()
             if it >= cfg.iters:
@@ -508,6 +509,8 @@ def draw_predictions(rows: Sequence[tuple[str, Sequence[tuple[torch.Tensor, dict
             image, out = items[c]
             canvas = image.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
             keep = (out["scores"] >= score_threshold).nonzero().flatten().tolist()
+            if not keep:  # an early model scores low everywhere: show its best 3 (their scores say how unsure)
+                keep = list(range(min(3, len(out["scores"]))))
             for j, i in enumerate(keep):
                 color = np.array(cmap(j % 10)[:3], dtype=np.float32)
                 if "masks" in out:
@@ -544,6 +547,17 @@ def _write_loss_csv(path: Path, curves: Mapping[str, Sequence[float]]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------------------------
+def _file_hash(path: str | os.PathLike) -> str:
+    """sha1 of a file's bytes: a re-exported backbone or re-written shards must not resume an old checkpoint."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _resolve_inits(cfg, backbone: str | os.PathLike) -> list[tuple[str, Path | None]]:
     """``[(label, backbone file or None)]``: the configured init first, then ``random`` if ``compare_random``."""
     first = ("random", None) if cfg.init == "random" else (
@@ -617,6 +631,8 @@ def run_detect(
         if world > 1:
             if cfg.norm == "syncbn" and device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif cfg.norm == "syncbn" and rank == 0:  # torch's SyncBN runs on GPUs only
+                print("detect: norm=syncbn on CPU ranks: BN statistics stay per rank (SyncBatchNorm needs CUDA)")
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(cfg.seed + rank)  # sampling in RPN/ROI heads and the scale draw differ per rank
@@ -625,7 +641,8 @@ def run_detect(
         hist = train_detector(model, cfg=cfg, label=label, train_urls=train_urls, cat_to_label=cat_to_label,
                               device=device, rank=rank, world_size=world, tracker=tracker, ckpt_dir=checkpoints,
                               num_train_samples=int(index["splits"][train_split].get("num_samples") or 0) or None,
-                              fingerprint_extra={"shards_train": len(train_urls), "arch": a, "trunk": src})
+                              fingerprint_extra={"arch": a, "trunk": _file_hash(src) if sd is not None else "random",
+                                                 "index": _file_hash(Path(shards) / "index.json")})
         curves[label] = hist["losses"]
         bare = model.module if world > 1 else model
         if rank == 0:
@@ -637,8 +654,9 @@ def run_detect(
                 device=device, test_size=cfg.test_size, amp=cfg.amp, batch_size=cfg.batch_size, num_vis=cfg.num_vis)
             print(f"detect[{label}]: COCOeval on {m['num_val_images']} val images\n{summary}")
             metrics.update({f"{label}/{k}": v for k, v in m.items()})
-            metrics[f"{label}/sec_per_iter"] = hist["sec_per_iter"]
-            metrics[f"{label}/images_per_sec"] = hist["images_per_sec"]
+            if math.isfinite(hist["sec_per_iter"]):  # (NaN is not JSON: leave it out)
+                metrics[f"{label}/sec_per_iter"] = hist["sec_per_iter"]
+                metrics[f"{label}/images_per_sec"] = hist["images_per_sec"]
             if hist["losses"]:
                 metrics[f"{label}/loss_first"] = hist["losses"][0]
                 metrics[f"{label}/loss_last"] = hist["losses"][-1]
@@ -691,7 +709,7 @@ def _log_model(tracker, model: nn.Module) -> None:
         mlflow.start_run(run_id=tracker.run_id)
     try:
         mlflow.pytorch.log_model(
-            model, name="detector",
+            model, name="detector", serialization_format="pickle",  # MaskRCNN takes lists: not pt2-traceable
             # explicit: inferring requirements probes the environment and may try the network
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}", "pycocotools"],

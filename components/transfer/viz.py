@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PAD = 4  # pixels between panels
 LABEL_W = 56  # left margin of a concept row (prototype id, usage, colour swatch)
+CELL = 128  # side of one segment crop in the concept figure, whatever the resolution
 MIN_SEGMENT_FRAC = 0.01
 
 
@@ -91,7 +92,10 @@ def _segment_cell(img: torch.Tensor, mask: torch.Tensor, color: np.ndarray, cell
     out = img.float() * (0.25 + 0.75 * m)  # dim what is not the segment
     out = torch.where(edge[None], torch.tensor(color, dtype=torch.float32).view(3, 1, 1), out)
     crop = out[:, ty : ty + side, tx : tx + side]
-    crop = F.interpolate(crop[None], size=(cell, cell), mode="nearest")[0]
+    if side > cell:  # shrink smoothly; enlarge with crisp pixels (the outline stays one colour)
+        crop = F.interpolate(crop[None], size=(cell, cell), mode="bilinear", align_corners=False, antialias=True)[0]
+    else:
+        crop = F.interpolate(crop[None], size=(cell, cell), mode="nearest")[0]
     return crop.clamp(0, 255).round().byte().permute(1, 2, 0).numpy()
 
 
@@ -187,7 +191,7 @@ def render_slots(model, samples_fn: Callable[[], Iterable[dict]], out_dir: str |
             if math.isfinite(float(sims_all[i, p])):
                 wanted.setdefault(i, []).append((row, col))
                 picked_sims[p].append(float(sims_all[i, p]))
-    cell = resolution
+    cell = CELL
     cells: list[list[np.ndarray | None]] = [[None] * num_neighbors for _ in top]
     idx = 0
     for keys, images, assign, _, _ in _pass(model, samples_fn(), resolution, batch_size):
@@ -208,11 +212,12 @@ def render_slots(model, samples_fn: Callable[[], Iterable[dict]], out_dir: str |
         "prototypes_used": int((usage > 0).sum()),
         "usage_entropy": ent,
         "usage_entropy_max": math.log(k),
-        "top_prototypes": top,
-        "top_usage": [float(frac[p]) for p in top],
+        # nested dicts of numbers (not lists) so that `dvc metrics show` lists every value
+        "top": {f"rank{r}": {"prototype": p, "usage": float(frac[p]),
+                             "similarity_mean": float(np.mean(picked_sims[p])) if picked_sims[p] else 0.0}
+                for r, p in enumerate(top)},
         "neighbor_similarity_mean": float(np.mean([s for v in picked_sims.values() for s in v]))
         if any(picked_sims.values()) else 0.0,
-        "figures": ["assignments.png", "concepts.png"],
     }
 
 
@@ -246,7 +251,7 @@ def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path
 
     summary = render_slots(model, samples, out_dir, num_images=cfg.num_images, top_prototypes=cfg.top_prototypes,
                            num_neighbors=cfg.num_neighbors, resolution=cfg.resolution, batch_size=cfg.batch_size)
-    tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    tracker.log_metrics(summary)
     tracker.log_artifact(out_dir, "slots")
     return summary
 

@@ -1,0 +1,140 @@
+"""Shard write and read throughput versus reading JPEG files one by one with PIL (prints figures, asserts nothing).
+
+    .venv/bin/python benchmarks/shard_throughput.py [--images 2000] [--size 384] [--workers N] [--batch 64]
+
+1. Generates ``--images`` scene images of ``--size`` px with the scenes generator into a temp dir (COCO layout),
+   runs ``prepare`` (decode check of every file) and ``shard`` with 1 and N writer processes: img/s, MB/s.
+2. Reads + decodes every training image to a uint8 (3, H, W) RGB tensor, with 1 and N loader workers:
+   - from the shards: ``components.data.loader.make_loader(decode="rgb")`` (tar streams, torchvision/libjpeg-turbo)
+   - from the folder: a ``torch.utils.data.Dataset`` that opens each file with ``PIL.Image.open(path).convert("RGB")``
+     (ImageFolder-style, as the official SlotCon loader does), same batch size, same output tensors
+   and prints img/s and the shards/folder ratio. Also the bytes-only read rate from shards (``decode="bytes"``: what
+   a GPU-decode pipeline asks of the CPU workers).
+
+Each timed pass follows an untimed warm-up pass, so both sides read from the page cache: the ratio is the per-file
+overhead + decoder difference, not disk speed (on network/object storage the file-per-image side loses far more).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """One JPEG file per item, decoded by PIL: the ImageFolder way (official SlotCon ``ImageFolder`` + PIL loader)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with open(self.paths[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def _list_collate(batch):
+    return batch
+
+
+def time_folder(paths: list[str], workers: int, batch: int) -> float:
+    def one_pass() -> int:
+        dl = torch.utils.data.DataLoader(FolderDataset(paths), batch_size=batch, shuffle=True, num_workers=workers,
+                                         collate_fn=_list_collate, generator=torch.Generator().manual_seed(0))
+        return sum(len(b) for b in dl)
+
+    one_pass()  # warm-up: page cache, worker start-up paths
+    t = time.perf_counter()
+    n = one_pass()
+    return n / (time.perf_counter() - t)
+
+
+def time_shards(urls: list[str], workers: int, batch: int, decode: str = "rgb") -> tuple[float, float]:
+    from components.data.loader import make_loader
+
+    def one_pass() -> tuple[int, int]:
+        loader = make_loader(urls, batch_size=batch, decode=decode, shuffle=True, num_workers=workers, seed=0)
+        n = nbytes = 0
+        for b in loader:
+            n += len(b)
+            if decode == "bytes":
+                nbytes += sum(len(s["image"]) for s in b)
+        return n, nbytes
+
+    one_pass()
+    t = time.perf_counter()
+    n, nbytes = one_pass()
+    dt = time.perf_counter() - t
+    return n / dt, nbytes / 1e6 / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=384, help="square image side (COCO's are ~640x480)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="N (the other figure is 1)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--shard-count", type=int, default=250, help="samples per shard (>= N shards are needed)")
+    ap.add_argument("--dir", default=None, help="work folder (default: a temp dir, removed at the end)")
+    args = ap.parse_args()
+
+    from components.config import DataConfig, ScenesConfig, ShardConfig
+    from components.data.coco import run_prepare
+    from components.data.scenes import generate_scenes
+    from components.data.shards import run_shard, split_urls
+
+    torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory(prefix="shard_bench_") if args.dir is None else None
+    work = Path(args.dir or tmp.name)
+    n_workers = sorted({1, args.workers})
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; {args.images} images of {args.size} px; "
+          f"batch {args.batch}; work dir {work}")
+
+    t = time.perf_counter()
+    generate_scenes(ScenesConfig(num_train=args.images, num_val=8, image_size=args.size), work / "scenes")
+    print(f"generate: {args.images + 8} images in {time.perf_counter() - t:.1f} s")
+    pm = run_prepare(DataConfig(workers=args.workers), work / "scenes", work / "raw", progress=False)
+    print(f"prepare ({args.workers} workers): {pm['img_per_s']:.0f} img/s (read + sha1 + decode check)")
+
+    write = {}
+    for w in n_workers:
+        m = run_shard(ShardConfig(max_count=args.shard_count, max_bytes=10**9, workers=w, verify=False),
+                      work / "raw", work / f"shards_w{w}", progress=False)
+        write[w] = (m["img_per_s"], m["mb_per_s"])
+    urls = split_urls(work / f"shards_w{n_workers[-1]}", "train2017")
+    paths = sorted(str(p) for p in (work / "scenes" / "train2017").glob("*.jpg"))
+    mb = sum(os.path.getsize(p) for p in paths) / 1e6
+    print(f"train split: {len(paths)} JPEGs, {mb:.1f} MB ({mb / len(paths) * 1e3:.0f} KB avg) in {len(urls)} shards")
+
+    rows = []
+    for w in n_workers:
+        folder = time_folder(paths, w, args.batch)
+        shards, _ = time_shards(urls, w, args.batch, "rgb")
+        raw_ips, raw_mbps = time_shards(urls, w, args.batch, "bytes")
+        rows.append((w, write[w], folder, shards, raw_ips, raw_mbps))
+
+    print()
+    print(f"{'workers':>7} | {'shard write':>22} | {'folder+PIL decode':>17} | {'shards decode':>13} | {'ratio':>5} | "
+          f"{'shards bytes only':>24}")
+    for w, (wi, wm), folder, shards, raw_ips, raw_mbps in rows:
+        print(f"{w:>7} | {wi:>8.0f} img/s {wm:>6.1f} MB/s | {folder:>11.0f} img/s | {shards:>7.0f} img/s | "
+              f"{shards / folder:>5.2f} | {raw_ips:>9.0f} img/s {raw_mbps:>6.1f} MB/s")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""docs/presets: every paper preset is a valid params file with the paper's pretraining values."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from components.config import parse_section, read_params
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "docs" / "presets").glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert {p.name for p in PRESETS} >= {"coco_r50_800ep.yaml", "cocoplus_r50_800ep.yaml", "imagenet_r50_100ep.yaml",
+                                         "imagenet_r50_200ep.yaml"}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_is_valid_and_faithful(path):
+    data = read_params(path)
+    sections = {name: parse_section(name, raw, path) for name, raw in data.items()}
+    pre = sections["pretrain"]
+    assert (pre.arch, pre.image_size, pre.batch_size, pre.base_lr, pre.weight_decay, pre.optimizer) == (
+        "resnet50", 224, 512, 1.0, 1e-5, "lars")
+    assert (pre.dim_hidden, pre.dim_out, pre.teacher_temp, pre.student_temp, pre.teacher_momentum) == (
+        4096, 256, 0.07, 0.1, 0.99)
+    assert (pre.group_loss_weight, pre.warmup_epochs, pre.slot_temp, pre.center_momentum) == (0.5, 5, 0.2, 0.9)
+    if path.stem.startswith("coco"):
+        assert pre.num_prototypes == 256 and pre.epochs == 800
+        assert sections["data"].source == ("cocoplus" if "plus" in path.stem else "coco")
+    else:
+        assert pre.num_prototypes == 2048 and pre.epochs in (100, 200)

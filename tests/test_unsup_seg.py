@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from components.config import UnsupConfig
+from components.transfer.unsup_seg import cluster_confusion, resize_center_crop, run_unsup_seg, score_clusters
+
+COLORS = torch.tensor([[230, 20, 20], [20, 230, 20], [20, 20, 230], [230, 230, 20], [20, 230, 230]], dtype=torch.float32)
+
+
+class ColourPrototypes(nn.Module):
+    """A stand-in teacher whose K prototypes are colours: score = -distance of the pixel colour (full resolution)."""
+
+    def __init__(self, k: int = 5):
+        super().__init__()
+        self.num_prototypes = k
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def teacher_scores(self, x):  # x: ImageNet-normalised (B,3,H,W)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        rgb = (x * std + mean) * 255
+        return -torch.cdist(rgb.permute(0, 2, 3, 1).reshape(-1, 3), COLORS[: self.num_prototypes]).view(
+            x.shape[0], x.shape[2], x.shape[3], -1
+        ).permute(0, 3, 1, 2)
+
+
+def _samples(n=4, size=32, num_classes=3, perm=(2, 0, 4), seed=0):
+    """Label maps of 3 classes; class c is painted with prototype colour perm[c] (prototypes 1 and 3 unused)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        lbl = torch.randint(0, num_classes, (size // 8, size // 8), generator=g).repeat_interleave(8, 0)
+        lbl = lbl.repeat_interleave(8, 1).to(torch.uint8)
+        img = COLORS[torch.tensor(perm)[lbl.long()]].permute(2, 0, 1).to(torch.uint8)
+        lbl[0, :3] = 255
+        out.append({"key": f"{i}", "image": img, "label": lbl})
+    return out
+
+
+def test_matched_prototypes_score_one_and_unused_prototypes_do_not_fool_the_matching():
+    model = ColourPrototypes(5)
+    conf, n = cluster_confusion(model, _samples(), num_classes=3, resolution=32, batch_size=3)
+    assert n == 4 and conf.shape == (5, 3)
+    assert conf[[1, 3]].sum() == 0  # two prototypes never win a pixel
+    m = score_clusters(conf, ["a", "b", "c"])
+    assert m["mIoU"] == pytest.approx(1.0) and m["pixel_acc"] == pytest.approx(1.0)
+    assert m["majority/mIoU"] == pytest.approx(1.0) and m["clusters_used"] == 3
+
+
+def test_resize_center_crop_keeps_labels_aligned():
+    img = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    lbl = torch.zeros(40, 60, dtype=torch.uint8)
+    img[:, :, 30:] = 255
+    lbl[:, 30:] = 1
+    i2, l2 = resize_center_crop(img, lbl, 20)
+    assert i2.shape == (3, 20, 20) and l2.shape == (20, 20)
+    assert torch.equal(i2[0] > 127, l2 == 1)
+
+
+def _tiny_checkpoint(path):
+    from components.slotcon.model import SlotCon
+
+    kw = dict(arch="resnet18", num_prototypes=4, dim_hidden=16, dim_out=8)
+    torch.manual_seed(1)
+    torch.save({"model": SlotCon(**kw).state_dict(), "model_kwargs": kw, "epoch": 1, "step": 1}, path)
+
+
+def test_run_unsup_seg_on_a_folder_with_a_real_slotcon_checkpoint(tmp_path):
+    root = tmp_path / "scenes"
+    (root / "val2017").mkdir(parents=True)
+    (root / "stuffthingmaps_trainval2017" / "val2017").mkdir(parents=True)
+    for i, s in enumerate(_samples(n=3, size=64)):
+        Image.fromarray(s["image"].permute(1, 2, 0).numpy()).save(root / "val2017" / f"{i:012d}.jpg")
+        Image.fromarray(s["label"].numpy()).save(root / "stuffthingmaps_trainval2017" / "val2017" / f"{i:012d}.png")
+    (root / "annotations").mkdir()
+    (root / "annotations" / "semantic_classes.json").write_text(
+        json.dumps([{"id": i, "name": n, "isthing": 0} for i, n in enumerate(["a", "b", "c"])])
+    )
+    _tiny_checkpoint(tmp_path / "last.pt")
+    cfg = UnsupConfig(data_root=str(root), resolution=64, batch_size=2)
+    m = run_unsup_seg(cfg, None, tmp_path / "last.pt", device="cpu")
+    assert m["num_images"] == 3 and m["num_prototypes"] == 4 and m["num_classes"] == 3
+    for key in ("mIoU", "pixel_acc", "random/mIoU", "random/pixel_acc", "majority/mIoU"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["majority/pixel_acc"] >= m["pixel_acc"] - 1e-9  # many-to-one can only match more pixels
+    json.dumps(m, allow_nan=False)
