@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-prototypes", type=int, default=256 if cuda else 32)
     p.add_argument("--dim-hidden", type=int, default=4096 if cuda else 256)
     p.add_argument("--dim-out", type=int, default=256 if cuda else 64)
-    p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1) if cuda else 2)
+    p.add_argument("--num-workers", type=int, default=min(16, os.cpu_count() or 1) if cuda else 1)
     p.add_argument("--steps", type=int, default=30 if cuda else 4, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10 if cuda else 1, help="untimed steps first (cudnn autotune...)")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
@@ -102,18 +102,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--synthetic", type=int, default=0, help="force N synthetic images (default: only if needed)")
     p.add_argument("--synthetic-size", default="480x640", help="HxW of synthetic JPEGs (COCO-like)")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = leave)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = as the loop: on CPU, the cores "
+                   "left after one per loader worker)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
 
     from components.config import PretrainConfig
     from components.slotcon.augment import TwoViewAugment
     from components.slotcon.model import SlotCon, model_kwargs_from_config
-    from components.train.loop import StepRunner, build_loader, make_plan, make_views
+    from components.train.loop import StepRunner, build_loader, cpu_threads, make_plan, make_views
     from components.train.optim import build_optimizer, scaled_lr
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif not cuda:  # as the loop does on CPU: leave a core per loader worker
+        torch.set_num_threads(cpu_threads(torch.get_num_threads(), args.num_workers))
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True

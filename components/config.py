@@ -116,7 +116,7 @@ class PretrainConfig(Section):
     slot_temp: float = Field(default=0.2, gt=0)  # InfoNCE temperature; paper: 0.2
     group_loss_weight: float = Field(default=0.5, ge=0, le=1)  # lambda; paper: 0.5
     seed: int = 0
-    num_workers: int = Field(default=2, ge=0)  # loader workers per rank: read shards and draw crop params only
+    num_workers: int = Field(default=1, ge=0)  # loader workers per rank: read shards, draw crop boxes (+ CPU decode)
     nproc_per_node: int = Field(default=1, ge=1)  # >1 -> the stage launches torch.distributed.run itself
     nnodes: int = Field(default=1, ge=1)
     amp: bool = True  # bf16 autocast on CUDA; ignored (fp32) on CPU
@@ -162,13 +162,13 @@ class DetectConfig(Section):
     compare_random: bool = True  # also train from random init with the same schedule, so the gain is visible
     norm: Literal["bn", "syncbn", "frozen"] = "syncbn"  # SSL protocol: SyncBN under DDP (GPUs), BN on one device
     box_head: Literal["2fc", "4conv1fc"] = "2fc"  # 2fc: torchvision v1 (fast); 4conv1fc+norm: the SSL configs
-    iters: int = Field(default=60, ge=1)  # COCO 1x: 90000 at batch 16
+    iters: int = Field(default=40, ge=1)  # demo: ~2 min for both inits on a CPU; COCO 1x: 90000 at batch 16
     batch_size: int = Field(default=4, ge=1)  # global, over all ranks; COCO 1x: 16
     lr: float = Field(default=0.02, gt=0)  # COCO 1x: 0.02 at batch 16
     momentum: float = Field(default=0.9, ge=0, lt=1)  # COCO 1x: 0.9
     weight_decay: float = Field(default=1e-4, ge=0)  # COCO 1x: 1e-4 (none on norm parameters)
     warmup_iters: int = Field(default=10, ge=0)  # linear from lr/1000; COCO 1x: 1000
-    steps: list[int] = Field(default_factory=lambda: [40, 53])  # lr x0.1 at these iters; COCO 1x: [60000, 80000]
+    steps: list[int] = Field(default_factory=lambda: [27, 36])  # lr x0.1 at 2/3 and 8/9 of iters; COCO 1x: [60000, 80000]
     min_size: list[int] = Field(default_factory=lambda: [96, 112, 128], min_length=1)  # train short side drawn per
     # image; COCO 1x: [640, 672, 704, 736, 768, 800]
     max_size: int = Field(default=256, ge=32)  # longest side cap; COCO: 1333

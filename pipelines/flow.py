@@ -383,7 +383,9 @@ def slotcon_pipeline(
                 exp_name = exp_name_for(flow_run_name)
                 # only the stages this run brought up to date: with targets, the others may have no outs yet
                 save_targets = [s.name for s in stages] if targets else []
-                rc, lines = run_streamed(["dvc", "exp", "save", "--force", "-n", exp_name, *save_targets],
+                # metrics/plots are git-ignored in this repo: include them, or `dvc exp show` has no numbers
+                include = [a for s in stages for p in (*s.metrics, *s.plots) if (root / p).exists() for a in ("-I", p)]
+                rc, lines = run_streamed(["dvc", "exp", "save", "--force", "-n", exp_name, *include, *save_targets],
                                          cwd=root, env=stage_env(), logger=logger)
                 if rc != 0:
                     failed["exp save"] = "failed"

@@ -207,3 +207,21 @@ def test_train_samples_follow_the_reference_filters_and_flip_repeatably():
         expect = [30 - 12.0, 3.0, 30 - 2.0, 11.0] if flipped else [2.0, 3.0, 12.0, 11.0]
         assert out["target"]["boxes"][0].tolist() == expect
     assert 5 < sum(flips) < 35
+
+
+@pytest.mark.gpu
+def test_one_bf16_step_on_cuda():
+    from components.transfer.detection import _autocast
+
+    device = torch.device("cuda")
+    model = build_model(arch="resnet18", num_classes=3, trunk_state=_trunk_state(), **TINY).to(device).train()
+    images = [torch.rand(3, 64, 64, device=device) for _ in range(2)]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8, device=device)
+    masks[0, 10:40, 12:50] = 1
+    targets = [{"boxes": torch.tensor([[12.0, 10.0, 50.0, 40.0]], device=device),
+                "labels": torch.tensor([2], device=device), "masks": masks} for _ in images]
+    with _autocast(device, True):
+        losses = model(images, targets)
+    loss = sum(v.float() for v in losses.values())
+    loss.backward()
+    assert torch.isfinite(loss) and model.backbone.body.conv1.weight.grad is not None

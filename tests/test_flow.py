@@ -176,6 +176,7 @@ def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
     exp = find(json.loads(shown))
     assert exp is not None, shown[:2000]
     assert '"seed": 7' in json.dumps(exp), json.dumps(exp)[:2000]
+    assert "metrics/a.json" in json.dumps(exp)  # git-ignored metrics are saved with the experiment
 
 
 def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
@@ -238,3 +239,34 @@ def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path):
             crons = [s.schedule.cron for s in client.read_deployment_schedules(dep.id)]
             assert crons == [s["cron"] for s in d["schedules"]]
             assert dep.parameters == d["parameters"]
+
+
+def test_dvc_yaml_wiring(repo_root):
+    """Every stage: `slotcon <stage>` route exists, its module is a dep, params sections exist, metrics uncached."""
+    import yaml
+
+    from components.cli import STAGES
+    from components.config import SECTIONS
+
+    spec = yaml.safe_load((repo_root / "dvc.yaml").read_text())
+    problems = []
+    for name, st in spec["stages"].items():
+        words = st["cmd"].split()
+        if words[:1] != ["slotcon"] or len(words) < 2 or words[1] not in STAGES:
+            problems.append(f"{name}: cmd {st['cmd']!r} is not `slotcon <stage> ...`")
+            continue
+        module_file = STAGES[words[1]][0].replace(".", "/") + ".py"
+        deps = st.get("deps", [])
+        if not any(module_file == d or module_file.startswith(d.rstrip("/") + "/") for d in deps):
+            problems.append(f"{name}: its module {module_file} is not among its deps")
+        for p in st.get("params", []):
+            section = (p if isinstance(p, str) else next(iter(p))).split(".")[0]
+            if section not in SECTIONS:
+                problems.append(f"{name}: params {p!r} is not a section of params.yaml")
+        for m in st.get("metrics", []):
+            path, opts = (m, {}) if isinstance(m, str) else next(iter(m.items()))
+            if not path.startswith("metrics/") or (opts or {}).get("cache", True):
+                problems.append(f"{name}: metrics {path} must be metrics/*.json with cache: false")
+            if f"--metrics {path}" not in st["cmd"]:
+                problems.append(f"{name}: metrics {path} is not passed to the command")
+    assert not problems, "\n".join(problems)

@@ -19,6 +19,15 @@ TINY = dict(arch="resnet18", image_size=64, num_prototypes=8, dim_hidden=32, dim
             log_every_steps=1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny steps gain little from two, and a busy 2-core box makes two threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """48 + 8 generated scenes (64 px) in 4 + 1 shards: the real scenes -> prepare -> shard path, tiny."""
@@ -284,7 +293,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     """`slotcon pretrain` with nproc_per_node=2 launches torch.distributed.run itself; DDP on gloo trains, rank 0
-    writes last.pt, metrics and a checkpoint holding both ranks' RNG states."""
+    writes last.pt, metrics and a checkpoint holding both ranks' RNG states; a second run with more epochs resumes
+    on both ranks."""
     import yaml
 
     from components.train import loop
@@ -307,3 +317,28 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     assert len(state["rank_states"]) == 2
     assert not torch.equal(state["rank_states"][0]["generator"], state["rank_states"][1]["generator"])
     assert Path("models/pretrain/last.pt").is_file()
+
+    # one more epoch: both ranks resume from rank 0's choice of checkpoint and continue at step 2
+    params.write_text(yaml.safe_dump({"tracking": {"enabled": False}, "pretrain": dict(pre, epochs=2)}))
+    assert loop.main(args) == 0
+    metrics = json.loads(Path("metrics/pretrain.json").read_text())
+    assert metrics["resumed"] and metrics["steps"] == 4 and metrics["steps_this_run"] == 2 and metrics["epochs"] == 2
+
+
+def test_cpu_threads_leave_a_core_per_worker():
+    from components.train.loop import cpu_threads
+
+    assert cpu_threads(2, 1, cores=2) == 1
+    assert cpu_threads(2, 0, cores=2) == 2
+    assert cpu_threads(8, 4, cores=16) == 8
+    assert cpu_threads(4, 8, cores=4) == 1
+
+
+def test_bad_shards_and_batch_are_user_errors(shards, tmp_path):
+    from components.errors import UserError
+
+    cfg = PretrainConfig(**TINY, batch_size=8, epochs=1, warmup_epochs=0)
+    with pytest.raises(UserError, match="index.json"):
+        _run(cfg, tmp_path / "nowhere", tmp_path)
+    with pytest.raises(UserError, match="exceeds"):
+        _run(cfg.model_copy(update={"batch_size": 64}), shards, tmp_path)

@@ -1,6 +1,5 @@
 """COCO annotations -> torchvision targets: masks/boxes equal pycocotools', zero-area and crowd handling, flips."""
 import numpy as np
-import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools import mask as mask_utils

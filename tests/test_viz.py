@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -51,3 +52,53 @@ def test_palette_is_fixed_and_distinct():
     assert p.shape == (32, 3) and p.dtype == np.uint8
     assert len({tuple(c) for c in p.tolist()}) == 32
     assert np.array_equal(p[:8], palette(8))  # the same prototype keeps its colour whatever K is drawn
+
+
+@pytest.mark.slow
+def test_segment_unsup_seg_and_viz_clis_on_real_shards(tmp_path, mlflow_store):
+    """The three stages as DVC runs them (CLI, params file, MLflow on), on shards written by `shard`."""
+    import json
+
+    import mlflow
+    import yaml
+    from data_fixtures import write_coco
+
+    from components.cli import main
+    from components.config import DataConfig, ShardConfig
+    from components.data.coco import run_prepare
+    from components.data.shards import run_shard
+    from components.slotcon.model import SlotCon
+
+    root = write_coco(tmp_path / "scenes", n_train=6, n_val=3)
+    run_prepare(DataConfig(workers=1), root, tmp_path / "raw", progress=False)
+    run_shard(ShardConfig(max_count=4, workers=1), tmp_path / "raw", tmp_path / "shards", progress=False)
+    kw = dict(arch="resnet18", num_prototypes=4, dim_hidden=16, dim_out=8)
+    torch.manual_seed(0)
+    model = SlotCon(**kw)
+    torch.save({"model": model.state_dict(), "model_kwargs": kw, "epoch": 1, "step": 1}, tmp_path / "last.pt")
+    torch.save({"arch": "resnet18", "state_dict": model.teacher_encoder.backbone.state_dict()}, tmp_path / "bb.pt")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "tracking": {"artifact_location": mlflow_store.artifact_location},
+        "segment": {"iters": 2, "batch_size": 2, "crop_size": 32, "head_channels": 8, "compare_random": False},
+        "unsup": {"resolution": 64, "batch_size": 2},
+        "viz": {"num_images": 2, "top_prototypes": 2, "num_neighbors": 2, "resolution": 64, "batch_size": 2},
+    }))
+    sh, m = str(tmp_path / "shards"), tmp_path / "metrics"
+    common = ["--params", str(params), "--shards", sh]
+    assert main(["segment", *common, "--backbone", str(tmp_path / "bb.pt"), "--out", str(tmp_path / "seg"),
+                 "--metrics", str(m / "segment.json")]) == 0
+    assert main(["unsup_seg", *common, "--checkpoint", str(tmp_path / "last.pt"),
+                 "--metrics", str(m / "unsup_seg.json")]) == 0
+    assert main(["viz", *common, "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "slots"),
+                 "--metrics", str(m / "viz.json")]) == 0
+    seg, unsup = json.loads((m / "segment.json").read_text()), json.loads((m / "unsup_seg.json").read_text())
+    assert seg["num_val_images"] == 3 and set(seg["per_class_IoU"]) == {"sky", "disc", "square", "bar"}
+    assert unsup["num_images"] == 3 and 0 <= unsup["mIoU"] <= 1 and "random/mIoU" in unsup
+    assert (tmp_path / "slots" / "assignments.png").is_file() and (tmp_path / "slots" / "concepts.png").is_file()
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("slotcon-pipeline").experiment_id])
+    assert {r.data.tags["slotcon.stage"] for r in runs} == {"segment", "unsup_seg", "viz"}
+    viz_run = next(r for r in runs if r.data.tags["slotcon.stage"] == "viz")
+    assert {a.path for a in client.list_artifacts(viz_run.info.run_id, "slots")} == {
+        "slots/assignments.png", "slots/concepts.png"}

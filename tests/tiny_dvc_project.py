@@ -75,7 +75,7 @@ def make_tiny_project(root: Path) -> Path:
     dvc_yaml = {"stages": {"a": _stage("a", []), "b": _stage("b", ["out/a.txt"]),
                            "c": _stage("c", ["out/a.txt"]), "d": _stage("d", ["out/b.txt"])}}
     (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
-    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nattempts/\nFAIL_*\n")
+    (root / ".gitignore").write_text("mlflow.db\nmlartifacts/\nattempts/\nFAIL_*\n/metrics/\n")  # as this repo
     env = venv_env()
     _git(root, "init", "-q")
     _git(root, "config", "user.email", "test@example.com")

@@ -333,10 +333,15 @@ def open_shards(shards_root: str | Path, split: str = "val") -> ShardSource:
     root = Path(shards_root)
     index = read_index(root)
     name = index.get(split, split) if split in ("train", "val") else split
-    names, lut = semantic_lut(index.get("semantic_classes") or [], f"{root / 'index.json'} (semantic_classes)")
     info = index.get("splits", {}).get(name)
     if info is None:
         raise UserError(f"{root / 'index.json'}: no split {name!r} (have {sorted(index.get('splits', {}))}); re-run shard")
+    if not index.get("semantic_classes") or info.get("with_seg") == 0:
+        raise UserError(
+            f"{root / 'index.json'}: the {name} shards (source {index.get('source')!r}) carry no semantic maps; "
+            "set data_root to a labelled dataset folder (COCO-Stuff, VOC, Cityscapes, ADE20K) or use the scenes source"
+        )
+    names, lut = semantic_lut(index["semantic_classes"], f"{root / 'index.json'} (semantic_classes)")
     return ShardSource(root, name, split_urls(root, name), names, lut, int(info.get("num_samples", 0)))
 
 

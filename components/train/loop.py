@@ -216,7 +216,12 @@ def decode_images(images: list[torch.Tensor], device: torch.device) -> list[torc
         from torchvision.io import ImageReadMode, decode_jpeg
 
         if device.type == "cuda":
-            return decode_jpeg(images, device=device, mode=ImageReadMode.RGB)
+            try:
+                return decode_jpeg(images, device=device, mode=ImageReadMode.RGB)
+            except RuntimeError:  # a JPEG nvJPEG can't take (rare CMYK/odd sampling): this batch on the CPU instead
+                from components.data.loader import decode_rgb
+
+                return [decode_rgb(bytes(b.numpy())).to(device, non_blocking=True) for b in images]
         return [decode_jpeg(b, mode=ImageReadMode.RGB) for b in images]
     return [im.to(device, non_blocking=True) for im in images]
 
@@ -236,6 +241,32 @@ def _seed_generator(seed: int, rank: int) -> torch.Generator:
 
 def _gpu_mem_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def _find_resume_state(run_dir: Path, is_main: bool) -> tuple[Path, dict] | None:
+    """Rank 0 picks the newest checkpoint; every rank resumes from that same one (read from a shared filesystem, or
+    sent by rank 0 when another node cannot see the file), so ranks can never start from different steps."""
+    found = ckpt.find_latest(run_dir) if is_main else None
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return found
+    meta = [str(found[0]) if found else None]
+    torch.distributed.broadcast_object_list(meta, src=0)
+    if meta[0] is None:
+        return None
+    path = Path(meta[0])
+    state = found[1] if is_main else (ckpt.load_checkpoint(path) if path.is_file() else None)
+    missing = dist.any_rank(state is None, device=_collective_device())
+    if missing:  # node-local checkpoint dirs: ship rank 0's state (once per resume)
+        box = [state if is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
+    return path, state
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -269,6 +300,7 @@ class StepRunner:
             self.raw.student_encoder.compile()
             self.raw.teacher_encoder.compile()
         self.model = model
+        self.channels_last = cuda and cfg.channels_last
         self.teacher_params, self.student_params = self.raw.ema_parameters()
         self.gather = dist.gather_cat if world > 1 else None
         self.all_reduce = dist.all_reduce_mean if world > 1 else None
@@ -279,6 +311,8 @@ class StepRunner:
         ``[loss, loss_group, loss_slot, num_slots, assign_entropy, non-finite flag]`` on the CPU; when the flag is
         > 0 (any rank saw a non-finite loss) nothing was updated, on any rank."""
         set_lr(optimizer, lr)
+        if self.channels_last:  # match the NHWC weights, so cuDNN needs no layout transposes
+            views = dict(views, **{k: views[k].contiguous(memory_format=torch.channels_last) for k in ("view1", "view2")})
         with self.amp():
             out = self.model(**views, gather=self.gather, all_reduce=self.all_reduce)
         loss = out["loss"]
@@ -338,12 +372,25 @@ def run_pretrain(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.get_local_rank())
     own_group = not dist.is_initialized() and dist.init_distributed(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(threads, cfg.num_workers))
     try:
         return _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, device, on_step,
                     stop_after_step, progress, SlotCon, model_kwargs_from_config, TwoViewAugment)
     finally:
+        torch.set_num_threads(threads)
         if own_group:
             torch.distributed.destroy_process_group()
+
+
+def cpu_threads(current: int, num_workers: int, cores: int | None = None) -> int:
+    """Intra-op threads for CPU training: at most the cores left after one per loader worker (which decode JPEGs on
+    CPU). Oversubscribed OpenMP threads spin at their barriers: on a busy 2-core box the demo took 162 s with 2
+    threads and 35 s with 1; an idle box loses at most the second thread's share of the convolutions."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(current, cores - num_workers))
 
 
 def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, device, on_step, stop_after_step,
@@ -356,6 +403,8 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside bf16 autocast
     plan = make_plan(cfg, shards_root, world, rank)
     decode = "bytes" if cuda else "rgb"
 
@@ -378,7 +427,7 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
     history: list[dict[str, float]] = []
     epoch_sums = dict.fromkeys(STAT_KEYS, 0.0)
     resumed_from = None
-    found = ckpt.find_latest(run_dir)
+    found = _find_resume_state(run_dir, is_main)
     if found is not None:
         path, state = found
         model.load_state_dict(state["model"])

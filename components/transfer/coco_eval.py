@@ -109,8 +109,8 @@ def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             return coco_gt.loadRes(copy.deepcopy(results))
     res = COCO()
-    res.dataset = {"images": list(coco_gt.dataset["images"]), "categories": copy.deepcopy(coco_gt.dataset["categories"]),
-                   "annotations": []}
+    res.dataset = {"images": list(coco_gt.dataset["images"]),
+                   "categories": copy.deepcopy(coco_gt.dataset["categories"]), "annotations": []}
     with contextlib.redirect_stdout(io.StringIO()):
         res.createIndex()
     return res

@@ -8,8 +8,9 @@ The paper's headline transfer (SlotCon Table 1): Mask R-CNN R50-FPN, COCO 1x sch
   a mismatch is a one-line :class:`UserError` naming the missing/unexpected keys). ``init: random`` builds the same
   network without loading, so the baseline runs the same way; ``compare_random`` trains both with one schedule.
 - **Normalisation** as the SSL transfer protocols use it (MoCo/SlotCon detectron2 configs ``*_syncbn``): BN in train
-  mode in the trunk, FPN and (with ``box_head: 4conv1fc``) the ROI heads; converted to SyncBN under DDP on GPUs.
-  ``norm: frozen`` is torchvision's supervised default (FrozenBN, stem + layer1 frozen, no norm in FPN/heads).
+  mode in the trunk, FPN and (with ``box_head: 4conv1fc``) the ROI heads, every layer fine-tuned. ``norm: syncbn``
+  (default) converts them to SyncBN under DDP on GPUs and is plain train-mode BN on one device; ``bn`` never syncs;
+  ``frozen`` is torchvision's supervised default (FrozenBN, stem + layer1 frozen, no norm in FPN/heads).
 - **Data** (:func:`_prepare_train_sample`): the labeled train split from the shards via the shared loader; targets
   from COCO annotations as torchvision's reference training makes them (crowds left out, zero-area boxes dropped and
   counted, images without a usable annotation skipped and counted); horizontal flip with p = 0.5; multi-scale short
@@ -104,7 +105,8 @@ def load_trunk(trunk: nn.Module, state_dict: Mapping[str, torch.Tensor], *, arch
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys: {_short(unexpected)}")
         if shapes:
-            parts.append(f"shape mismatch: {_short([f'{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}' for k in shapes], 2)}")
+            pairs = [f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]
+            parts.append(f"shape mismatch: {_short(pairs, 2)}")
         raise UserError(f"{source}: backbone weights do not fit a torchvision {arch} trunk ({'; '.join(parts)}); "
                         f"export a {arch} backbone with `slotcon export` or set detect.init: random")
     with torch.no_grad():
