@@ -19,6 +19,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # Tests that run a Prefect flow in this process go last: after an in-process flow run, every fork()ed child
+    # (DataLoader workers of the loader tests) exits with status 1 through Prefect's at-fork/exit hooks. The product
+    # never forks after a flow run (the flow runs stages as `dvc repro` subprocesses), so only test order is at stake.
+    items.sort(key=lambda item: "prefect_server" in getattr(item, "fixturenames", ()))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

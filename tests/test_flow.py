@@ -15,7 +15,7 @@ from tiny_dvc_project import make_tiny_project, venv_env
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after this module: forked DataLoader workers of later tests must not inherit it
 def prefect_server(tmp_path_factory):
     """One Prefect test server for the module (its first start migrates a SQLite DB: allow 90 s)."""
     home = tmp_path_factory.mktemp("prefect_home")
