@@ -98,7 +98,7 @@ class ShardConfig(Section):
 # --------------------------------------------------------------------------------------------------------------------
 class PretrainConfig(Section):
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
-    image_size: int = Field(default=64, ge=32)  # paper: 224; the demo uses small crops for CPU speed
+    image_size: int = Field(default=96, ge=32)  # paper: 224; small demo crops for CPU speed, but a 3x3 map so slots are kept
     batch_size: int = Field(default=32, ge=2)  # global batch over all ranks; paper: 512 (COCO)
     epochs: int = Field(default=3, ge=1)  # paper: 800 (COCO / COCO+)
     warmup_epochs: int = Field(default=1, ge=0)  # paper: 5

@@ -55,11 +55,13 @@ def test_find_latest_skips_a_corrupt_newest(tmp_path):
     assert state["step"] == 3
 
 
-def test_fingerprint_ignores_epochs_and_cadence_but_not_lr():
+def test_fingerprint_ignores_cadence_but_not_epochs_or_lr():
     base = {"base_lr": 1.0, "epochs": 3, "num_workers": 2, "log_every_steps": 5, "seed": 0}
     h0, fp = ckpt.fingerprint(base, {"world_size": 1})
-    assert "epochs" not in fp and fp["_world_size"] == 1
-    assert ckpt.fingerprint(dict(base, epochs=10, num_workers=0, log_every_steps=1), {"world_size": 1})[0] == h0
+    assert fp["epochs"] == 3 and fp["_world_size"] == 1
+    assert ckpt.fingerprint(dict(base, num_workers=0, log_every_steps=1), {"world_size": 1})[0] == h0
+    # the schedules span the run: another length is another run (dvc exp variants must not resume each other)
+    assert ckpt.fingerprint(dict(base, epochs=10), {"world_size": 1})[0] != h0
     assert ckpt.fingerprint(dict(base, base_lr=0.5), {"world_size": 1})[0] != h0
     assert ckpt.fingerprint(base, {"world_size": 2})[0] != h0
     assert "base_lr: 1.0 -> 0.5" in ckpt.describe_difference(fp, ckpt.fingerprint(dict(base, base_lr=0.5),

@@ -91,10 +91,11 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
     assert out2 == {"stopped_at_step": 2}
     runs = sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir())
     assert len(runs) == 2
-    # more epochs continue the same run (fingerprint ignores epochs): resumes at step 6
+    # another length is another run (the cosine schedules span it): a fresh start in a third folder
     cfg3 = cfg.model_copy(update={"epochs": 3})
     m3 = _run(cfg3, shards, tmp_path / "b")
-    assert m3["resumed"] and m3["steps"] == 9 and m3["steps_this_run"] == 3 and m3["epochs"] == 3
+    assert not m3["resumed"] and m3["steps"] == 9 and m3["steps_this_run"] == 9 and m3["epochs"] == 3
+    assert len(list((tmp_path / "b" / "ckpt").iterdir())) == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,8 +294,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     """`slotcon pretrain` with nproc_per_node=2 launches torch.distributed.run itself; DDP on gloo trains, rank 0
-    writes last.pt, metrics and a checkpoint holding both ranks' RNG states; a second run with more epochs resumes
-    on both ranks."""
+    writes last.pt, metrics and a checkpoint holding both ranks' RNG states; a second run resumes on both ranks
+    from rank 0's choice of checkpoint (here the final one: nothing left to train)."""
     import yaml
 
     from components.train import loop
@@ -318,11 +319,10 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     assert not torch.equal(state["rank_states"][0]["generator"], state["rank_states"][1]["generator"])
     assert Path("models/pretrain/last.pt").is_file()
 
-    # one more epoch: both ranks resume from rank 0's choice of checkpoint and continue at step 2
-    params.write_text(yaml.safe_dump({"tracking": {"enabled": False}, "pretrain": dict(pre, epochs=2)}))
+    # the same run again: both ranks resume from rank 0's choice of checkpoint, at step 2 of 2
     assert loop.main(args) == 0
     metrics = json.loads(Path("metrics/pretrain.json").read_text())
-    assert metrics["resumed"] and metrics["steps"] == 4 and metrics["steps_this_run"] == 2 and metrics["epochs"] == 2
+    assert metrics["resumed"] and metrics["steps"] == 2 and metrics["steps_this_run"] == 0 and metrics["epochs"] == 1
 
 
 def test_cpu_threads_leave_a_core_per_worker():

@@ -1,8 +1,10 @@
 """Atomic checkpoints, finding the latest one, exact resume, and loading the pretrained model for downstream stages.
 
 Layout: ``<ckpt_dir>/<fingerprint>/step_<step:09d>.pt``. The fingerprint is a short hash of every param that changes
-what the run computes (model, optimisation, seed, data identity, world size) but not of ``epochs`` (more epochs
-continue a run) nor of knobs that don't change the numbers (workers, logging/checkpoint cadence, compile). So:
+what the run computes (model, optimisation, schedule length ``epochs``, seed, data identity, world size) but not of
+knobs that don't change the numbers (workers, logging/checkpoint cadence, compile). ``epochs`` is in it because the
+cosine lr/EMA schedules span the whole run: ``dvc exp run -S pretrain.epochs=N`` must give the same model as a fresh
+N-epoch run, never a longer run's checkpoint with its schedule bent. So:
 
 - same params  -> the stage resumes from the newest checkpoint of that fingerprint (``torchrun --max-restarts`` and a
   re-run of ``dvc repro`` after a crash both land here);
@@ -36,7 +38,7 @@ _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
 # Params that do not change what a step computes: they may differ between a checkpoint and the resuming run.
 RESUME_FREE_KEYS = frozenset(
-    {"epochs", "num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes"}
+    {"num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes"}
 )
 
 

@@ -443,10 +443,7 @@ def _run(cfg, shards_root, out_dir, ckpt_dir, metrics_path, plots_dir, tracker, 
                   "loader's sample order differs from an uninterrupted run", file=sys.stderr)
         resumed_from = str(path)
         if is_main:
-            old_epochs = state.get("config", {}).get("epochs")
-            more = f" (epochs {old_epochs} -> {cfg.epochs}: schedules now span the new total)" if (
-                old_epochs not in (None, cfg.epochs)) else ""
-            print(f"slotcon pretrain: resuming from {path} at step {step} (epoch {epoch + 1}, batch {skip}){more}",
+            print(f"slotcon pretrain: resuming from {path} at step {step} (epoch {epoch + 1}, batch {skip})",
                   file=sys.stderr)
     elif is_main:
         others = ckpt.other_runs(ckpt_dir, fp_hash)
