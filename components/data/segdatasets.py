@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from components.data.coco import COCO_STUFF_NAMES
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,8 @@ _COCO_THINGS = [
     "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", None, "book", "clock", "vase",
     "scissors", "teddy bear", "hair drier", "toothbrush", None,
 ]
-_COCO_STUFF = (
-    "banner blanket branch bridge building-other bush cabinet cage cardboard carpet ceiling-other ceiling-tile cloth "
-    "clothes clouds counter cupboard curtain desk-stuff dirt door-stuff fence floor-marble floor-other floor-stone "
-    "floor-tile floor-wood flower fog food-other fruit furniture-other grass gravel ground-other hill house leaves "
-    "light mat metal mirror-stuff moss mountain mud napkin net paper pavement pillow plant-other plastic platform "
-    "playingfield railing railroad river road rock roof rug salad sand sea shelf sky-other skyscraper snow "
-    "solid-other stairs stone straw structural-other table tent textile-other towel tree vegetable wall-brick "
-    "wall-concrete wall-other wall-panel wall-stone wall-tile wall-wood water-other waterdrops window-blind "
-    "window-other wood"
-).split()
+_COCO_STUFF = COCO_STUFF_NAMES[91:]  # the 91 stuff classes (ids 91..181), as `prepare` names them
+
 COCOSTUFF_FINE = _COCO_THINGS + _COCO_STUFF  # 182 entries
 COCOSTUFF_CLASSES = [n for n in COCOSTUFF_FINE if n is not None]  # 171, mmseg's COCOStuffDataset order
 # PiCIE (Cho et al. 2021) fine -> coarse table, as used by SlotCon §4 / STEGO for COCO-Stuff-27.
