@@ -3,8 +3,8 @@
 Prints three figures (images per second, one image = one two-view pair) and their ratio:
 
 - ``end_to_end``: shards -> loader workers (read + crop parameters; JPEG decode too on CPU) -> nvJPEG batch decode
-  (CUDA) -> TwoViewAugment on the device -> SlotCon step (forward, backward, LARS, EMA) -- exactly the loop's code
-  (:class:`components.train.loop.StepRunner`, :func:`~components.train.loop.make_views`, the loop's loader).
+  (CUDA) -> TwoViewAugment on the device -> SlotCon step (forward, backward, LARS, EMA) -- exactly the stage's code
+  (the method object's loader and ``prepare``, the engine's :class:`components.train.engine.Trainer` step).
 - ``model_only``: the same step on ready-made normalised views already on the device (the bound the input pipeline
   can at best reach).
 - ``data_only``: loader + decode + augmentation without the model (the input pipeline's own ceiling).
@@ -108,14 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from components.config import PretrainConfig
-    from components.slotcon.augment import TwoViewAugment
-    from components.slotcon.model import SlotCon, model_kwargs_from_config
-    from components.train.loop import StepRunner, build_loader, cpu_threads, make_plan, make_views
-    from components.train.optim import build_optimizer, scaled_lr
+    from components.train.engine import RunSpec, Trainer
+    from components.train.pretrain import cpu_threads, make_plan, method_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif not cuda:  # as the loop does on CPU: leave a core per loader worker
+    elif not cuda:  # as the stage does on CPU: leave a core per loader worker
         torch.set_num_threads(cpu_threads(torch.get_num_threads(), args.num_workers))
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -132,48 +130,47 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {n} synthetic {h}x{w} JPEGs in {time.perf_counter() - t0:.1f} s -> {shards}", file=sys.stderr)
 
     cfg = PretrainConfig(
-        arch=args.arch, image_size=args.image_size, batch_size=args.batch_size, epochs=1, warmup_epochs=0,
-        num_prototypes=args.num_prototypes, dim_hidden=args.dim_hidden, dim_out=args.dim_out,
+        method="slotcon", image_size=args.image_size, batch_size=args.batch_size, epochs=1, warmup_epochs=0,
+        slotcon=dict(arch=args.arch, num_prototypes=args.num_prototypes, dim_hidden=args.dim_hidden,
+                     dim_out=args.dim_out),
         num_workers=args.num_workers, compile=args.compile, amp=not args.no_amp,
         channels_last=not args.no_channels_last, samples_per_epoch=steps_needed * args.batch_size,
     )
     plan = make_plan(cfg, shards, world_size=1, rank=0)
-    decode = "bytes" if cuda else "rgb"
-
-    torch.manual_seed(0)
-    model = SlotCon(**model_kwargs_from_config(cfg)).to(device)
-    if cuda and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, name="lars", lr=scaled_lr(1.0, cfg.batch_size), weight_decay=1e-5)
-    runner = StepRunner(model, cfg, device, world=1)
-    runner.model.train()
-    augment = TwoViewAugment(image_size=cfg.image_size).to(device)
-    gen = torch.Generator().manual_seed(0)
+    # exactly the stage's code: the method object and the engine's step (forward, all-reduce, backward, LARS, EMA)
+    method = method_class(cfg.method)(cfg, plan, device)
+    model = method.build(device)
+    trainer = Trainer(method, model, method.optimizer(model), RunSpec(
+        total_steps=plan.total_steps, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile), device)
+    trainer.wrapped.train()
+    decode = method.decode
     B = cfg.batch_size
 
     def timed(fn, n_warm: int, n: int) -> float:
-        for _ in range(n_warm):
-            fn()
+        for i in range(n_warm):
+            fn(i)
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
+        for i in range(n):
+            fn(n_warm + i)
         _sync(device)
         return n * B / (time.perf_counter() - t0)
 
-    # model only: fixed device tensors
+    # model only: fixed device tensors in place of the loader + augmentation
     views = synthetic_views(B, cfg.image_size, device, cuda and cfg.channels_last)
-    model_only = timed(lambda: runner(views, optimizer, 0.1, 0.99), args.warmup, args.steps)
+    prepare = method.prepare
+    method.prepare = lambda batch, dev: views
+    model_only = timed(lambda i: trainer.step(None, i), args.warmup, args.steps)
+    method.prepare = prepare
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
 
     # data only: loader + decode + augment
-    batches = iter(build_loader(cfg, plan, 0, decode))
-    data_only = timed(lambda: make_views(next(batches), augment, gen, device), args.warmup, args.steps)
+    batches = iter(method.batches(0))
+    data_only = timed(lambda i: method.prepare(next(batches), device), args.warmup, args.steps)
 
     # end to end: a fresh loader (workers start inside the warm-up)
-    batches = iter(build_loader(cfg, plan, 1, decode))
-    end_to_end = timed(lambda: runner(make_views(next(batches), augment, gen, device), optimizer, 0.1, 0.99),
-                       args.warmup, args.steps)
+    batches = iter(method.batches(1))
+    end_to_end = timed(lambda i: trainer.step(next(batches), i), args.warmup, args.steps)
 
     res = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",

@@ -1,7 +1,8 @@
 """``slotcon <stage>``: parse -> load the stage's params section -> call the stage's pure function -> write metrics.
 
-Each stage module exposes ``main(args: argparse.Namespace) -> int | None`` and, optionally,
-``add_arguments(parser)``. This file only routes; modules are imported lazily so ``slotcon --help`` is fast.
+Each stage module declares ``STAGE`` (a :class:`components.stage.Stage`: its options, params section and work; the
+stage runtime does the rest); ``check`` exposes a plain ``main(args)``. This file only routes; modules are imported
+lazily so ``slotcon --help`` is fast.
 A :class:`~components.errors.UserError` (bad params, missing files) is printed as one line, exit status 2.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "scenes": ("components.data.scenes", "generate the scene-centric demo dataset in COCO format"),
     "prepare": ("components.data.coco", "discover and check a source; write per-split Parquet manifests"),
     "shard": ("components.data.shards", "write WebDataset shards + manifest (or --verify them)"),
-    "pretrain": ("components.train.loop", "SlotCon pretraining from shards (launches torchrun when asked)"),
+    "pretrain": ("components.train.pretrain", "self-supervised pretraining (SlotCon by default) from shards; torchrun when asked"),
     "export": ("components.transfer.convert", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),
     "detect": ("components.transfer.detection", "Mask R-CNN FPN fine-tuning + COCO evaluation (AP^b, AP^m)"),
     "segment": ("components.transfer.segmentation", "FCN semantic segmentation fine-tuning (mIoU)"),
@@ -35,7 +36,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         if name == stage:
             mod = importlib.import_module(module)
-            if hasattr(mod, "add_arguments"):
+            spec = getattr(mod, "STAGE", None)  # a components.stage.Stage: the runtime adds its options
+            if spec is not None:
+                spec.add_arguments(p)
+            elif hasattr(mod, "add_arguments"):
                 mod.add_arguments(p)
     return parser
 
@@ -47,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     stage = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(stage if stage in STAGES else None).parse_args(argv)
     try:
-        rc = importlib.import_module(args._module).main(args)
+        mod = importlib.import_module(args._module)
+        spec = getattr(mod, "STAGE", None)
+        rc = spec.main(args) if spec is not None else mod.main(args)
     except UserError as exc:
         print(f"slotcon {args.stage}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from components.constants import RESNET_ARCHS
 from components.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -96,16 +97,14 @@ class ShardConfig(Section):
 # --------------------------------------------------------------------------------------------------------------------
 # pretrain / export
 # --------------------------------------------------------------------------------------------------------------------
-class PretrainConfig(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"  # paper: resnet50
-    image_size: int = Field(default=96, ge=32)  # paper: 224; small demo crops for CPU speed, but a 3x3 map so slots are kept
-    batch_size: int = Field(default=32, ge=2)  # global batch over all ranks; paper: 512 (COCO)
-    epochs: int = Field(default=3, ge=1)  # paper: 800 (COCO / COCO+)
-    warmup_epochs: int = Field(default=1, ge=0)  # paper: 5
+class SlotConParams(Section):
+    """``pretrain.slotcon``: the SlotCon model and its optimiser (paper values in comments)."""
+
+    arch: Literal[RESNET_ARCHS] = "resnet18"  # paper: resnet50
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"  # paper: LARS (eta=0.001)
     base_lr: float = Field(default=1.0, gt=0)  # lr = base_lr * global_batch / 256 (paper: 1.0 with LARS)
     min_lr: float = Field(default=1e-6, ge=0)  # cosine floor
     weight_decay: float = Field(default=1e-5, ge=0)  # paper: 1e-5
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"  # paper: LARS (eta=0.001)
     num_prototypes: int = Field(default=32, ge=2)  # K; paper: 256 (COCO), 2048 (ImageNet)
     dim_hidden: int = Field(default=256, ge=8)  # projector/predictor hidden size; paper: 4096
     dim_out: int = Field(default=64, ge=8)  # D; paper: 256
@@ -115,6 +114,23 @@ class PretrainConfig(Section):
     center_momentum: float = Field(default=0.9, ge=0, lt=1)  # paper: 0.9
     slot_temp: float = Field(default=0.2, gt=0)  # InfoNCE temperature; paper: 0.2
     group_loss_weight: float = Field(default=0.5, ge=0, le=1)  # lambda; paper: 0.5
+
+    @model_validator(mode="after")
+    def _check(self) -> "SlotConParams":
+        if self.min_lr > self.base_lr:
+            raise ValueError(f"min_lr={self.min_lr} must be <= base_lr={self.base_lr}")
+        return self
+
+
+class PretrainConfig(Section):
+    """``pretrain``: what every method shares (data, schedule length, processes, speed knobs) plus one subsection per
+    method; ``method`` picks which subsection is used (the others are validated but change nothing)."""
+
+    method: Literal["slotcon"] = "slotcon"
+    image_size: int = Field(default=96, ge=32)  # paper: 224; small demo crops for CPU speed, but a 3x3 map so slots are kept
+    batch_size: int = Field(default=32, ge=2)  # global batch over all ranks; paper: 512 (COCO)
+    epochs: int = Field(default=3, ge=1)  # paper: 800 (COCO / COCO+)
+    warmup_epochs: int = Field(default=1, ge=0)  # paper: 5
     seed: int = 0
     num_workers: int = Field(default=1, ge=0)  # loader workers per rank: read shards, draw crop boxes (+ CPU decode)
     nproc_per_node: int = Field(default=1, ge=1)  # >1 -> the stage launches torch.distributed.run itself
@@ -123,8 +139,9 @@ class PretrainConfig(Section):
     channels_last: bool = True
     compile: bool = False  # torch.compile the encoders
     save_every_steps: int = Field(default=50, ge=1)  # atomic checkpoint cadence (plus every epoch end)
-    log_every_steps: int = Field(default=5, ge=1)
+    log_every_steps: int = Field(default=5, ge=1)  # host looks at the step stats (MLflow, non-finite check)
     samples_per_epoch: int = Field(default=0, ge=0)  # 0 = the number of images in the pretraining shards
+    slotcon: SlotConParams = Field(default_factory=SlotConParams)
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
@@ -133,9 +150,16 @@ class PretrainConfig(Section):
             raise ValueError(f"batch_size={self.batch_size} is not divisible by world size {world}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
-        if self.min_lr > self.base_lr:
-            raise ValueError(f"min_lr={self.min_lr} must be <= base_lr={self.base_lr}")
         return self
+
+    @property
+    def method_params(self) -> Section:
+        """The subsection of the chosen method."""
+        return getattr(self, self.method)
+
+    @property
+    def arch(self) -> str:
+        return self.method_params.arch
 
 
 class ExportConfig(Section):
@@ -269,11 +293,18 @@ def _format_error(path: Path, section: str, raw: dict[str, Any], err: Validation
     loc = ".".join(str(p) for p in e["loc"])
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        allowed = ", ".join(SECTIONS[section].model_fields)
+        model: Any = SECTIONS[section]
+        for part in e["loc"][:-1]:  # a nested subsection: list the fields of that level
+            model = model.model_fields[part].annotation
+        allowed = ", ".join(model.model_fields)
         return f"{path}: unknown key {section}.{loc} (allowed: {allowed})"
     if not loc:  # a whole-section (combination) check
         return f"{path}: {section}.{msg}"
-    value = raw.get(e["loc"][0], "<missing>")
+    value: Any = raw
+    for part in e["loc"]:
+        value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+    if isinstance(value, dict):  # a combination check inside a subsection
+        return f"{path}: {section}.{loc}.{msg}"
     return f"{path}: {section}.{loc}={value!r} is invalid: {msg}"
 
 

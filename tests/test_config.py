@@ -6,7 +6,7 @@ from components.config import SECTIONS, ConfigError, load_all, load_section, par
 def test_defaults_of_params_yaml_load(repo_root):
     sections = load_all(repo_root / "params.yaml")
     assert set(sections) == set(SECTIONS)
-    assert sections["pretrain"].teacher_temp == 0.07 and sections["pretrain"].student_temp == 0.1
+    assert sections["pretrain"].slotcon.teacher_temp == 0.07 and sections["pretrain"].slotcon.student_temp == 0.1
 
 
 def test_every_section_model_defaults_equal_params_yaml(repo_root):
@@ -21,8 +21,10 @@ def test_every_section_model_defaults_equal_params_yaml(repo_root):
     [
         ("pretrain", {"batch_sise": 32}, "unknown key pretrain.batch_sise"),
         ("pretrain", {"batch_size": "32"}, "pretrain.batch_size='32' is invalid"),
-        ("pretrain", {"teacher_temp": -0.1}, "pretrain.teacher_temp=-0.1 is invalid"),
-        ("pretrain", {"arch": "vit"}, "pretrain.arch='vit' is invalid"),
+        ("pretrain", {"slotcon": {"teacher_temp": -0.1}}, "pretrain.slotcon.teacher_temp=-0.1 is invalid"),
+        ("pretrain", {"slotcon": {"arch": "vit"}}, "pretrain.slotcon.arch='vit' is invalid"),
+        ("pretrain", {"slotcon": {"num_protos": 8}}, "unknown key pretrain.slotcon.num_protos (allowed: arch,"),
+        ("pretrain", {"slotcon": {"base_lr": 0.1, "min_lr": 0.5}}, "pretrain.slotcon.min_lr=0.5 must be <= base_lr"),
         ("pretrain", {"batch_size": 100, "nproc_per_node": 8}, "pretrain.batch_size=100 is not divisible by world size 8"),
         ("scenes", {"min_objects": 6, "max_objects": 3}, "min_objects=6 must be <= max_objects=3"),
         ("data", {"source": "coco"}, "needs data.coco_root"),

@@ -74,7 +74,7 @@ def test_export_cli_registers_model(tmp_path, pretrain_ckpt, mlflow_store, monke
                                                    "registered_model": "test-backbone"},
                                       "export": {"register_model": True}}))
     out = tmp_path / "models" / "backbone.pt"
-    rc = convert.main(argparse.Namespace(params=str(params), checkpoint=str(path), out=str(out)))
+    rc = convert.STAGE.main(argparse.Namespace(params=str(params), checkpoint=str(path), out=str(out)))
     assert rc == 0 and out.is_file()
     client = mlflow.MlflowClient()
     versions = client.search_model_versions("name='test-backbone'")

@@ -141,7 +141,7 @@ def test_few_cpu_iterations_lower_the_loss_and_write_metrics(tmp_path, tiny_shar
     cfg_raw["detect"]["log_model"] = True
     params.write_text(yaml.safe_dump(cfg_raw))
     args = _args(tmp_path, tiny_shards, backbone, params)
-    assert detection.main(args) == 0
+    assert detection.STAGE.main(args) == 0
 
     metrics = json.loads((tmp_path / "metrics/detect.json").read_text())
     for k in ("bbox_AP", "segm_AP", "pretrained/bbox_AP50", "pretrained/segm_APs", "pretrained/sec_per_iter"):
@@ -175,7 +175,7 @@ def test_few_cpu_iterations_lower_the_loss_and_write_metrics(tmp_path, tiny_shar
     # a re-run finds the finished checkpoint and skips straight to evaluation with the same numbers
     cfg_raw["tracking"] = {"enabled": False}
     params.write_text(yaml.safe_dump(cfg_raw))
-    assert detection.main(args) == 0
+    assert detection.STAGE.main(args) == 0
     again = json.loads((tmp_path / "metrics/detect.json").read_text())
     assert again["bbox_AP"] == metrics["bbox_AP"] and again["segm_AP"] == metrics["segm_AP"]
 

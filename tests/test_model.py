@@ -101,7 +101,7 @@ def test_channels_last_and_identity_collectives_give_the_same_outputs(views):
 def test_model_kwargs_from_config_builds_the_demo_model():
     kwargs = model_kwargs_from_config(PretrainConfig())
     model = SlotCon(**kwargs)
-    assert model.num_prototypes == PretrainConfig().num_prototypes
+    assert model.num_prototypes == PretrainConfig().slotcon.num_prototypes == 32
     assert model.student_prototypes.shape == (kwargs["num_prototypes"], kwargs["dim_out"])
 
 

@@ -29,7 +29,6 @@ annotations but absent) is skipped and counted in the manifest metadata and ``me
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from components.errors import UserError
+from components.stage import Arg, Stage
 
 SPLITS: dict[str, tuple[str, ...]] = {
     "scenes": ("train2017", "val2017"),
@@ -511,22 +511,13 @@ def resolve_root(raw_dir: str | os.PathLike, index: dict[str, Any]) -> Path:
     return root if root.is_absolute() else Path(raw_dir) / root
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scenes", default="data/scenes", help="root of the generated scenes (source: scenes)")
-    parser.add_argument("--out", default="data/raw", help="output folder for manifests and index.json")
-    parser.add_argument("--metrics", default="metrics/prepare.json", help="metrics JSON (DVC metrics)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _run_stage(ctx) -> dict[str, Any]:
+    return run_prepare(ctx.cfg, ctx.args.scenes, ctx.args.out, tracker=ctx.tracker, progress=not ctx.args.no_progress)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import stage_run
-
-    cfg = load_section("data", args.params)
-    tracking_cfg = load_section("tracking", args.params)
-    with stage_run("prepare", cfg, tracking_cfg) as tracker:
-        metrics = run_prepare(cfg, args.scenes, args.out, tracker=tracker, progress=not args.no_progress)
-        if args.metrics:
-            write_json_atomic(args.metrics, metrics)
-    return 0
+STAGE = Stage(
+    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json",
+    args=(Arg("scenes", "data/scenes", "root of the generated scenes (source: scenes)"),
+          Arg("out", "data/raw", "output folder for manifests and index.json"),
+          Arg("no_progress", False, "no progress bar", flag=True)),
+)

@@ -35,7 +35,6 @@ folder beside ``out_dir`` and renamed into place at the end, so an interrupted r
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -54,6 +53,7 @@ from pycocotools import mask as mask_utils
 
 from components.config import ScenesConfig
 from components.errors import UserError
+from components.stage import Arg, Stage
 
 SPLITS: tuple[str, ...] = ("train2017", "val2017")
 # Image ids: train 1..num_train, val VAL_ID_OFFSET+1.. (config caps num_train below it) -> unique across splits and a
@@ -731,25 +731,17 @@ run_scenes = generate_scenes  # the house name of a stage's pure function (run_<
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: slotcon scenes --out data/scenes
 # ----------------------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/scenes", help="dataset root to (re)write (default: data/scenes)")
-    parser.add_argument("--metrics", default=None, help="optional JSON file for the dataset statistics")
+def _run_stage(ctx) -> dict:
+    return generate_scenes(ctx.cfg, ctx.path("out"), tracker=ctx.tracker)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components import tracking
-    from components.config import load_section
-    from components.io import write_json_atomic
+def _summary(stats: dict) -> str:
+    return (f"{stats['train.images']} train + {stats['val.images']} val images, "
+            f"{stats['train.annotations'] + stats['val.annotations']} annotations, {stats['bytes'] / 1e6:.1f} MB "
+            f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.0f} img/s)")
 
-    cfg = load_section("scenes", args.params)
-    tracking_cfg = load_section("tracking", args.params)
-    with tracking.stage_run("scenes", cfg, tracking_cfg) as tracker:
-        stats = generate_scenes(cfg, Path(args.out), tracker=tracker)
-    if getattr(args, "metrics", None):
-        write_json_atomic(args.metrics, stats)
-    print(
-        f"scenes: {stats['train.images']} train + {stats['val.images']} val images, "
-        f"{stats['train.annotations'] + stats['val.annotations']} annotations, {stats['bytes'] / 1e6:.1f} MB "
-        f"in {stats['seconds']:.1f} s ({stats['images_per_s']:.0f} img/s) -> {args.out}"
-    )
-    return 0
+
+STAGE = Stage(
+    name="scenes", section="scenes", run=_run_stage, metrics="metrics/scenes.json", summary=_summary,
+    args=(Arg("out", "data/scenes", "dataset root to (re)write"),),
+)

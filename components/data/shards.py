@@ -16,7 +16,6 @@ Shards are written in parallel (``shard.workers`` processes, one whole shard per
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from components.errors import UserError
+from components.stage import Arg, Stage
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; the current time would change every shard's bytes
 TAR_USER = "slotcon"
@@ -469,26 +469,15 @@ def verify_shards(shards_root: str | os.PathLike, *, workers: int = 1, progress:
     return {"shards": len(jobs), "samples": n}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--raw", default="data/raw", help="output of `slotcon prepare`")
-    parser.add_argument("--out", default="data/shards", help="shard folder")
-    parser.add_argument("--metrics", default="metrics/shard.json", help="metrics JSON (DVC metrics)")
-    parser.add_argument("--verify", action="store_true", help="only re-read the shards under --out and check them")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _run_stage(ctx) -> dict[str, Any]:
+    return run_shard(ctx.cfg, ctx.args.raw, ctx.args.out, tracker=ctx.tracker, progress=not ctx.args.no_progress)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import stage_run
-
-    cfg = load_section("shard", args.params)
-    if args.verify:
-        verify_shards(args.out, workers=cfg.workers, progress=not args.no_progress)
-        return 0
-    tracking_cfg = load_section("tracking", args.params)
-    with stage_run("shard", cfg, tracking_cfg) as tracker:
-        metrics = run_shard(cfg, args.raw, args.out, tracker=tracker, progress=not args.no_progress)
-        if args.metrics:
-            write_json_atomic(args.metrics, metrics)
-    return 0
+STAGE = Stage(
+    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json",
+    args=(Arg("raw", "data/raw", "output of `slotcon prepare`"),
+          Arg("out", "data/shards", "shard folder"),
+          Arg("verify", False, "only re-read the shards under --out and check them", flag=True),
+          Arg("no_progress", False, "no progress bar", flag=True)),
+    aside=("verify", lambda cfg, args: verify_shards(args.out, workers=cfg.workers, progress=not args.no_progress)),
+)

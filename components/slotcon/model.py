@@ -31,8 +31,10 @@ MODEL_KWARGS = (
 
 
 def model_kwargs_from_config(cfg: Any) -> dict[str, Any]:
-    """``SlotCon(**model_kwargs_from_config(pretrain_cfg))``; also what checkpoints store as ``model_kwargs``."""
-    return {name: getattr(cfg, name) for name in MODEL_KWARGS}
+    """``SlotCon(**model_kwargs_from_config(cfg))`` for ``pretrain`` or its ``pretrain.slotcon`` subsection; also what
+    checkpoints store as ``model_kwargs``."""
+    params = getattr(cfg, "slotcon", cfg)
+    return {name: getattr(params, name) for name in MODEL_KWARGS}
 
 
 class Encoder(nn.Module):

@@ -26,7 +26,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -129,22 +129,61 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # RNG states (per rank)
 # --------------------------------------------------------------------------------------------------------------------
-def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """This rank's RNG states: torch CPU, CUDA (current device), and the augmentation generator."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+def _as_list(generators) -> list[torch.Generator]:
+    if generators is None:
+        return []
+    return [generators] if isinstance(generators, torch.Generator) else list(generators)
+
+
+def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, Any]:
+    """This rank's RNG states: torch CPU, CUDA (current device), Python's and NumPy's global generators, and the
+    given generators (e.g. the augmentation generator)."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    if generator is not None:
-        state["generator"] = generator.get_state()
+    gens = _as_list(generators)
+    if gens:
+        state["generators"] = [g.get_state() for g in gens]
+        state["generator"] = state["generators"][0]  # (format 1 readers)
     return state
 
 
-def set_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
+def set_rng_state(state: Mapping[str, Any], generators: torch.Generator | Sequence[torch.Generator] | None = None) -> None:
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+    saved = state.get("generators") or ([state["generator"]] if "generator" in state else [])
+    for g, s in zip(_as_list(generators), saved):
+        g.set_state(s)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> int:
+    """Delete the temp files of checkpoint writes a crash interrupted (``.step_*.pt.*.tmp``); returns how many.
+
+    Only the run's own folder is cleaned, by rank 0 before training, when no write of this run can be in flight.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in d.iterdir():
+        if p.name.startswith(".step_") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,13 +202,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop ``module.`` / ``_orig_mod.`` prefixes anywhere in the keys (DDP, torch.compile)."""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("_orig_mod.", "")
-        while k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
-    return out
+    from components.backbone import clean_keys
+
+    return clean_keys(sd)
 
 
 def load_pretrained(path: str | os.PathLike):

@@ -10,7 +10,6 @@ is also logged to MLflow as a model and registered as a new version of ``trackin
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from components.errors import UserError
+from components.stage import Arg, Stage
 
 PREFIX = "teacher_encoder.backbone."
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -139,17 +139,13 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str) -> str:
     return info.model_uri
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default="models/pretrain/last.pt", help="pretrain output (last.pt)")
-    parser.add_argument("--out", default="models/backbone.pt", help="torchvision-keyed backbone file")
+def _run_stage(ctx) -> None:
+    run_export(ctx.cfg, ctx.args.checkpoint, ctx.args.out, tracker=ctx.tracker,
+               registered_model=ctx.tracking_cfg.registered_model)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components import tracking
-    from components.config import load_section
-
-    cfg = load_section("export", args.params)
-    tcfg = load_section("tracking", args.params)
-    with tracking.stage_run("export", cfg, tcfg) as tracker:
-        run_export(cfg, args.checkpoint, args.out, tracker=tracker, registered_model=tcfg.registered_model)
-    return 0
+STAGE = Stage(
+    name="export", section="export", run=_run_stage,
+    args=(Arg("checkpoint", "models/pretrain/last.pt", "pretrain output (last.pt)"),
+          Arg("out", "models/backbone.pt", "torchvision-keyed backbone file")),
+)

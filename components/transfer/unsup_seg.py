@@ -24,7 +24,6 @@ never released this evaluation; this follows PiCIE's ``eval_coco``/STEGO's data 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from components.errors import UserError
+from components.stage import Arg, Stage
 from components.transfer.seg_metrics import (
     confusion_matrix,
     hungarian_match,
@@ -185,25 +185,19 @@ def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tra
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", default="data/shards", help="shards root (scenes val split with seg.png)")
-    parser.add_argument("--checkpoint", default="models/pretrain/last.pt", help="pretrained SlotCon checkpoint")
-    parser.add_argument("--metrics", default="metrics/unsup_seg.json")
+def _run_stage(ctx) -> dict:
+    return run_unsup_seg(ctx.cfg, ctx.args.shards, ctx.args.checkpoint, tracker=ctx.tracker)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import stage_run
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_section("unsup", args.params)
-    tracking = load_section("tracking", args.params)
-    with stage_run("unsup_seg", cfg, tracking) as tracker:
-        metrics = run_unsup_seg(cfg, args.shards, args.checkpoint, tracker=tracker)
-        write_json_atomic(args.metrics, metrics)
-    msg = f"unsup_seg: Hungarian mIoU {metrics['mIoU']:.4f} pixel acc {metrics['pixel_acc']:.4f}"
+def _summary(metrics: dict) -> str:
+    msg = f"Hungarian mIoU {metrics['mIoU']:.4f} pixel acc {metrics['pixel_acc']:.4f}"
     if "random/mIoU" in metrics:
         msg += f" (random init: mIoU {metrics['random/mIoU']:.4f})"
-    print(msg)
-    return 0
+    return msg
+
+
+STAGE = Stage(
+    name="unsup_seg", section="unsup", run=_run_stage, metrics="metrics/unsup_seg.json", summary=_summary,
+    args=(Arg("shards", "data/shards", "shards root (scenes val split with seg.png)"),
+          Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint")),
+)

@@ -17,7 +17,6 @@ Images are composed pixel by pixel with numpy/PIL (no matplotlib): sizes are exa
 """
 from __future__ import annotations
 
-import argparse
 import colorsys
 import logging
 import math
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.stage import Arg, Stage
 from components.transfer.unsup_seg import assign_prototypes, batched, normalize
 
 log = logging.getLogger(__name__)
@@ -256,24 +256,18 @@ def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path
     return summary
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", default="data/shards", help="shards root (the val split is drawn)")
-    parser.add_argument("--checkpoint", default="models/pretrain/last.pt", help="pretrained SlotCon checkpoint")
-    parser.add_argument("--out", default="plots/slots", help="folder for the PNGs (DVC plots)")
-    parser.add_argument("--metrics", default="metrics/viz.json")
+def _run_stage(ctx) -> dict:
+    return run_viz(ctx.cfg, ctx.args.shards, ctx.args.checkpoint, ctx.args.out, tracker=ctx.tracker)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import stage_run
+def _summary(summary: dict) -> str:
+    return (f"{summary['prototypes_used']}/{summary['num_prototypes']} prototypes used on {summary['num_images']} "
+            "val images")
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_section("viz", args.params)
-    tracking = load_section("tracking", args.params)
-    with stage_run("viz", cfg, tracking) as tracker:
-        summary = run_viz(cfg, args.shards, args.checkpoint, args.out, tracker=tracker)
-        write_json_atomic(args.metrics, summary)
-    print(f"viz: {summary['prototypes_used']}/{summary['num_prototypes']} prototypes used on {summary['num_images']} "
-          f"val images; figures in {args.out}")
-    return 0
+
+STAGE = Stage(
+    name="viz", section="viz", run=_run_stage, metrics="metrics/viz.json", summary=_summary,
+    args=(Arg("shards", "data/shards", "shards root (the val split is drawn)"),
+          Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint"),
+          Arg("out", "plots/slots", "folder for the PNGs (DVC plots)")),
+)

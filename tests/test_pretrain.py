@@ -1,4 +1,4 @@
-"""Pretraining loop: exact resume, the DDP path (2 gloo processes == 1 process on the whole batch), the CLI demo
+"""Pretraining through the engine: exact resume, the DDP path (2 gloo processes == 1 process on the whole batch), the CLI demo
 run (loss falls, no collapse, records written), non-finite loss handling, and the torchrun launcher."""
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 
 from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
 
-TINY = dict(arch="resnet18", image_size=64, num_prototypes=8, dim_hidden=32, dim_out=16, num_workers=0,
-            log_every_steps=1)
+TINY = dict(image_size=64, num_workers=0, log_every_steps=1,
+            slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _run(cfg, shards, out, **kw):
-    from components.train.loop import run_pretrain
+    from components.train.pretrain import run_pretrain
 
     return run_pretrain(cfg, shards, out / "models", out / "ckpt", out / "metrics.json", out / "plots",
                         progress=False, **kw)
@@ -86,7 +86,7 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
             assert rb[k] == pytest.approx(ra[k], abs=1e-6)
 
     # a changed run-defining param restarts cleanly in its own folder; the old checkpoints stay
-    cfg2 = cfg.model_copy(update={"base_lr": 0.5, "epochs": 1})
+    cfg2 = cfg.model_copy(update={"slotcon": cfg.slotcon.model_copy(update={"base_lr": 0.5}), "epochs": 1})
     out2 = _run(cfg2, shards, tmp_path / "b", stop_after_step=2)
     assert out2 == {"stopped_at_step": 2}
     runs = sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir())
@@ -103,7 +103,7 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(shards, tmp_path, monkeypatch):
     from components.slotcon import model as model_mod
-    from components.train.loop import NonFiniteLossError
+    from components.train.engine import NonFiniteLossError
 
     real_forward = model_mod.SlotCon.forward
     calls = {"n": 0}
@@ -131,7 +131,7 @@ def test_demo_run_cli_loss_falls_and_records(shards, tmp_path, mlflow_store, mon
     import mlflow
     import yaml
 
-    from components.train import loop
+    from components.train import pretrain as loop
     from components.train.checkpoint import load_pretrained
 
     monkeypatch.chdir(tmp_path)
@@ -142,7 +142,7 @@ def test_demo_run_cli_loss_falls_and_records(shards, tmp_path, mlflow_store, mon
     args = argparse.Namespace(params=str(params), shards=str(shards), out="models/pretrain",
                               checkpoints="checkpoints/pretrain", metrics="metrics/pretrain.json",
                               plots="plots/pretrain")
-    assert loop.main(args) == 0
+    assert loop.STAGE.main(args) == 0
 
     metrics = json.loads(Path("metrics/pretrain.json").read_text())
     assert metrics["steps"] == 9 and metrics["epochs"] == 3
@@ -165,7 +165,7 @@ def test_demo_run_cli_loss_falls_and_records(shards, tmp_path, mlflow_store, mon
                 "gpu_mem_gb"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 9
-    assert run.data.params["pretrain.base_lr"] == "1.0"
+    assert run.data.params["pretrain.slotcon.base_lr"] == "1.0" and run.data.tags["method"] == "slotcon"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     from rank 0's choice of checkpoint (here the final one: nothing left to train)."""
     import yaml
 
-    from components.train import loop
+    from components.train import pretrain as loop
 
     monkeypatch.chdir(tmp_path)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
@@ -310,7 +310,7 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     args = argparse.Namespace(params=str(params), shards=str(shards), out="models/pretrain",
                               checkpoints="checkpoints/pretrain", metrics="metrics/pretrain.json",
                               plots="plots/pretrain")
-    assert loop.main(args) == 0
+    assert loop.STAGE.main(args) == 0
     metrics = json.loads(Path("metrics/pretrain.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
     (run_dir,) = list(Path("checkpoints/pretrain").iterdir())
@@ -320,13 +320,13 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     assert Path("models/pretrain/last.pt").is_file()
 
     # the same run again: both ranks resume from rank 0's choice of checkpoint, at step 2 of 2
-    assert loop.main(args) == 0
+    assert loop.STAGE.main(args) == 0
     metrics = json.loads(Path("metrics/pretrain.json").read_text())
     assert metrics["resumed"] and metrics["steps"] == 2 and metrics["steps_this_run"] == 0 and metrics["epochs"] == 1
 
 
 def test_cpu_threads_leave_a_core_per_worker():
-    from components.train.loop import cpu_threads
+    from components.train.pretrain import cpu_threads
 
     assert cpu_threads(2, 1, cores=2) == 1
     assert cpu_threads(2, 0, cores=2) == 2

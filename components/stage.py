@@ -1,0 +1,254 @@
+"""The stage runtime: what every ``slotcon <stage>`` does around its own work, written once.
+
+A stage module declares one :class:`Stage` (its name, params section, command-line paths, the headline metrics and
+whether it may run on several processes) and a ``run(ctx) -> metrics`` function that holds only its own work. The
+runtime (:func:`run_stage`) then, in this order:
+
+1. loads and validates the params section (and ``tracking``): a bad value is a one-line error before any work;
+2. launches ``python -m torch.distributed.run ... -m components <stage> <same arguments>`` when the section asks for
+   more than one process (``nproc_per_node * nnodes > 1``) and we are not already under torchrun -- the one torchrun
+   self-launch of the project -- after creating the MLflow experiment (several ranks migrating a fresh SQLite store
+   at once race);
+3. removes the stage's own metrics files left by an earlier run, so a stage that fails leaves no stale figures;
+4. joins the process group (distributed stages), opens the MLflow stage run (child of the pipeline's parent run),
+   calls ``run(ctx)``;
+5. writes the metrics atomically on rank 0: the headline keys to ``--metrics`` (what DVC compares), everything to
+   ``--details`` when given; logs the full dict as an MLflow artifact; prints the stage's one-line summary.
+
+``main(args)`` of a stage module is ``STAGE.main``; ``add_arguments(parser)`` is ``STAGE.add_arguments``; the CLI router
+(:mod:`components.cli`) finds both on the module.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from components.errors import UserError
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One command-line option of a stage: ``--<name>`` (a path unless ``flag``)."""
+
+    name: str  # "shards" -> --shards, args.shards
+    default: Any = None
+    help: str = ""
+    flag: bool = False  # store_true switch
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+@dataclass
+class StageContext:
+    """What ``run`` receives: the validated section, the parsed arguments and the stage's MLflow tracker."""
+
+    stage: "Stage"
+    cfg: Any  # the params section (a frozen pydantic model)
+    tracking_cfg: Any
+    args: argparse.Namespace
+    tracker: Any  # components.tracking.Tracker (no-op off rank 0 or when disabled)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def path(self, name: str) -> Path | None:
+        value = getattr(self.args, name.replace("-", "_"), None)
+        return None if value in (None, "") else Path(value)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage as the runtime sees it (see the module docstring)."""
+
+    name: str
+    section: str
+    run: Callable[[StageContext], Mapping[str, Any] | None]
+    args: tuple[Arg, ...] = ()
+    metrics: str | None = None  # default --metrics path (None: the stage writes no metrics file)
+    headline: tuple[str, ...] = ()  # keys kept in --metrics when --details is given; () = every key
+    distributed: bool = False  # may run as several processes (torchrun self-launch, process group)
+    summary: Callable[[Mapping[str, Any]], str] | None = None  # the line printed at the end
+    track: bool = True  # open an MLflow stage run
+    # a side command selected by a flag (``slotcon shard --verify``): ``(flag, fn(cfg, args))`` runs alone, with no
+    # MLflow run and no metrics written or removed
+    aside: tuple[str, Callable[[Any, argparse.Namespace], None]] | None = None
+
+    # ---- argparse -------------------------------------------------------------------------------------------------
+    def all_args(self) -> tuple[Arg, ...]:
+        common: list[Arg] = []
+        if self.metrics is not None:
+            common += [Arg("metrics", self.metrics, "metrics JSON (DVC metrics; headline figures)"),
+                       Arg("details", None, "optional JSON with every figure (the metrics file keeps the headline)")]
+        return tuple(self.args) + tuple(common)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        for a in self.all_args():
+            if a.flag:
+                parser.add_argument(a.option, dest=a.dest, action="store_true", help=a.help)
+            else:
+                parser.add_argument(a.option, dest=a.dest, default=a.default, help=a.help)
+
+    def argv(self, args: argparse.Namespace) -> list[str]:
+        """The command-line arguments that reproduce ``args`` (for the torchrun relaunch)."""
+        out = ["--params", str(getattr(args, "params", "params.yaml"))]
+        for a in self.all_args():
+            value = getattr(args, a.dest, a.default)
+            if a.flag:
+                out += [a.option] if value else []
+            elif value not in (None, ""):
+                out += [a.option, str(value)]
+        return out
+
+    # ---- entry point ----------------------------------------------------------------------------------------------
+    def main(self, args: argparse.Namespace) -> int:
+        return run_stage(self, args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------------------------------------------------
+def world_size_of(cfg: Any) -> int:
+    """Processes a section asks for: ``nproc_per_node * nnodes`` (1 for sections without them)."""
+    return int(getattr(cfg, "nproc_per_node", 1) or 1) * int(getattr(cfg, "nnodes", 1) or 1)
+
+
+def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a worker started by torchrun (or any launcher that set the rank variables): never launch again."""
+    env = os.environ if env is None else env
+    return "TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env or int(env.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_command(stage: Stage, args: argparse.Namespace, cfg: Any, env: Mapping[str, str] | None = None) -> list[str]:
+    """``python -m torch.distributed.run [...] -m components <stage> <same arguments>`` for this node.
+
+    One node: ``--standalone``. Several (``nnodes > 1``): ``MASTER_ADDR``, ``MASTER_PORT`` (default 29500) and
+    ``NODE_RANK`` must be set on every node (a one-line error otherwise).
+    """
+    env = os.environ if env is None else env
+    nproc, nnodes = int(getattr(cfg, "nproc_per_node", 1)), int(getattr(cfg, "nnodes", 1) or 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        addr = env.get("MASTER_ADDR")
+        if not addr or "NODE_RANK" not in env:
+            raise UserError(f"params: {stage.section}.nnodes={nnodes} needs MASTER_ADDR (node 0's address), "
+                            "MASTER_PORT (default 29500) and NODE_RANK (0..nnodes-1) set on every node")
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={env['NODE_RANK']}", f"--master_addr={addr}",
+                f"--master_port={env.get('MASTER_PORT', '29500')}"]
+    return cmd + ["-m", "components", stage.name, *stage.argv(args)]
+
+
+def _check_devices(stage: Stage, cfg: Any, params: str) -> None:
+    import torch
+
+    nproc = int(getattr(cfg, "nproc_per_node", 1))
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UserError(f"{params}: {stage.section}.nproc_per_node={nproc} but this node has "
+                        f"{torch.cuda.device_count()} GPU(s)")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# metrics files
+# --------------------------------------------------------------------------------------------------------------------
+def split_metrics(metrics: Mapping[str, Any], headline: tuple[str, ...]) -> dict[str, Any]:
+    """The headline subset of ``metrics`` (in ``headline`` order; missing keys are left out)."""
+    return {k: metrics[k] for k in headline if k in metrics} if headline else dict(metrics)
+
+
+def write_metrics(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any]) -> None:
+    """Rank 0: headline -> ``--metrics``; everything -> ``--details`` (when given). Atomic writes."""
+    from components.io import write_json_atomic
+
+    details = getattr(args, "details", None)
+    path = getattr(args, "metrics", None)
+    if details:
+        write_json_atomic(details, dict(metrics))
+    if path:
+        write_json_atomic(path, split_metrics(metrics, stage.headline) if details else dict(metrics))
+
+
+def remove_stale_outputs(stage: Stage, args: argparse.Namespace) -> None:
+    """Delete this stage's metrics files of an earlier run before working: a failed run must not leave old figures
+    that look like its own (DVC would otherwise hash them as this run's results)."""
+    for name in ("metrics", "details"):
+        p = getattr(args, name, None)
+        if p:
+            Path(p).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the runtime
+# --------------------------------------------------------------------------------------------------------------------
+def load_sections(stage: Stage, params: str) -> tuple[Any, Any]:
+    from components.config import load_section
+
+    cfg = load_section(stage.section, params)
+    tcfg = load_section("tracking", params)
+    return cfg, tcfg
+
+
+def run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    """Everything around ``stage.run`` (see the module docstring); returns the process exit status."""
+    from components import dist, tracking
+
+    params = str(getattr(args, "params", "params.yaml"))
+    cfg, tcfg = load_sections(stage, params)
+    if stage.aside is not None and getattr(args, stage.aside[0], False):
+        stage.aside[1](cfg, args)
+        return 0
+    world = world_size_of(cfg) if stage.distributed else 1
+    if world > 1 and not under_torchrun():
+        _check_devices(stage, cfg, params)
+        cmd = launch_command(stage, args, cfg)
+        if stage.track:
+            tracking.ensure_experiment(tcfg)  # before the ranks start (concurrent SQLite migrations race)
+        print(f"slotcon {stage.name}: launching " + " ".join(cmd), file=sys.stderr, flush=True)
+        return subprocess.call(cmd)
+
+    own_group = stage.distributed and not dist.is_initialized() and dist.init_distributed()
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            remove_stale_outputs(stage, args)
+        if stage.track:
+            ctx_manager = tracking.stage_run(stage.name, cfg, tcfg)
+        else:
+            import contextlib
+
+            ctx_manager = contextlib.nullcontext(tracking.Tracker())
+        with ctx_manager as tracker:
+            ctx = StageContext(stage, cfg, tcfg, args, tracker, rank=rank, world_size=dist.get_world_size())
+            metrics = stage.run(ctx)
+            if rank == 0 and metrics is not None:
+                write_metrics(stage, args, metrics)
+                tracker.log_dict(_jsonable(metrics), f"{stage.name}.json")
+        if rank == 0 and metrics is not None and stage.summary is not None:
+            print(f"slotcon {stage.name}: {stage.summary(metrics)}", flush=True)
+    finally:
+        if own_group:
+            dist.destroy()
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    """Metrics as plain JSON types (numpy/torch scalars -> numbers) for MLflow's ``log_dict``."""
+    import json
+
+    from components.io import _json_default
+
+    return json.loads(json.dumps(obj, default=_json_default))

@@ -1,0 +1,327 @@
+"""``slotcon pretrain``: self-supervised pretraining from WebDataset shards on one CPU, one GPU, or GPUs over nodes.
+
+``pretrain.method`` picks the method (``slotcon`` by default; see :data:`METHODS`); everything else is shared:
+
+- the **plan** (:func:`make_plan`): the pretrain splits of the shards, batch split over ranks, schedule lengths, a
+  signature of the data (changed shards -> a new run, never a resumed old one);
+- the **data**: two crops per image drawn in the loader workers, pixels batched on the device
+  (:mod:`components.train.views`);
+- the **schedules**: ``lr = base_lr * batch / 256``, linear warm-up then cosine to ``min_lr``; the teacher's EMA
+  momentum on a cosine from ``m0`` to 1 (:mod:`components.train.optim`, pure functions of the global step);
+- the **loop**: :func:`components.train.engine.fit` (checkpoints + exact resume, all-rank non-finite stop, logging,
+  DDP); the stage runtime (:mod:`components.stage`) launches torchrun itself when ``nproc_per_node * nnodes > 1``;
+- the **outputs**: ``models/pretrain/last.pt`` (``{"model", "model_kwargs", "method", "arch", "backbone_prefix",
+  ...}``: what export, unsup_seg and viz read), the metrics, ``plots/pretrain/loss.{csv,png}``.
+
+A method is a :class:`PretrainMethod` subclass: it builds its model, names its optimiser and its stats, computes the
+losses of a pair of views, and updates its EMA teacher. ``docs/ARCHITECTURE.md`` shows how to add one.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from components import dist
+from components.errors import UserError
+from components.stage import Arg, Stage
+from components.train.engine import Method, NonFiniteLossError, RunSpec, fit, write_loss_plot  # noqa: F401
+from components.train.optim import lr_at, momentum_at, scaled_lr
+
+#: ``pretrain.method`` -> the :class:`PretrainMethod` subclass (imported lazily)
+METHODS: dict[str, str] = {
+    "slotcon": "components.slotcon.method:SlotConMethod",
+}
+
+
+def method_class(name: str) -> type["PretrainMethod"]:
+    if name not in METHODS:
+        raise UserError(f"params: pretrain.method={name!r} is not known (allowed: {', '.join(METHODS)})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the plan: everything derived from cfg + shards before any expensive work
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    urls: tuple[str, ...]
+    num_images: int
+    samples_per_epoch: int
+    world_size: int
+    rank: int
+    global_batch: int
+    rank_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    data_signature: str
+
+
+def make_plan(cfg, shards_root: str | os.PathLike, world_size: int, rank: int) -> Plan:
+    """Resolve shards, batch split and schedule lengths; UserError (one line) on anything that cannot work."""
+    from components.data.shards import read_index, split_urls
+
+    index = read_index(shards_root)
+    splits = list(index.get("pretrain") or [])
+    if not splits:
+        raise UserError(f"{Path(shards_root) / 'index.json'}: no 'pretrain' splits listed; re-run `slotcon shard`")
+    urls: list[str] = []
+    num_images = 0
+    for split in splits:
+        info = index["splits"].get(split)
+        if info is None:
+            raise UserError(f"{Path(shards_root) / 'index.json'}: pretrain split {split!r} is not in 'splits'; "
+                            "re-run `slotcon shard`")
+        urls += split_urls(shards_root, split)
+        num_images += int(info["num_samples"])
+    if not urls or num_images == 0:
+        raise UserError(f"{shards_root}: the pretrain splits {splits} hold no shards/images; re-run `slotcon shard`")
+    if cfg.batch_size % world_size:
+        raise UserError(f"params: pretrain.batch_size={cfg.batch_size} is not divisible by world size {world_size}")
+    samples = cfg.samples_per_epoch or num_images
+    steps_per_epoch = samples // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"params: pretrain.batch_size={cfg.batch_size} exceeds the {samples} samples per epoch; "
+                        "lower batch_size or raise samples_per_epoch")
+    signature = hashlib.sha256(
+        json.dumps({s: index["splits"][s] for s in splits}, sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+    return Plan(
+        urls=tuple(urls), num_images=num_images, samples_per_epoch=steps_per_epoch * cfg.batch_size,
+        world_size=world_size, rank=rank, global_batch=cfg.batch_size, rank_batch=cfg.batch_size // world_size,
+        steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
+        warmup_steps=steps_per_epoch * cfg.warmup_epochs, data_signature=signature,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what every pretraining method shares
+# --------------------------------------------------------------------------------------------------------------------
+class PretrainMethod(Method):
+    """Base of the pretraining methods: two-view batches from the plan's shards, warm-up + cosine lr, cosine EMA.
+
+    Subclasses set ``name``, ``stat_keys``, ``plot_keys``, ``backbone_prefix`` and implement :meth:`build_model`,
+    :meth:`optimizer`, :meth:`forward` (and :meth:`after_update` for an EMA teacher). ``self.params`` is the method's
+    subsection of ``pretrain`` (``cfg.slotcon`` ...).
+    """
+
+    name = "base"
+    plot_keys: tuple[str, ...] = ("loss",)  # columns of loss.csv / loss.png
+    backbone_prefix = ""  # state_dict prefix of the trunk that export writes (torchvision keys after it)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __init__(self, cfg, plan: Plan, device: torch.device):
+        from components.slotcon.augment import TwoViewAugment
+        from components.train.views import augment_generator
+
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.params = cfg.method_params
+        self.global_batch = plan.global_batch
+        self.peak_lr = scaled_lr(self.params.base_lr, plan.global_batch)
+        self.decode = "bytes" if device.type == "cuda" else "rgb"
+        self.augment = TwoViewAugment(image_size=cfg.image_size).to(device)
+        self.generator = augment_generator(cfg.seed, plan.rank)
+
+    # -- what subclasses provide ------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments of the model (stored in ``last.pt`` so downstream stages rebuild it)."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -- engine hooks -----------------------------------------------------------------------------------------------
+    def build(self, device: torch.device) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        model = self.build_model().to(device)
+        if device.type == "cuda" and self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)  # NHWC convs: tensor cores without transposes
+        return model
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.peak_lr, min_lr=self.params.min_lr, warmup_steps=self.plan.warmup_steps,
+                     total_steps=self.plan.total_steps)
+
+    def momentum_at(self, step: int) -> float | None:
+        m0 = getattr(self.params, "teacher_momentum", None)
+        return None if m0 is None else momentum_at(step, base_momentum=m0, total_steps=self.plan.total_steps)
+
+    def batches(self, epoch: int):
+        from components.train.views import build_loader
+
+        return build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
+                            samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
+                            rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
+                            decode=self.decode, crop_scale=self.crop_scale)
+
+    def prepare(self, batch: dict, device: torch.device) -> dict:
+        from components.train.views import make_views
+
+        return make_views(batch, self.augment, self.generator, device)
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator]
+
+    def compile(self, model: torch.nn.Module) -> None:
+        model.compile()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------------------------
+def cpu_threads(current: int, num_workers: int, cores: int | None = None) -> int:
+    """Intra-op threads for CPU training: at most the cores left after one per loader worker (which decode JPEGs on
+    CPU). Oversubscribed OpenMP threads spin at their barriers: on a busy 2-core box the demo took 162 s with 2
+    threads and 35 s with 1; an idle box loses at most the second thread's share of the convolutions."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(current, cores - num_workers))
+
+
+def fingerprint_of(cfg, plan: Plan) -> dict[str, Any]:
+    """What defines the run: the shared params, the chosen method's subsection only, the data and the epoch size."""
+    shared = {k: v for k, v in cfg.model_dump().items() if k not in METHODS}
+    return {**shared, "params": cfg.method_params.model_dump(), "samples_per_epoch": plan.samples_per_epoch,
+            "data": plan.data_signature}
+
+
+def run_pretrain(
+    cfg,
+    shards_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    ckpt_dir: str | os.PathLike,
+    metrics_path: str | os.PathLike | None = None,
+    plots_dir: str | os.PathLike | None = None,
+    tracker=None,
+    *,
+    device: str | torch.device | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    stop_after_step: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain ``cfg.method`` on the pretrain splits of ``shards_root``; write ``out_dir/last.pt`` and the records.
+
+    Args:
+        cfg: :class:`components.config.PretrainConfig`.
+        shards_root: folder with ``index.json`` (stage ``shard``).
+        out_dir: receives ``last.pt``.
+        ckpt_dir: resumable checkpoints, ``<ckpt_dir>/<fingerprint>/step_*.pt`` (outside DVC's outs).
+        metrics_path: written by rank 0 when given (the stage runtime writes it otherwise).
+        plots_dir: ``loss.csv`` (epoch + the method's loss parts) and ``loss.png``.
+        tracker: :class:`components.tracking.Tracker` (no-op off rank 0).
+        device: override (default: ``cuda:LOCAL_RANK`` if CUDA is available, else CPU).
+        on_step: ``on_step(step, stats)`` after every optimiser step (rank-mean floats; tests, tools).
+        stop_after_step: return right after this global step (a clean stand-in for a kill in tests).
+        progress: a tqdm bar on rank 0.
+    Returns:
+        the metrics dict, or ``{"stopped_at_step": n}`` when stopped early.
+    """
+    from components.tracking import Tracker
+
+    tracker = tracker or Tracker()
+    if device is None:
+        device = torch.device(f"cuda:{dist.get_local_rank()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    own_group = not dist.is_initialized() and dist.init_distributed(device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(threads, cfg.num_workers))
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest conv algorithms once
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever runs outside bf16 autocast
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        plan = make_plan(cfg, shards_root, world, rank)
+        method = method_class(cfg.method)(cfg, plan, device)
+        if rank == 0:
+            tracker.log_params({"global_batch": plan.global_batch, "world_size": world, "steps_per_epoch":
+                                plan.steps_per_epoch, "total_steps": plan.total_steps, "peak_lr": method.peak_lr,
+                                "num_images": plan.num_images, "device": str(device), "decode": method.decode},
+                               prefix="pretrain.plan.")
+            tracker.set_tags({"method": cfg.method})
+        spec = RunSpec(total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+                       log_every=cfg.log_every_steps, save_every=cfg.save_every_steps, amp=cfg.amp,
+                       channels_last=cfg.channels_last, compile=cfg.compile, label=f"pretrain[{cfg.method}]",
+                       progress=progress)
+        result = fit(method, spec, ckpt_dir=ckpt_dir, fingerprint=fingerprint_of(cfg, plan), tracker=tracker,
+                     device=device, on_step=on_step, stop_after_step=stop_after_step)
+        if result.stopped:
+            return {"stopped_at_step": result.step}
+        metrics: dict[str, Any] = {}
+        if rank == 0:
+            metrics = _records(cfg, plan, method, result, out_dir, metrics_path, plots_dir, tracker)
+        dist.barrier()
+        return metrics
+    finally:
+        torch.set_num_threads(threads)
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _records(cfg, plan: Plan, method: PretrainMethod, result, out_dir, metrics_path, plots_dir, tracker) -> dict:
+    """Rank 0: metrics, ``last.pt``, loss curves, final MLflow figures."""
+    from components.io import save_torch_atomic, write_json_atomic
+    from components.train.engine import gpu_mem_gb
+
+    history = result.history
+    last = history[-1] if history else {}
+    keys = method.stat_keys
+    metrics: dict[str, Any] = {
+        "method": cfg.method,
+        **{k: last.get(k, result.last_stats.get(k, float("nan"))) for k in keys},
+        "first_epoch_loss": history[0]["loss"] if history else float("nan"),
+        "epochs": len(history),
+        "steps": result.step,
+        "steps_this_run": result.steps_this_run,
+        "train_time_s": round(result.train_time_s, 3),
+        "img_per_s": round(result.img_per_s, 2),
+        "global_batch": plan.global_batch,
+        "world_size": plan.world_size,
+        "peak_lr": method.peak_lr,
+        "gpu_mem_gb": round(gpu_mem_gb(result.extra["device"]), 3),
+        "resumed": result.resumed_from is not None,
+    }
+    raw = result.extra["model"]
+    last_pt = Path(out_dir) / "last.pt"
+    save_torch_atomic({
+        "model": raw.state_dict(), "model_kwargs": method.model_kwargs(), "method": cfg.method,
+        "arch": cfg.arch, "backbone_prefix": method.backbone_prefix, "epoch": len(history), "step": result.step,
+        "history": history, "config": cfg.model_dump(), "fingerprint_hash": result.extra["fingerprint_hash"],
+        "metrics": metrics,
+    }, last_pt)
+    if plots_dir is not None:
+        plots_dir = Path(plots_dir)
+        write_loss_plot(history, plots_dir / "loss.csv", plots_dir / "loss.png", x="epoch", ys=method.plot_keys,
+                        title=f"{cfg.method} pretraining")
+        tracker.log_artifact(plots_dir / "loss.png", "plots")
+    if metrics_path is not None:
+        write_json_atomic(metrics_path, metrics)
+    tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=result.step)
+    print(f"slotcon pretrain: {cfg.method}, {result.step} steps, loss {metrics['loss']:.4f} (first epoch "
+          f"{metrics['first_epoch_loss']:.4f}), {metrics['img_per_s']:.1f} img/s, {result.train_time_s:.1f} s "
+          f"-> {last_pt}", file=sys.stderr)
+    return metrics
+
+
+def _run_stage(ctx) -> dict[str, Any]:
+    a = ctx.args
+    return run_pretrain(ctx.cfg, a.shards, a.out, a.checkpoints, None, a.plots, tracker=ctx.tracker)
+
+
+STAGE = Stage(
+    name="pretrain", section="pretrain", run=_run_stage, metrics="metrics/pretrain.json", distributed=True,
+    args=(Arg("shards", "data/shards", "shard root with index.json"),
+          Arg("out", "models/pretrain", "receives last.pt"),
+          Arg("checkpoints", "checkpoints/pretrain", "resumable checkpoints (not a DVC out)"),
+          Arg("plots", "plots/pretrain", "loss.csv + loss.png")),
+)
