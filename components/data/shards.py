@@ -297,6 +297,7 @@ def run_shard(
         index_splits[split] = {
             "num_samples": len(records),
             "shards": [f"{split}/{s['name']}" for s in shards_meta],
+            "shard_samples": [s["num_samples"] for s in shards_meta],  # what a reader must find in each shard
             "labeled": raw_index["splits"][split]["labeled"],
             "with_seg": sum(r["seg_sha1"] is not None for r in records),
             "bytes": nbytes,
@@ -365,6 +366,20 @@ def split_urls(shards_root: str | os.PathLike, split: str) -> list[str]:
     if split not in index["splits"]:
         raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
     return [str(Path(shards_root) / s) for s in index["splits"][split]["shards"]]
+
+
+def expected_counts(shards_root: str | os.PathLike, split: str) -> dict[str, int]:
+    """``{shard path: number of samples written}`` of ``split`` (from index.json): a reader that finds fewer in a shard
+    lost the rest (Python's tarfile ends silently at a damaged header), so the loader counts the difference."""
+    index = read_index(shards_root)
+    info = index["splits"].get(split)
+    if info is None:
+        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
+    counts = info.get("shard_samples")
+    if counts is None or len(counts) != len(info["shards"]):
+        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no per-shard sample counts (written by an older "
+                        "`slotcon shard`); re-run `slotcon shard`")
+    return {str(Path(shards_root) / s): int(n) for s, n in zip(info["shards"], counts)}
 
 
 def _verify_one(args: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> str | None:
