@@ -53,10 +53,16 @@ class ScenesConfig(Section):
     image_size: int = Field(default=128, ge=32, le=1024)  # square images; COCO's are ~640x480
     min_objects: int = Field(default=2, ge=1)  # scene-centric: several objects per image, as in COCO (~7 on average)
     max_objects: int = Field(default=5, ge=1, le=98)  # annotation id = image_id * 100 + k stays < 2**31
-    num_thing_classes: int = Field(default=6, ge=1, le=12)  # "things": shape + texture define a class
-    num_stuff_classes: int = Field(default=3, ge=1, le=8)  # "stuff" backgrounds, labelled in the semantic maps
+    num_thing_classes: int = Field(default=6, ge=1, le=24)  # "things": shape + texture define a class; 13-24: the
+    # "more classes" variant (new shapes and textures; the first 12 are the demo's)
+    num_stuff_classes: int = Field(default=3, ge=1, le=16)  # "stuff" backgrounds, labelled in the semantic maps; 9-16:
+    # the "more classes" variant
     min_object_frac: float = Field(default=0.15, gt=0.0, le=1.0)  # object size as a fraction of the image side
     max_object_frac: float = Field(default=0.45, gt=0.0, le=1.0)
+    clutter_shapes: int = Field(default=0, ge=0, le=64)  # "harder" variant: unannotated distractor blobs/sticks per
+    # image at random depths (occluding objects), labelled as a "clutter" stuff class in the semantic maps; 0 = off
+    object_spread: float = Field(default=1.0, gt=0.0, le=1.0)  # "harder" variant: object centres spread over this
+    # fraction of the image around a per-image focus point (< 1: objects pile up, heavy occlusion); 1 = off
     jpeg_quality: int = Field(default=90, ge=50, le=100)
     workers: int = Field(default=1, ge=1)  # processes drawing images; same bytes for any value (demo: 1 is fastest)
 
@@ -75,14 +81,38 @@ class ScenesConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["scenes", "coco", "cocoplus"] = "scenes"  # scenes = generated offline default
+    """``data``: which source ``prepare`` reads and how it treats images. ``imagenet``/``folder`` read ``root``;
+    ``include``/``exclude`` are globs on paths relative to it (``**`` = any folders), applied to both."""
+
+    source: Literal["scenes", "coco", "cocoplus", "imagenet", "folder"] = "scenes"  # scenes = generated offline default
     coco_root: str = ""  # a COCO root as COCO ships it (train2017/, val2017/, annotations/, unlabeled2017/)
+    root: str = ""  # imagenet: the folder holding train/<wnid>/ and val/; folder: any tree of images
+    include: list[str] = Field(default_factory=lambda: ["**"])  # e.g. ["train/n01*/**"] (a class subset)
+    exclude: list[str] = Field(default_factory=list)  # e.g. ["**/thumbnails/**", "**/*_mask.png"]
+    # Images that are not JPEG (PNG, WebP, BMP, TIFF, GIF; 16-bit/palette/alpha PNGs). transcode: decoded once at
+    # shard time and stored as JPEG (transcode_quality, 4:4:4, EXIF orientation applied): one lossy generation, but
+    # every training path (libjpeg-turbo on CPU, nvJPEG batch decode on GPU) then reads every sample at full speed.
+    # skip: such files are counted (reason not_jpeg) and left out, for collections where they are noise (masks, plots).
+    # Keeping their own bytes is not offered: nvJPEG can't decode them and the CPU fallback would be ~5x slower.
+    # JPEGs that decoders would show differently (EXIF orientation != 1, CMYK/YCCK) are transcoded under both.
+    non_jpeg: Literal["transcode", "skip"] = "transcode"
+    transcode_quality: int = Field(default=95, ge=70, le=100)  # JPEG quality of transcoded images
+    duplicates: Literal["skip", "keep"] = "skip"  # images with the same bytes as an earlier one in the split: skip
+    # (counted, reason duplicate) or keep; either way every pair is listed in the manifest metadata
     workers: int = Field(default=2, ge=1)  # processes that hash/decode-check images in `prepare`
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if self.source in ("coco", "cocoplus") and not self.coco_root:
             raise ValueError(f"source={self.source!r} needs data.coco_root (the folder holding train2017/ and annotations/)")
+        if self.source in ("imagenet", "folder") and not self.root:
+            raise ValueError(f"source={self.source!r} needs data.root (the folder to read images from)")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                if not pattern or pattern.startswith("/"):
+                    raise ValueError(f"{name} pattern {pattern!r} must be a non-empty glob relative to data.root")
+        if not self.include:
+            raise ValueError("include=[] selects nothing; use ['**'] for every file")
         return self
 
 
