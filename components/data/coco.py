@@ -1,4 +1,4 @@
-"""Stage ``prepare``: discover and check a source (generated scenes, COCO or COCO+), write per-split Parquet manifests.
+"""Stage ``prepare``: discover and check a source, write per-split Parquet manifests.
 
 Sources (``params.yaml: data.source``):
 
@@ -8,6 +8,8 @@ Sources (``params.yaml: data.source``):
   (COCO-Stuff semantic maps).
 - ``cocoplus``: COCO+ = COCO plus ``unlabeled2017/`` (123k images without annotations; SlotCon pretrains on
   train2017 + unlabeled2017). ``annotations/image_info_unlabeled2017.json`` is used for ids when present.
+- ``imagenet`` / ``folder``: ImageNet-1K layouts or any tree of images (root: ``data.root``); streamed, checked in
+  parallel and resumable: see :mod:`components.data.prepare_tree` (this module only dispatches to it).
 
 Output, under ``--out`` (``data/raw``):
 
@@ -25,21 +27,23 @@ Raw images stay where they are: the shards are the versioned artifact (the manif
 ``shard`` when an image changes). A whole unusable source (missing folder or annotation file, unreadable JSON) is a
 one-line :class:`~components.errors.UserError` that names what is missing and where COCO puts it; a bad single image
 (zero bytes, not a JPEG, truncated, undecodable, duplicate id, size different from its record, named by the
-annotations but absent) is skipped and counted in the manifest metadata and ``metrics/prepare.json``.
+annotations but absent) is skipped and counted in the manifest metadata and ``metrics/prepare.json``. Images with
+the same bytes under two ids are reported (``duplicate_content``) and kept: each id has its own annotations.
+
+COCO's annotations are in stored-pixel coordinates (COCO ignores EXIF orientation), so the COCO and scenes paths keep
+every JPEG's bytes and never rotate: every decoder in the pipeline ignores the orientation tag too, so all paths agree.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from components.errors import UserError
 from components.stage import Arg, Stage
@@ -66,7 +70,6 @@ COCO_ZIPS = {
     "stuff": "stuffthingmaps_trainval2017.zip",
 }
 SEG_DIR = "stuffthingmaps_trainval2017"
-JPEG_MAGIC = b"\xff\xd8\xff"
 MAX_LISTED = 10_000  # failures listed one by one in the manifest metadata (counts are always complete)
 
 # COCO-Stuff labels 1..182 (things 1-91 incl. the 11 removed from COCO, stuff 92-182). In stuffthingmaps PNGs the
@@ -300,75 +303,7 @@ def semantic_classes(root: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# checking one image (runs in worker processes)
-# --------------------------------------------------------------------------------------------------------------------
-def check_image(path: str, seg_path: str | None = None) -> dict[str, Any]:
-    """Read, hash and fully decode one image (and its semantic map). Never raises: problems become ``reason``.
-
-    Reasons: ``unreadable`` (OS error), ``empty`` (0 bytes), ``not_jpeg`` (no JPEG SOI marker, e.g. a PNG named .jpg),
-    ``truncated`` (the entropy-coded data ends early), ``decode_error`` (anything else the decoder rejects).
-    """
-    from PIL import Image, ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail here, not decode as grey
-    out: dict[str, Any] = {"reason": None, "detail": "", "seg_error": None}
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return {**out, "reason": "unreadable", "detail": str(exc)}
-    out["bytes"] = len(data)
-    out["sha1"] = hashlib.sha1(data).hexdigest()
-    if not data:
-        return {**out, "reason": "empty", "detail": "zero bytes"}
-    if not data.startswith(JPEG_MAGIC):
-        kind = "PNG" if data.startswith(b"\x89PNG") else "GIF" if data.startswith(b"GIF8") else "unknown format"
-        return {**out, "reason": "not_jpeg", "detail": f"no JPEG SOI marker ({kind})"}
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            out["width"], out["height"], out["mode"] = im.width, im.height, im.mode
-            # draft() lets libjpeg decode at 1/8 scale: every entropy-coded byte is still read (so truncation and
-            # corruption are still caught), at a fraction of the cost of a full-size decode.
-            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except OSError as exc:
-        msg = str(exc)
-        return {**out, "reason": "truncated" if "truncated" in msg else "decode_error", "detail": msg[:200]}
-    except Exception as exc:  # PIL raises assorted types on garbage (SyntaxError, ValueError, ...)
-        return {**out, "reason": "decode_error", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    if seg_path is not None:
-        try:
-            with Image.open(seg_path) as seg:
-                seg.load()
-                if seg.mode not in ("L", "P"):
-                    out["seg_error"] = f"mode {seg.mode}, expected single-channel L/P"
-                elif seg.size != (out["width"], out["height"]):
-                    out["seg_error"] = f"size {seg.size} != image size {(out['width'], out['height'])}"
-        except Exception as exc:
-            out["seg_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    return out
-
-
-def _check_star(args: tuple[str, str | None]) -> dict[str, Any]:
-    return check_image(*args)
-
-
-def _map_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> Iterable:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    try:
-        if workers <= 1 or len(items) < 2 * workers:
-            for it in items:
-                yield fn(it)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for r in pool.map(fn, items, chunksize=max(1, min(64, len(items) // (8 * workers)))):
-                    yield r
-                    bar.update()
-    finally:
-        bar.close()
+from components.data.images import _check_star, _map_parallel, check_image  # noqa: E402,F401  (COCO's checks)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 # extensions a folder/ImageNet walk treats as images (case-insensitive); anything else is counted as ``not_image``
 IMAGE_EXTENSIONS = frozenset(
@@ -149,3 +149,75 @@ def transcode(data: bytes, quality: int) -> bytes:
         buf = io.BytesIO()
         rgb.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False, progressive=False)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# COCO / scenes: checking one JPEG and its semantic map (bytes are kept as they are, never rotated: see the top)
+# --------------------------------------------------------------------------------------------------------------------
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def check_image(path: str, seg_path: str | None = None) -> dict[str, Any]:
+    """Read, hash and fully decode one image (and its semantic map). Never raises: problems become ``reason``.
+
+    Reasons: ``unreadable`` (OS error), ``empty`` (0 bytes), ``not_jpeg`` (no JPEG SOI marker, e.g. a PNG named .jpg),
+    ``truncated`` (the entropy-coded data ends early), ``decode_error`` (anything else the decoder rejects).
+    """
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail here, not decode as grey
+    out: dict[str, Any] = {"reason": None, "detail": "", "seg_error": None}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return {**out, "reason": "unreadable", "detail": str(exc)}
+    out["bytes"] = len(data)
+    out["sha1"] = hashlib.sha1(data).hexdigest()
+    if not data:
+        return {**out, "reason": "empty", "detail": "zero bytes"}
+    if not data.startswith(JPEG_MAGIC):
+        kind = "PNG" if data.startswith(b"\x89PNG") else "GIF" if data.startswith(b"GIF8") else "unknown format"
+        return {**out, "reason": "not_jpeg", "detail": f"no JPEG SOI marker ({kind})"}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            out["width"], out["height"], out["mode"] = im.width, im.height, im.mode
+            # draft() lets libjpeg decode at 1/8 scale: every entropy-coded byte is still read (so truncation and
+            # corruption are still caught), at a fraction of the cost of a full-size decode.
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except OSError as exc:
+        msg = str(exc)
+        return {**out, "reason": "truncated" if "truncated" in msg else "decode_error", "detail": msg[:200]}
+    except Exception as exc:  # PIL raises assorted types on garbage (SyntaxError, ValueError, ...)
+        return {**out, "reason": "decode_error", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if seg_path is not None:
+        try:
+            with Image.open(seg_path) as seg:
+                seg.load()
+                if seg.mode not in ("L", "P"):
+                    out["seg_error"] = f"mode {seg.mode}, expected single-channel L/P"
+                elif seg.size != (out["width"], out["height"]):
+                    out["seg_error"] = f"size {seg.size} != image size {(out['width'], out['height'])}"
+        except Exception as exc:
+            out["seg_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def _check_star(args: tuple[str, str | None]) -> dict[str, Any]:
+    return check_image(*args)
+
+
+def _map_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> Iterator:
+    """``fn`` over ``items`` in order, in worker processes that die with this one (see components.data.workers)."""
+    from components.data.workers import Meter, worker_pool
+
+    meter = Meter(desc, len(items), progress=progress)
+    try:
+        with worker_pool(1 if len(items) < 2 * workers else workers) as pool:
+            results = map(fn, items) if pool is None else pool.map(
+                fn, items, chunksize=max(1, min(64, len(items) // (8 * workers))))
+            for r in results:
+                yield r
+                meter.update(1, r.get("bytes") or 0)
+    finally:
+        meter.close()
