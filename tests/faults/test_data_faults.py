@@ -20,7 +20,7 @@ from components.config import DataConfig, ShardConfig
 from components.data.coco import run_prepare
 from components.data.shards import run_shard, verify_shards
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]  # each starts a fresh interpreter: 10-30 s on a busy 2-core box
 REPO = Path(__file__).resolve().parents[2]
 
 SHARD_CHILD = r"""
