@@ -106,6 +106,17 @@ def test_imagenet_layout_labels_and_cross_split_duplicates(tmp_path):
     assert meta["same_bytes_as_earlier_split"] == ["val/ILSVRC2012_val_00000001.JPEG"]
 
 
+def test_imagenet_val_in_class_folders(tmp_path):
+    root = write_imagenet(tmp_path / "imagenet", val_folders=True)
+    (root / "LOC_val_solution.csv").unlink()
+    run_prepare(DataConfig(source="imagenet", root=str(root), workers=1), "unused", tmp_path / "raw", progress=False)
+    val, _ = read_manifest(tmp_path / "raw" / "imagenet" / "val" / "manifest.parquet")
+    got = {r["key"][-1]: (r["label"], r["label_name"]) for r in val}  # walk order: by class folder
+    assert got == {"1": (1, "n01441764"), "2": (2, "n01442764"), "3": (0, "n01440764"), "4": (1, "n01441764"),
+                   "5": (None, "n99999999")}
+    assert json.loads((tmp_path / "raw" / "index.json").read_text())["notes"]["val_layout"] == "class folders"
+
+
 def test_imagenet_kaggle_layout_and_class_subset(tmp_path):
     root = write_imagenet(tmp_path / "kaggle", kaggle=True)
     cfg = DataConfig(source="imagenet", root=str(root), include=["train/n01440764/**", "val/**"], workers=1)

@@ -104,9 +104,10 @@ def write_messy_folder(root: str | Path) -> Path:
 
 
 def write_imagenet(root: str | Path, *, classes: int = 3, per_class: int = 4, val: int = 5,
-                   kaggle: bool = False) -> Path:
+                   kaggle: bool = False, val_folders: bool = False) -> Path:
     """ILSVRC-2012 layout: train/<wnid>/<wnid>_<k>.JPEG, flat val/ILSVRC2012_val_<n>.JPEG + LOC_val_solution.csv
-    (labels for all but the last val image), LOC_synset_mapping.txt. Like the real set, one training "JPEG" is a PNG
+    (labels for all but the last val image), LOC_synset_mapping.txt; ``val_folders``: val/<wnid>/ instead (the last
+    image in an unknown class folder). Like the real set, one training "JPEG" is a PNG
     and one is CMYK; val image 1 has the same bytes as a training image; a stray file sits directly in train/."""
     root = Path(root)
     base = root / "ILSVRC" / "Data" / "CLS-LOC" if kaggle else root
@@ -126,7 +127,8 @@ def write_imagenet(root: str | Path, *, classes: int = 3, per_class: int = 4, va
     for n in range(1, val + 1):
         stem = f"ILSVRC2012_val_{n:08d}"
         data = first.read_bytes() if n == 1 else encode(picture(100 + n, 36, 36))
-        _write(base / "val" / f"{stem}.JPEG", data)
+        folder = (wnids[n % classes] if n < val else "n99999999") if val_folders else ""
+        _write(base / "val" / folder / f"{stem}.JPEG", data)
         if n < val:
             lines.append(f"{stem},{wnids[n % classes]} 1 2 30 30")
     (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
