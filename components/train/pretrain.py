@@ -137,6 +137,11 @@ class PretrainMethod(Method):
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
+        return self.model_from_kwargs(self.model_kwargs())
+
+    @classmethod
+    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
+        """The model from stored ``model_kwargs`` (downstream stages rebuild it from ``last.pt`` this way)."""
         raise NotImplementedError
 
     # -- engine hooks -----------------------------------------------------------------------------------------------
