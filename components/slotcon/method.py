@@ -35,6 +35,14 @@ class SlotConMethod(PretrainMethod):
 
         return SlotCon(**kwargs)
 
+    @staticmethod
+    def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.teacher_features(images)
+
+    @staticmethod
+    def prototype_scores(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        return model.teacher_scores(images)
+
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, name=self.params.optimizer, lr=self.peak_lr,
                                weight_decay=self.params.weight_decay)
