@@ -118,6 +118,7 @@ class PretrainMethod(Method):
     plot_keys: tuple[str, ...] = ("loss",)  # columns of loss.csv / loss.png
     backbone_prefix = ""  # state_dict prefix of the trunk that export writes (torchvision keys after it)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    prefetch = True  # on CUDA: decode + augment the next batch on a side stream during the step
 
     def __init__(self, cfg, plan: Plan, device: torch.device):
         from components.slotcon.augment import TwoViewAugment
@@ -137,7 +138,24 @@ class PretrainMethod(Method):
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
+        return self.model_from_kwargs(self.model_kwargs())
+
+    @classmethod
+    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
+        """The model from stored ``model_kwargs`` (downstream stages rebuild it from ``last.pt`` this way)."""
         raise NotImplementedError
+
+    # -- what downstream stages ask of a pretrained model (unsup_seg, viz) ------------------------------------------------
+    @staticmethod
+    def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, 3, H, W)`` -> the dense features the method transfers, ``(B, D, h, w)``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def prototype_scores(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        """``(B, K, h, w)`` scores against learned prototypes (SlotCon), or None: downstream then clusters
+        :meth:`dense_features` with k-means (K = number of classes)."""
+        return None
 
     # -- engine hooks -----------------------------------------------------------------------------------------------
     def build(self, device: torch.device) -> torch.nn.Module:
@@ -161,7 +179,8 @@ class PretrainMethod(Method):
         return build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
                             samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
                             rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
-                            decode=self.decode, crop_scale=self.crop_scale)
+                            decode=self.decode, crop_scale=self.crop_scale,
+                            pin_memory=self.device.type == "cuda")
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
         from components.train.views import make_views
