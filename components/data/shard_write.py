@@ -71,7 +71,7 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
     (name, split, index, num_samples, bytes, sha1, transcoded) and, without a done-record, its manifest records.
     ``on_sample(i)`` is a test hook called before sample ``i``.
     """
-    from components.io import write_json_atomic
+    from components.io import write_bytes_atomic
 
     path = Path(task["path"])
     tmp = path.parent / tmp_name(path.name)
@@ -83,9 +83,9 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
     os.replace(tmp, path)
     summary = {"name": path.name, "split": task.get("split"), "index": task.get("index"), "num_samples": len(records),
                "bytes": hf.size, "sha1": hf.sha1.hexdigest(), "transcoded": sum(r["transcoded"] for r in records)}
-    if task.get("done"):
-        write_json_atomic(task["done"], {**summary, "fingerprint": task["fingerprint"],
-                                         "mtime_ns": path.stat().st_mtime_ns, "records": records})
+    if task.get("done"):  # compact JSON: the C encoder (an indented dump of 1000 records is ~10x slower)
+        done = {**summary, "fingerprint": task["fingerprint"], "mtime_ns": path.stat().st_mtime_ns, "records": records}
+        write_bytes_atomic(task["done"], json.dumps(done, separators=(",", ":")).encode())
         return summary
     return {**summary, "records": records}
 
