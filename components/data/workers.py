@@ -5,8 +5,9 @@ die with their parent, bounded parallel maps, and progress with throughput.
   resumable partial results). A second ``slotcon shard`` into the same folder stops at once with one line naming the
   holder's PID; the kernel drops the lock when its holder dies (even by SIGKILL), so a crash never leaves a stale lock.
 - :func:`worker_pool`: a ``ProcessPoolExecutor`` whose workers ask the kernel for SIGKILL when their parent dies
-  (``PR_SET_PDEATHSIG``; a watchdog thread checks ``getppid`` where that is missing), and which kills its workers when
-  the parent leaves by an exception (Ctrl-C included) instead of letting them finish every queued task.
+  (``PR_SET_PDEATHSIG``; a watchdog thread checks ``getppid`` where that is missing), and which, when the parent
+  leaves by an exception, drops the queued tasks and gives the running ones a bounded grace period instead of
+  letting them work through the whole queue.
 - :func:`run_bounded`: submit tasks from a generator with at most N in flight (memory stays flat for any dataset).
 - :class:`Meter`: a tqdm bar on a terminal; in logs (DVC, Prefect) one line every 30 s: done/total, img/s, MB/s, ETA.
 """
@@ -103,9 +104,14 @@ PRELOAD = ("pyarrow.parquet", "PIL.Image", "PIL.ImageOps")  # imported once here
 
 
 @contextlib.contextmanager
-def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers`` fork-started processes (None for ``workers <= 1``: the caller runs inline). On an exception in the
-    parent the workers are killed at once; queued tasks are dropped."""
+def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD, grace_s: float = 30.0,
+                ) -> Iterator[ProcessPoolExecutor | None]:
+    """``workers`` fork-started processes (None for ``workers <= 1``: the caller runs inline).
+
+    When the parent leaves by an exception (a worker's error re-raised, Ctrl-C), queued tasks are dropped and the
+    running ones may finish for ``grace_s`` seconds (a finished shard is kept for the next run, a half one cleans its
+    temporary file); workers still busy after that are killed. A killed parent takes its workers along (PDEATHSIG).
+    """
     if workers <= 1:
         yield None
         return
@@ -114,7 +120,6 @@ def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD) -> Iterator[Pr
 
     for name in preload:  # each worker would otherwise import them itself (seconds on a busy machine)
         importlib.import_module(name)
-
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_init_worker, initargs=(os.getpid(), tuple(_HELD_FDS)))
     try:
@@ -122,11 +127,12 @@ def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD) -> Iterator[Pr
     except BaseException:
         procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace_s
         for p in procs:
-            with contextlib.suppress(Exception):
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
                 p.kill()
-        for p in procs:
-            with contextlib.suppress(Exception):
                 p.join(timeout=5)
         raise
     else:
