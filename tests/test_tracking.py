@@ -71,17 +71,18 @@ def test_parent_child_linkage(mlflow_store, tmp_path, monkeypatch):
     from pipelines import mlflow_runs
 
     cfg = mlflow_runs.resolve_store(mlflow_store, tmp_path)
-    parent = mlflow_runs.open_parent_run(cfg, tmp_path, run_name="pipeline t", flow_run_id="flow-123",
-                                         params={"pretrain": {"epochs": 2}})
+    (tmp_path / "params.yaml").write_text("pretrain:\n  epochs: 2\n")
+    parent = mlflow_runs.open_parent_run(cfg, tmp_path, run_name="pipeline t", flow_run_id="flow-123")
     monkeypatch.setenv(PARENT_ENV, parent)
     monkeypatch.setenv(FLOW_RUN_ENV, "flow-123")
     for stage in ("pretrain", "export"):
         with stage_run(stage, {"k": stage}, mlflow_store, rank=0) as tracker:
             tracker.log_metrics({"loss": 0.5})
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "export.json").write_text(json.dumps({"ap": {"bbox": 0.5}, "name": "x", "ok": True}))
+    (tmp_path / "metrics" / "export.json").write_text(json.dumps({"ap": {"bbox": 0.5}, "name": "x", "ok": True,
+                                                                  "bbox_APl": -1.0, "nan": float("nan")}))
     final = mlflow_runs.read_metrics_files(tmp_path, {"export": ["metrics/export.json", "metrics/missing.json"]})
-    assert final == {"export.ap.bbox": 0.5, "export.ok": 1.0}
+    assert final == {"export.ap.bbox": 0.5, "export.ok": 1.0}  # no strings, no COCO -1 sentinel, no NaN
     mlflow_runs.close_parent_run(cfg, parent, tmp_path, metrics=final, failed=False)
 
     client = _client()
@@ -89,6 +90,8 @@ def test_parent_child_linkage(mlflow_store, tmp_path, monkeypatch):
     assert p.info.status == "FINISHED" and p.data.tags["slotcon.pipeline"] == "1"
     assert p.data.tags["prefect.flow_run_id"] == "flow-123" and p.data.params["pretrain.epochs"] == "2"
     assert p.data.metrics == {"export.ap.bbox": 0.5, "export.ok": 1.0}
+    arts = {a.path for a in client.list_artifacts(parent)}
+    assert "params.yaml" in arts  # dvc.lock too when there is one (none in this folder)
     children = _runs(client, mlflow_store, f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(c.data.tags["slotcon.stage"] for c in children) == ["export", "pretrain"]
     assert {c.data.tags["prefect.flow_run_id"] for c in children} == {"flow-123"}
