@@ -50,6 +50,16 @@ FLUSH_ENV = "SLOTCON_TRACKING_FLUSH_S"  # how long a stage's end waits for buffe
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: land on the runs table, not the GenAI overview
 
 
+def quiet_mlflow_logs() -> None:
+    """MLflow logs each store failure with a full traceback (and its migrations at INFO): we report store trouble
+    ourselves, in one line, so those loggers only speak up for what we don't handle."""
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("mlflow.store.tracking.sqlalchemy_store").setLevel(logging.CRITICAL)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 class StoreError(UserError):
     """The MLflow store can't be used: one line with the URI and the fix."""
 
@@ -178,7 +188,7 @@ def store_problem(uri: str, exc: BaseException, waited: float = 0.0) -> str:
     if "file is not a database" in text or "malformed" in text:
         return (f"{where} is not a usable SQLite database (damaged or not MLflow's): move {db} away (a fresh store is "
                 f"created on the next run) or set MLFLOW_TRACKING_URI / tracking.tracking_uri to another store, {off}")
-    if "readonly" in text or "read-only" in text or "unable to open database" in text:
+    if any(t in text for t in ("readonly", "read-only", "unable to open database", "disk I/O error")):
         return (f"{where} can't be written ({_first_line(exc)}): make {db} and its folder writable "
                 f"(ls -l, chattr -i, a read-only mount?) or point MLFLOW_TRACKING_URI elsewhere, {off}")
     if _is_locked(exc):
@@ -192,6 +202,7 @@ def open_store(cfg: TrackingConfig, wait_s: float | None = None) -> tuple[Any, s
     :class:`StoreError` (one line) when the store is unusable. Waits up to ``wait_s`` for a locked store."""
     import mlflow
 
+    quiet_mlflow_logs()
     uri = tracking_uri(cfg)
     wait_s = float(os.environ.get(WAIT_ENV, "30")) if wait_s is None else wait_s
     db = sqlite_path(uri)
@@ -235,9 +246,11 @@ def ensure_experiment(cfg: TrackingConfig) -> str | None:
 class Tracker:
     """What a stage logs through. All methods are no-ops when ``active`` is False (disabled, or not rank 0).
 
-    Calls run at once while the store answers. The first failure switches to buffering: that call and every later
-    one queue in order, one warning is printed, and a background thread retries with backoff (1 s doubling to 30 s)
-    until the queue is empty, after which calls run at once again. :meth:`flush` waits for the queue at the end.
+    Every call is queued and written in order by one background thread, so a training loop never waits on the store
+    (MLflow's SQLite store waits up to 20 s on a lock before it fails). A store failure that may pass (locked,
+    read-only for now, disk full) keeps the call at the head of the queue: one warning, retries with backoff (1 s
+    doubling to 30 s), and the queue catches up when the store is back. A call MLflow refuses for good is dropped
+    with a warning. :meth:`flush` waits for the queue (the stage's end).
     """
 
     def __init__(self, run_id: str | None = None, client: Any = None, uri: str = ""):
@@ -246,10 +259,11 @@ class Tracker:
         self.uri = uri
         self.last_metrics: dict[str, float] = {}
         self._queue: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._down = False  # the store failed and has not answered since
         self._warned = False
-        self._spool: tempfile.TemporaryDirectory | None = None  # copies of artifacts logged while buffering
+        self._spool: tempfile.TemporaryDirectory | None = None  # copies of files logged while the store is down
         self.failures = 0
 
     @property
@@ -260,87 +274,69 @@ class Tracker:
     def pending(self) -> int:
         return len(self._queue)
 
-    # ---- the resilient call path ----------------------------------------------------------------------------------
+    # ---- the queue ------------------------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], Any]) -> None:
         if not self.active:
             return
-        with self._lock:
-            if self._queue:
-                self._queue.append((what, fn))
-                return
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - tracking must not stop the stage
-            if not is_transient(exc):
+        with self._cond:
+            self._queue.append((what, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name="slotcon-tracking", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _worker(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.notify_all()  # wakes flush()
+                    self._cond.wait()
+                what, fn = self._queue[0]
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - tracking never stops the stage
+                if is_transient(exc):
+                    self.failures += 1
+                    self._went_down(exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
                 self._drop(what, exc)
-                return
-            with self._lock:
-                self._queue.appendleft((what, fn))
-            self._degrade(exc)
+            delay = 1.0
+            with self._cond:
+                self._queue.popleft()
+                if self._down and not self._queue:
+                    self._down = False
+                    print(f"slotcon: MLflow store {self.uri} is back; buffered tracking calls written",
+                          file=sys.stderr, flush=True)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._down = True
+        if not self._warned:
+            self._warned = True
+            print(f"slotcon: warning: MLflow store {self.uri} is unavailable ({_first_line(exc)}); tracking calls are "
+                  "buffered and retried in the background, the stage goes on (metrics files and checkpoints are "
+                  "written as usual)", file=sys.stderr, flush=True)
 
     def _drop(self, what: str, exc: BaseException) -> None:
         self.failures += 1
         print(f"slotcon: warning: MLflow refused a {what} call ({_first_line(exc)}); skipped", file=sys.stderr,
               flush=True)
 
-    def _degrade(self, exc: BaseException) -> None:
-        self.failures += 1
-        if not self._warned:
-            self._warned = True
-            print(f"slotcon: warning: MLflow store {self.uri} is unavailable ({_first_line(exc)}); tracking calls are "
-                  "buffered and retried in the background, the stage goes on (metrics files and checkpoints are "
-                  "written as usual)", file=sys.stderr, flush=True)
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._retry_loop, name="slotcon-tracking-retry", daemon=True)
-                self._thread.start()
-
-    def _retry_loop(self) -> None:
-        delay = 1.0
-        while True:
-            time.sleep(delay)
-            while True:
-                with self._lock:
-                    if not self._queue:
-                        break
-                    what, fn = self._queue[0]
-                try:
-                    fn()
-                except Exception as exc:  # noqa: BLE001 - still down: back off
-                    if not is_transient(exc):
-                        self._drop(what, exc)
-                    else:
-                        self.failures += 1
-                        delay = min(delay * 2, 30.0)
-                        break
-                with self._lock:
-                    self._queue.popleft()
-                delay = 1.0
-            with self._lock:
-                if not self._queue:
-                    if self._warned:
-                        print(f"slotcon: MLflow store {self.uri} is back; buffered tracking calls written",
-                              file=sys.stderr, flush=True)
-                    self._thread = None
-                    return
-
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every buffered call is written (True) or ``timeout`` passes (False, one warning)."""
+        """Wait until every queued call is written (True) or ``timeout`` passes (False, one warning)."""
         timeout = float(os.environ.get(FLUSH_ENV, "60")) if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline:
-            thread = self._thread
-            if thread is None or not thread.is_alive():  # queue left by a dead thread: try once more here
-                with self._lock:
-                    if self._queue and (self._thread is None or not self._thread.is_alive()):
-                        self._thread = threading.Thread(target=self._retry_loop, daemon=True)
-                        self._thread.start()
-            time.sleep(0.2)
-        if self._queue:
-            kinds = collections.Counter(w for w, _ in self._queue)
-            print(f"slotcon: warning: MLflow store {self.uri} still unavailable after {timeout:.0f} s; "
-                  f"{len(self._queue)} tracking call(s) not written ({dict(kinds)}); the stage's metrics files hold "
-                  "its figures", file=sys.stderr, flush=True)
+        with self._cond:
+            while self._queue and time.monotonic() < deadline:
+                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            left = list(self._queue)
+        if left:
+            kinds = collections.Counter(w for w, _ in left)
+            print(f"slotcon: warning: MLflow store {self.uri} still unavailable after {timeout:.0f} s; {len(left)} "
+                  f"tracking call(s) not written ({dict(kinds)}); the stage's metrics files hold its figures",
+                  file=sys.stderr, flush=True)
             return False
         if self._spool is not None:
             self._spool.cleanup()
@@ -348,9 +344,8 @@ class Tracker:
         return True
 
     def _keep_copy(self, path: Path) -> Path:
-        """While buffering, a logged file may change or vanish before it is written: log a private copy."""
-        if not self._queue:
-            return path
+        """Calls are written later: a logged file (often in a temp dir, or rewritten each epoch) may change or vanish
+        by then, so the queue gets a private copy (artifacts here are pictures and small files)."""
         if self._spool is None:
             self._spool = tempfile.TemporaryDirectory(prefix="slotcon-tracking-")
         dst = Path(tempfile.mkdtemp(dir=self._spool.name)) / path.name
@@ -497,10 +492,16 @@ def stage_run(
     for ``$DVC_STAGE``) are copied onto the parent when the stage ends. The run ends FINISHED, or FAILED if the block
     raises. An unusable store is a :class:`StoreError` before the block runs; a store failing later never raises.
     """
-    from components import dist, pipeline_run
+    from components import pipeline_run
 
     cfg = cfg or TrackingConfig()
-    rank = dist.get_rank() if rank is None else rank
+    if rank is None:  # torch only if this process already uses it (a tiny script's stage need not import it)
+        if "torch.distributed" in sys.modules:
+            from components import dist
+
+            rank = dist.get_rank()
+        else:
+            rank = int(os.environ.get("RANK", "0"))
     if not cfg.enabled or rank != 0:
         yield Tracker()
         return

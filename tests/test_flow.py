@@ -183,7 +183,9 @@ def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
     from pipelines.flow import load_stages, select_stages
 
     stages = load_stages(make_tiny_project(tmp_path / "p"))
+    assert [s.name for s in stages] == ["a", "b", "c", "d"]  # DAG order, ties in dvc.yaml order
     assert [s.name for s in select_stages(stages, ["d"])] == ["a", "b", "d"]
+    assert [s.name for s in select_stages(stages, ["c", "b"])] == ["a", "b", "c"]
     assert [s.metrics for s in stages][0] == ("metrics/a.json",)
     with pytest.raises(ValueError, match="no stage"):
         select_stages(stages, ["nope"])
@@ -205,11 +207,13 @@ def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
 
     stages = load_stages(repo_root)
     names = [s.name for s in stages]
-    assert names[0] == "scenes"
+    assert names[:2] == ["check", "scenes"]
     pos = {n: i for i, n in enumerate(names)}
     for s in stages:
         assert all(pos[u] < pos[s.name] for u in s.upstream)
-    expected = ["scenes", "prepare", "shard", "pretrain", "export", "detect", "segment", "unsup_seg", "viz"]
+    # the params check is upstream of every stage: a typo stops `dvc repro` before any stage deletes its outs
+    assert all("check" in s.upstream for s in stages[1:])
+    expected = ["check", "scenes", "prepare", "shard", "pretrain", "export", "detect", "segment", "unsup_seg", "viz"]
     assert [n for n in names if n in expected] == [n for n in expected if n in names]
     # every stage but the first depends on some other stage's outs
     assert all(s.upstream for s in stages[1:])
