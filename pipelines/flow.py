@@ -305,9 +305,12 @@ def validate_request(root: Path, targets: Sequence[str] | None, overrides: list[
                     raise ValueError(f"-S {ovs[0]!r}: only {params_file} can be overridden here")
                 try:
                     apply_overrides(str(copy), ovs)
-                except Exception as exc:  # hydra's grammar errors are multi-line: keep the first line
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise ValueError(f"-S {' '.join(ovs)}: not a valid override ({first}); "
+                except Exception as exc:  # DVC wraps hydra's (multi-line) reason: keep its first line
+                    why = str(exc.__cause__ or exc).strip() or type(exc).__name__
+                    if why.startswith("Could not override"):
+                        raise ValueError(f"-S {' '.join(ovs)}: {why.splitlines()[0].removeprefix('Could not override ').rstrip('.')}"
+                                         f" is not a key of {params_file} (a typo? keys: `slotcon check`)") from None
+                    raise ValueError(f"-S {' '.join(ovs)}: not a valid override ({why.splitlines()[0]}); "
                                      "the form is section.key=value, e.g. -S pretrain.epochs=5") from None
         (Path(d) / "dvc.yaml").write_bytes((root / "dvc.yaml").read_bytes())
         load_all(copy, required=required_sections(copy))

@@ -136,3 +136,45 @@ def test_plain_dvc_repro_groups_stages_under_one_parent(tmp_path, monkeypatch):
     assert sorted(k.data.tags["slotcon.stage"] for k in kids) == ["a", "b"]
     kids2 = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")
     assert [k.data.tags["slotcon.stage"] for k in kids2] == ["c"]
+
+
+def test_promotion_decision_compares_with_the_champion():
+    from pipelines.registry import decide
+
+    assert decide({"detect.bbox_AP": "0.3"}, None, None)[0] is True
+    ok, why, used = decide({"detect.bbox_AP": "0.3"}, {"detect.bbox_AP": "0.4"}, None)
+    assert not ok and used == "detect.bbox_AP" and "< champion's 0.4" in why
+    assert decide({"segment.mIoU": "0.5"}, {"segment.mIoU": "0.4", "detect.bbox_AP": "1"}, None)[:1] == (True,)
+    assert decide({"unsup_seg.mIoU": "0.5"}, {"detect.bbox_AP": "0.4"}, None)[0] is False  # nothing in common
+
+
+def test_numeric_items_drop_sentinels_strings_and_nan():
+    from components.tracking import is_sentinel, numeric_items
+
+    assert is_sentinel("pretrained/bbox_APl", -1.0) and is_sentinel("segm_ARs", -1.0)
+    assert not is_sentinel("gain/loss", -1.0) and not is_sentinel("bbox_APl", 0.0)
+    assert numeric_items({"a": {"bbox_APm": -1.0, "x": 2}, "s": "txt", "n": float("nan"), "ok": True}) == {
+        "a.x": 2.0, "ok": 1.0}
+
+
+def test_split_metrics_keeps_headline_and_nesting():
+    from components.stage import split_metrics
+
+    m = {"loss": 1.0, "train.images": 4, "splits": {"val": {"n": 2}}, "x": 3}
+    assert split_metrics(m, ("loss", "train.images", "splits.val.n", "missing")) == {
+        "loss": 1.0, "train.images": 4, "splits": {"val": {"n": 2}}}
+    assert split_metrics(m, ()) == m
+
+
+def test_every_stage_declares_a_headline(repo_root):
+    """Headline keys are what DVC compares and what every parent run shows: a stage with a metrics file names them."""
+    import importlib
+
+    from components.cli import STAGES
+
+    missing = []
+    for name, (module, _) in STAGES.items():
+        spec = getattr(importlib.import_module(module), "STAGE", None)
+        if spec is not None and spec.metrics is not None and not spec.headline:
+            missing.append(name)
+    assert not missing, f"stages with a metrics file but no headline: {missing}"
