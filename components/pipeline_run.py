@@ -121,7 +121,7 @@ def open_parent(client: Any, exp_id: str, root: str | os.PathLike, *, name: str,
     if varied:
         all_tags["slotcon.params_changed"] = " ".join(varied)[:5000]
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    run = tracking._create_run(client, exp_id, all_tags, name, uri)
+    run = tracking.create_run(client, exp_id, all_tags, name, uri)
     tracker = tracking.Tracker(run.info.run_id, client, uri)
     params = _load_yaml(root / params_file)
     if isinstance(params, Mapping):
