@@ -263,7 +263,7 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
             if rank == 0:
                 print(f"slotcon {stage.name}: started ({stage.section} params from {params}"
                       + (f", {dist.get_world_size()} processes" if dist.get_world_size() > 1 else "") + ")",
-                      file=sys.stderr, flush=True)
+                      flush=True)  # stdout: stderr stays the one-line error channel
                 _log_inputs(stage, args, tracker)
             ctx = StageContext(stage, cfg, tcfg, args, tracker, rank=rank, world_size=dist.get_world_size())
             metrics = stage.run(ctx)
