@@ -29,10 +29,19 @@ class SlotConMethod(PretrainMethod):
 
         return model_kwargs_from_config(self.params)
 
-    def build_model(self) -> torch.nn.Module:
+    @classmethod
+    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
         from components.slotcon.model import SlotCon
 
-        return SlotCon(**self.model_kwargs())
+        return SlotCon(**kwargs)
+
+    @staticmethod
+    def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.teacher_features(images)
+
+    @staticmethod
+    def prototype_scores(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        return model.teacher_scores(images)
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, name=self.params.optimizer, lr=self.peak_lr,

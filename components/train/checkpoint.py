@@ -208,11 +208,12 @@ def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(path: str | os.PathLike):
-    """``models/pretrain/last.pt`` (or any pretrain checkpoint) -> :class:`SlotCon` in eval mode on the CPU.
+    """``models/pretrain/last.pt`` (or any pretrain checkpoint) -> the method's model in eval mode on the CPU.
 
-    Raises UserError naming the file if it is missing, unreadable, or its weights do not match ``model_kwargs``.
+    The model class comes from the file's ``method`` (``components.train.pretrain.METHODS``; SlotCon for files that
+    name none). Raises UserError naming the file if it is missing, unreadable, or its weights do not match.
     """
-    from components.slotcon.model import SlotCon
+    from components.train.pretrain import method_class
 
     path = Path(path)
     if not path.is_file():
@@ -221,10 +222,12 @@ def load_pretrained(path: str | os.PathLike):
     kwargs = state.get("model_kwargs")
     if not isinstance(kwargs, dict):
         raise UserError(f"{path}: no 'model_kwargs' entry; it was not written by `slotcon pretrain`")
-    model = SlotCon(**kwargs)
+    method = state.get("method", "slotcon")
+    model = method_class(method).model_from_kwargs(kwargs)
     try:
         model.load_state_dict(clean_state_dict(state["model"]), strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"{path}: weights do not match SlotCon({kwargs}): {first}; re-run `slotcon pretrain`") from None
+        raise UserError(f"{path}: weights do not match the {method} model {kwargs}: {first}; re-run "
+                        "`slotcon pretrain`") from None
     return model.eval()

@@ -137,7 +137,24 @@ class PretrainMethod(Method):
         raise NotImplementedError
 
     def build_model(self) -> torch.nn.Module:
+        return self.model_from_kwargs(self.model_kwargs())
+
+    @classmethod
+    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
+        """The model from stored ``model_kwargs`` (downstream stages rebuild it from ``last.pt`` this way)."""
         raise NotImplementedError
+
+    # -- what downstream stages ask of a pretrained model (unsup_seg, viz) ------------------------------------------------
+    @staticmethod
+    def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(B, 3, H, W)`` -> the dense features the method transfers, ``(B, D, h, w)``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def prototype_scores(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        """``(B, K, h, w)`` scores against learned prototypes (SlotCon), or None: downstream then clusters
+        :meth:`dense_features` with k-means (K = number of classes)."""
+        return None
 
     # -- engine hooks -----------------------------------------------------------------------------------------------
     def build(self, device: torch.device) -> torch.nn.Module:

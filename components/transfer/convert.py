@@ -19,21 +19,17 @@ import torch
 from components.errors import UserError
 from components.stage import Arg, Stage
 
-PREFIX = "teacher_encoder.backbone."
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+PREFIX = "teacher_encoder.backbone."  # SlotCon's (files written before last.pt recorded its method's prefix)
 
 
 def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """``torchvision.models.<arch>(weights=None)`` with ``fc = Identity`` (no download), optionally loaded strictly.
 
-    Forward: ``(B, 3, H, W) -> (B, C)`` pooled features (C = 512 for resnet18/34, 2048 for resnet50).
+    Forward: ``(B, 3, H, W) -> (B, C)`` pooled features (C = 512 for resnet18/34, 2048 for resnet50+).
     """
-    import torchvision
+    from components.backbone import build_resnet
 
-    if arch not in ARCHS:
-        raise UserError(f"unknown backbone arch {arch!r} (allowed: {', '.join(ARCHS)})")
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = torch.nn.Identity()
+    model = build_resnet(arch, head="identity")
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model
@@ -41,9 +37,9 @@ def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = No
 
 def teacher_backbone_state(model_state: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Keys under ``prefix`` with the prefix removed (``module.`` from DDP dropped first); tensors cloned to CPU."""
-    from components.train.checkpoint import clean_state_dict
+    from components.backbone import clean_keys
 
-    sd = clean_state_dict(model_state)
+    sd = clean_keys(model_state)
     out = {k[len(prefix):]: v.detach().cpu().clone() for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in out.items() if not k.startswith("fc.")}
 
@@ -56,7 +52,11 @@ def _arch_of(state: Mapping[str, Any]) -> str | None:
 
 
 def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    """Pretrain checkpoint -> ``(arch, torchvision state_dict, source info)``; UserError naming the file if bad."""
+    """Pretrain checkpoint -> ``(arch, torchvision state_dict, source info)``; UserError naming the file if bad.
+
+    The trunk is the one the checkpoint's method transfers (``backbone_prefix`` in ``last.pt``: SlotCon's teacher).
+    """
+    from components.backbone import ARCHS
     from components.train.checkpoint import load_checkpoint
 
     path = Path(path)
@@ -66,20 +66,24 @@ def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Te
     arch = _arch_of(state)
     if arch not in ARCHS:
         raise UserError(f"{path}: checkpoint names no known arch (got {arch!r}); it was not written by slotcon pretrain")
-    sd = teacher_backbone_state(state["model"])
+    prefix = state.get("backbone_prefix") or PREFIX
+    sd = teacher_backbone_state(state["model"], prefix)
     if not sd:
-        raise UserError(f"{path}: no '{PREFIX}*' weights in the checkpoint's model; is it a SlotCon checkpoint?")
+        raise UserError(f"{path}: no '{prefix}*' weights in the checkpoint's model; is it a pretrain checkpoint?")
     try:
         build_backbone(arch, sd)
     except RuntimeError as exc:
-        raise UserError(f"{path}: teacher backbone does not load into torchvision {arch}: "
-                        f"{str(exc).splitlines()[0]}") from None
-    source = {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step")}
+        raise UserError(f"{path}: the {state.get('method', 'slotcon')} backbone does not load into torchvision "
+                        f"{arch}: {str(exc).splitlines()[0]}") from None
+    source = {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step"),
+              "method": state.get("method", "slotcon")}
     return arch, sd, source
 
 
 def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     """``models/backbone.pt`` -> ``(arch, state_dict)`` (torchvision keys minus ``fc.*``); UserError if bad."""
+    from components.backbone import ARCHS
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: backbone not found; run `dvc repro export` (slotcon export) first")
