@@ -18,7 +18,8 @@ test_damaged_header_checksum_loses_are_counted shows 12 of 16 samples vanish wit
 Records (one dict per problem, collected in an :class:`ErrorLog` per process): ``{"reason", "url", "key", "lost",
 "detail"}``; ``lost`` is how many samples the problem cost (1 for a skipped sample, ``expected - read`` for a shard
 visit that ended early, ``None`` when a shard ended early and its expected count is unknown). ``key`` names a sample
-that was lost; a shard-level record names instead the last sample it did deliver (``after``).
+that was lost; a shard-level record names instead the last sample read from the tar before it broke (``after``:
+delivered, or lost with a record of its own when the break left it incomplete).
 """
 from __future__ import annotations
 
