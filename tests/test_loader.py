@@ -189,6 +189,8 @@ def test_url_forms_brace_pipe_fsspec(tmp_path):
     got = list(iterate_samples(mem, decode="bytes"))
     assert sorted(s["key"] for s in got) == expected and got[0]["url"].startswith("memory://")
     assert sorted(_keys(make_loader([Path(u).as_uri() for u in urls], batch_size=3))) == expected
+    # fsspec URLs open without patching WebDataset's global scheme table (the wave-1 loader added every protocol)
+    assert "memory" not in wds.gopen_schemes and "s3" not in wds.gopen_schemes
 
 
 def test_iterate_samples_fixed_order(tmp_path):

@@ -233,9 +233,9 @@ class ReadShards:
                                                         "lists (shard replaced or index stale)")
             self.errors.add(reason, visit.url, None, f"read {n} of {expected} samples; {detail}",
                             lost=expected - n, after=last, read=n, expected=expected)
-        elif problem is not None and expected is None:
-            self.errors.add(problem[0], visit.url, None, f"read {n} samples, then: {problem[1]}", lost=None,
-                            after=last, read=n)
+        elif problem is not None:  # damage that cost no whole sample (expected known) or an unknown number
+            self.errors.add(problem[0], visit.url, None, f"read {n} samples, then: {problem[1]}",
+                            lost=None if expected is None else 0, after=last, read=n)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -234,6 +234,22 @@ def test_device_decode_falls_back_per_image_and_drops_corrupt():
     assert len(decode_images(clean, torch.device("cpu"), device_decode=dev2).images) == 3 and dev2.calls == [3]
 
 
+@pytest.mark.gpu
+def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
+    """The real thing on CUDA: grey and CMYK JPEGs decode (CMYK on the CPU, alone), a corrupt one is dropped."""
+    from components.data.decode import decode_images, decode_rgb
+
+    jpegs = _jpegs()
+    names = list(jpegs)
+    out = decode_images([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()],
+                        torch.device("cuda"))
+    assert [names[i] for i in out.kept] == ["rgb", "gray", "cmyk", "rgb2"] and len(out.failed) == 1
+    for i, img in zip(out.kept, out.images):
+        assert img.is_cuda and img.shape == decode_rgb(jpegs[names[i]]).shape
+        # nvJPEG and libjpeg-turbo may round differently (IDCT, upsampling): close, not equal
+        assert (img.cpu().float() - decode_rgb(jpegs[names[i]]).float()).abs().mean() < 3
+
+
 def test_make_views_drops_the_crops_of_a_dropped_image():
     """The views of a batch with a corrupt image equal the views of the same batch without it (same generator):
     the dropped image's boxes, flips and coords went with it."""
@@ -272,7 +288,10 @@ def pretrain_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.mark.slow
 def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_shards, tmp_path):
+    """The damaged-checksum shard under `slotcon pretrain`: a one-line stop naming the shard (default threshold);
+    with the threshold raised, the run finishes and its metrics hold the exact loss (12 samples of the shard)."""
     import shutil
 
     from components.config import PretrainConfig
@@ -288,6 +307,7 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_sh
     total = sum(counts.values())
     tiny = dict(image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1, warmup_epochs=0,
                 samples_per_epoch=16, slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
+    torch.set_num_threads(1)  # tiny steps: a second thread only spins on a busy 2-core box (restored by conftest)
     with pytest.raises(UserError) as err:
         run_pretrain(PretrainConfig(**tiny), shards, tmp_path / "m", tmp_path / "ck", progress=False)
     msg = str(err.value)
@@ -360,7 +380,14 @@ def _kept_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             opt.step()
             losses.append(float(loss))
         params = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
-        torch.save({"losses": losses, "params": params}, Path(out_dir) / f"rank{rank}.pt")
+        # SyncBN (CUDA only, so not run here): its choice is taken on every rank's query count together
+        from components.slotcon.heads import MLPPredictor
+        from components.slotcon.losses import _predictor_plan
+
+        sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(MLPPredictor(6, 8, 6)).train()
+        plans = [_predictor_plan(sync, here, everywhere, synced=True)
+                 for here, everywhere in [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 5)]]
+        torch.save({"losses": losses, "params": params, "plans": plans}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         tdist.destroy_process_group()
 
@@ -377,6 +404,9 @@ def test_fewer_than_two_kept_queries_two_gloo_ranks(tmp_path):
     l0, l1 = ranks[0]["losses"], ranks[1]["losses"]
     assert l0[:4] == [0.0, 0.0, 0.0, 0.0] and l1[1:4] == [0.0, 0.0, 0.0]  # < 2 rows for BN: nothing to contrast
     assert l1[0] == 0.0 and l0[4] > 0 and l1[4] > 0 and l1[5] > 0
+    # (run here, join SyncBN's collectives with an empty batch): nobody runs it below 2 queries over all ranks
+    assert ranks[0]["plans"] == [(False, False), (False, False), (False, False), (False, True), (True, False),
+                                 (True, False)]
 
 
 def test_fewer_than_two_kept_queries_one_process():
