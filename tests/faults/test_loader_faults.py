@@ -4,7 +4,6 @@ named by shard (issue 11.1), a corrupt / CMYK / grey JPEG on the device-decode p
 from __future__ import annotations
 
 import json
-import socket
 import tarfile
 from pathlib import Path
 
@@ -12,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from data_fixtures import jpeg_bytes, png_bytes
+from data_fixtures import jpeg_bytes
+from test_loader import write_shards
+from test_pretrain import _free_port, shards  # noqa: F401  (shards: the module-scoped fixture, 48 + 8 scenes)
 
 from components.data.loader import iterate_samples, make_loader
 
@@ -21,20 +22,9 @@ pytestmark = pytest.mark.faults
 PER_SHARD = 16
 
 
-def _write(d: Path, n_shards: int, per_shard: int = PER_SHARD, seed: int = 0) -> list[str]:
+def _write(d: Path, n_shards: int, per_shard: int = PER_SHARD) -> list[str]:
     """Shards of ``per_shard`` samples (jpg, json, seg.png members, as `slotcon shard` writes them)."""
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for i in range(n_shards):
-        p = d / f"s-{i:06d}.tar"
-        with wds.TarWriter(str(p), encoder=False, mtime=0) as tw:
-            for j in range(per_shard):
-                tw.write({"__key__": f"k{i:03d}_{j:03d}", "jpg": jpeg_bytes(rng.integers(0, 255, (24, 32, 3), np.uint8)),
-                          "json": json.dumps({"image": {"id": j, "height": 24, "width": 32}}).encode(),
-                          "seg.png": png_bytes(rng.integers(0, 4, (24, 32), np.uint8))})
-        urls.append(str(p))
-    return urls
+    return write_shards(d, n_shards, per_shard)
 
 
 def _members(url: str) -> list[tarfile.TarInfo]:
@@ -274,22 +264,8 @@ def test_make_views_drops_the_crops_of_a_dropped_image():
 # --------------------------------------------------------------------------------------------------------------------
 # pretraining: lost samples reach the metrics; above the threshold, a one-line stop
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrain_shards(tmp_path_factory) -> Path:
-    from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
-
-    root = tmp_path_factory.mktemp("lost_data")
-    generate_scenes(ScenesConfig(num_train=32, num_val=4, image_size=64), root / "scenes")
-    run_prepare(DataConfig(), root / "scenes", root / "raw", progress=False)
-    run_shard(ShardConfig(max_count=16, workers=1), root / "raw", root / "shards", progress=False)
-    return root / "shards"
-
-
 @pytest.mark.slow
-def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_shards, tmp_path):
+def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(shards, tmp_path):
     """The damaged-checksum shard under `slotcon pretrain`: a one-line stop naming the shard (default threshold);
     with the threshold raised, the run finishes and its metrics hold the exact loss (12 samples of the shard)."""
     import shutil
@@ -299,9 +275,9 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_sh
     from components.errors import UserError
     from components.train.pretrain import run_pretrain
 
-    shards = tmp_path / "shards"
-    shutil.copytree(pretrain_shards, shards)
-    counts = expected_counts(shards, "train2017")
+    root = tmp_path / "shards"
+    shutil.copytree(shards, root)
+    counts = expected_counts(root, "train2017")
     victim = sorted(counts)[0]
     _damage(victim, "checksum_first_member")  # 12 of its 16 samples are gone
     total = sum(counts.values())
@@ -309,10 +285,10 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_sh
                 samples_per_epoch=16, slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
     torch.set_num_threads(1)  # tiny steps: a second thread only spins on a busy 2-core box (restored by conftest)
     with pytest.raises(UserError) as err:
-        run_pretrain(PretrainConfig(**tiny), shards, tmp_path / "m", tmp_path / "ck", progress=False)
+        run_pretrain(PretrainConfig(**tiny), root, tmp_path / "m", tmp_path / "ck", progress=False)
     msg = str(err.value)
     assert "\n" not in msg and f"12 of {total} samples" in msg and victim in msg and "max_lost_fraction=0.001" in msg
-    metrics = run_pretrain(PretrainConfig(**tiny, max_lost_fraction=0.5), shards, tmp_path / "m", tmp_path / "ck",
+    metrics = run_pretrain(PretrainConfig(**tiny, max_lost_fraction=0.5), root, tmp_path / "m", tmp_path / "ck",
                            tmp_path / "metrics.json", progress=False)
     assert metrics["lost_samples"] == 12 and metrics["lost_fraction"] == pytest.approx(12 / total)
     assert json.loads((tmp_path / "metrics.json").read_text())["lost_samples"] == 12
@@ -321,12 +297,6 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(pretrain_sh
 # --------------------------------------------------------------------------------------------------------------------
 # fewer than 2 kept slot queries on a rank
 # --------------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scores(n_kept: int, b: int, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) one-pixel score maps of ``b`` images where exactly ``n_kept`` queries survive the masks."""
     s, t = torch.zeros(b, k, 1, 1), torch.zeros(b, k, 1, 1)
