@@ -14,7 +14,7 @@ export PREFECT_UI_ENABLED ?= false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast bench clean-outputs
+.PHONY: setup demo test test-fast bench gpu-check clean-outputs
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/shard_throughput.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
+
+# On a machine with a CUDA GPU: pytest -m gpu, pretraining/detection/segmentation throughput, nvJPEG; one JSON + table
+# (<= 8 minutes on one H100/H200). `python benchmarks/gpu_check.py --dry-run` rehearses it on a CPU.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --json gpu_check.json
 
 clean-outputs:
 	rm -rf data/scenes data/raw data/shards models metrics plots

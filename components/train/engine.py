@@ -63,6 +63,8 @@ class Method:
     sync_bn: bool = True
     #: images per step over all ranks (throughput); set by the method
     global_batch: int = 1
+    #: prepare the next batch (decode, augment, copy) on a side CUDA stream while a step runs
+    prefetch: bool = False
 
     def build(self, device: torch.device) -> nn.Module:
         raise NotImplementedError
@@ -126,6 +128,7 @@ class RunSpec:
     metric_prefix: str = ""  # MLflow metric names: f"{prefix}{stat}"
     keep_checkpoints: int = 2
     progress: bool = True
+    prefetch: bool | None = None  # prepare the next batch during a step (None: on CUDA when the method asks)
 
 
 @dataclass
@@ -239,15 +242,18 @@ class Trainer:
             method.compile(self.raw)
         self.channels_last = device.type == "cuda" and spec.channels_last
 
-    def step(self, batch: Any, step: int) -> tuple[torch.Tensor, float, float | None]:
-        """Train on ``batch`` as global step ``step``; returns ``(rank-summed stat vector, lr, momentum)``."""
+    def prepare(self, batch: Any) -> Any:
+        inputs = self.method.prepare(batch, self.device)
+        return _channels_last(inputs) if self.channels_last else inputs
+
+    def step(self, batch: Any, step: int, *, prepared: Any = None) -> tuple[torch.Tensor, float, float | None]:
+        """Train on ``batch`` (or on ``prepared``, what :meth:`prepare` made of it ahead of time) as global step
+        ``step``; returns ``(rank-summed stat vector, lr, momentum)``."""
         method, optimizer = self.method, self.optimizer
         lr = method.lr_at(step)
         momentum = method.momentum_at(step)
         set_lr(optimizer, lr)
-        inputs = method.prepare(batch, self.device)
-        if self.channels_last:
-            inputs = _channels_last(inputs)
+        inputs = prepared if prepared is not None else self.prepare(batch)
         with autocast(self.device, self.spec.amp):
             out = method.forward(self.wrapped, inputs, step)
         loss = out["loss"]
@@ -260,6 +266,64 @@ class Trainer:
         optimizer.step()
         method.after_update(self.raw, step, momentum)
         return vec, lr, momentum
+
+
+class Prefetcher:
+    """Prepares batch ``i + 1`` (decode, augmentation, host-to-device copies) while step ``i`` runs.
+
+    On CUDA the preparation runs on a side stream (the default stream waits on an event before it uses the tensors,
+    and the tensors are marked as used by the default stream, so the caching allocator never hands their memory out
+    early); the loader pins its batches. Elsewhere (tests) it runs inline, one batch ahead.
+
+    Exact resume: preparing batch ``i + 1`` draws from the method's generators before step ``i``'s checkpoint is
+    written, so :attr:`saved_generator_states` holds their states from *before* that draw; the engine writes those.
+    """
+
+    def __init__(self, trainer: "Trainer", batches: Iterator):
+        self.trainer, self.batches = trainer, batches
+        cuda = trainer.device.type == "cuda"
+        self.stream = torch.cuda.Stream(trainer.device) if cuda else None
+        self.saved_generator_states: list | None = None
+        self._next = self._prepare_next()
+
+    def _prepare_next(self):
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        states = [g.get_state() for g in self.trainer.method.generators()]
+        if self.stream is None:
+            return self.trainer.prepare(batch), None, states
+        with torch.cuda.stream(self.stream):
+            inputs = self.trainer.prepare(batch)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return inputs, event, states
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._next is None:
+            raise StopIteration
+        inputs, event, _ = self._next
+        if event is not None:
+            main = torch.cuda.current_stream(self.trainer.device)
+            main.wait_event(event)
+            _record_stream(inputs, main)
+        self._next = self._prepare_next()  # queued now: overlaps with the step the caller runs next
+        self.saved_generator_states = self._next[2] if self._next is not None else None
+        return inputs
+
+
+def _record_stream(obj: Any, stream) -> None:
+    if isinstance(obj, torch.Tensor) and obj.is_cuda:
+        obj.record_stream(stream)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _record_stream(v, stream)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _record_stream(v, stream)
 
 
 class _Window:
@@ -352,9 +416,15 @@ def fit(
 
     trainer = Trainer(method, model, optimizer, spec, device)
     raw = trainer.raw
+    prefetch = spec.prefetch if spec.prefetch is not None else (device.type == "cuda" and method.prefetch)
+    prefetcher: Prefetcher | None = None
 
     def save(step_now: int, epoch_now: int, batch_now: int) -> None:
-        rank_states = gather_objects(ckpt.rng_state(method.generators()))
+        state = ckpt.rng_state(method.generators())
+        if prefetcher is not None and prefetcher.saved_generator_states is not None:  # before the prefetch's draws
+            state["generators"] = prefetcher.saved_generator_states
+            state["generator"] = state["generators"][0]
+        rank_states = gather_objects(state)
         if is_main and run_dir is not None:
             ckpt.save_checkpoint({
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
@@ -428,8 +498,12 @@ def fit(
             ckpt.set_rng_state(pending_rng, method.generators())
             pending_rng = None
         skip = 0
-        for batch in it:
-            vec, lr, momentum = trainer.step(batch, step)
+        prefetcher = Prefetcher(trainer, it) if prefetch else None
+        for batch in (prefetcher if prefetcher is not None else it):
+            if prefetcher is not None:
+                vec, lr, momentum = trainer.step(None, step, prepared=batch)
+            else:
+                vec, lr, momentum = trainer.step(batch, step)
             window.add(vec, step)
             step += 1
             i += 1
@@ -460,14 +534,15 @@ def fit(
                 raise UserError(f"{spec.label}: epoch {epoch} yielded no batch on rank {rank}; check the data "
                                 "(slotcon shard --verify) and the batch size")
             look(step)
-            if epoch_steps:
-                close_epoch(epoch + 1)
-        if not stopped and (spec.steps_per_epoch is None or i >= spec.steps_per_epoch):
+            i = -1  # marks a finished pass
+        if stopped:
+            break
+        if epoch_steps and (i == -1 or step >= spec.total_steps):  # a pass ended, or the run ended inside one
+            close_epoch(epoch + 1)
+        if i == -1 or (spec.steps_per_epoch is not None and i >= spec.steps_per_epoch):
             epoch += 1
     bar.close()
     train_time = time.perf_counter() - t_start
-    if not stopped and epoch_steps and spec.steps_per_epoch is None:  # the last, unfinished pass
-        close_epoch(epoch)
     return FitResult(
         history=history, curve=curve, step=step, steps_this_run=steps_run, train_time_s=train_time,
         img_per_s=steps_run * method.global_batch / train_time if steps_run and train_time > 0 else 0.0,

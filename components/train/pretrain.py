@@ -123,6 +123,7 @@ class PretrainMethod(Method):
     plot_keys: tuple[str, ...] = ("loss",)  # columns of loss.csv / loss.png
     backbone_prefix = ""  # state_dict prefix of the trunk that export writes (torchvision keys after it)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    prefetch = True  # on CUDA: decode + augment the next batch on a side stream during the step
 
     def __init__(self, cfg, plan: Plan, device: torch.device):
         from components.slotcon.augment import TwoViewAugment
@@ -186,7 +187,8 @@ class PretrainMethod(Method):
         loader = build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
                               samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
                               rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
-                              decode=self.decode, crop_scale=self.crop_scale, expected_counts=self.lost.expected)
+                              decode=self.decode, crop_scale=self.crop_scale, expected_counts=self.lost.expected,
+                              pin_memory=self.device.type == "cuda")
         return self._count_lost(loader)
 
     def _count_lost(self, loader):

@@ -83,7 +83,7 @@ def collate_pairs(samples: list[dict]) -> dict[str, Any]:
 
 def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, epoch: int, rank: int,
                  world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 expected_counts=None):
+                 pin_memory: bool = False, expected_counts=None):
     """This rank's loader for ``epoch``: resampled, ``samples_per_epoch // world_size // rank_batch`` batches of
     ``rank_batch`` two-crop samples (see the module docstring); ``expected_counts`` (``{url: samples}``) makes it
     count lost samples exactly."""
@@ -93,7 +93,7 @@ def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, ep
         list(urls), batch_size=rank_batch, decode=decode, map_fn=DrawCrops(seed, epoch, rank, crop_scale),
         collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True,
-        expected_counts=expected_counts,
+        pin_memory=pin_memory, expected_counts=expected_counts,
     )
 
 
