@@ -516,7 +516,7 @@ def _run_stage(ctx) -> dict[str, Any]:
 
 
 STAGE = Stage(
-    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json",
+    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json", headline=("images", "skipped"),
     args=(Arg("scenes", "data/scenes", "root of the generated scenes (source: scenes)"),
           Arg("out", "data/raw", "output folder for manifests and index.json"),
           Arg("no_progress", False, "no progress bar", flag=True)),

@@ -743,5 +743,6 @@ def _summary(stats: dict) -> str:
 
 STAGE = Stage(
     name="scenes", section="scenes", run=_run_stage, metrics="metrics/scenes.json", summary=_summary,
+    headline=("train.images", "val.images"),
     args=(Arg("out", "data/scenes", "dataset root to (re)write"),),
 )

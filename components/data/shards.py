@@ -489,7 +489,7 @@ def _run_stage(ctx) -> dict[str, Any]:
 
 
 STAGE = Stage(
-    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json",
+    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json", headline=("samples", "shards"),
     args=(Arg("raw", "data/raw", "output of `slotcon prepare`"),
           Arg("out", "data/shards", "shard folder"),
           Arg("verify", False, "only re-read the shards under --out and check them", flag=True),

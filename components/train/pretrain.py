@@ -384,6 +384,7 @@ def _run_stage(ctx) -> dict[str, Any]:
 
 STAGE = Stage(
     name="pretrain", section="pretrain", run=_run_stage, metrics="metrics/pretrain.json", distributed=True,
+    headline=("loss", "train_time_s"),
     args=(Arg("shards", "data/shards", "shard root with index.json"),
           Arg("out", "models/pretrain", "receives last.pt"),
           Arg("checkpoints", "checkpoints/pretrain", "resumable checkpoints (not a DVC out)"),
