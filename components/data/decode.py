@@ -4,12 +4,13 @@
   with odd markers, PNG in a ``.jpg`` member) and :func:`decode_seg` (single-channel PNG -> (H, W) class ids).
 - :func:`check_image_header`: the cheap check a loader worker makes on bytes it hands through undecoded (reads the
   header only).
-- :func:`decode_images`: a batch of JPEG byte tensors -> RGB tensors on the training device. On CUDA the whole batch
+- :func:`decode_batch`: a batch of JPEG byte tensors -> RGB tensors on the training device. On CUDA the whole batch
   goes to nvJPEG at once; if nvJPEG refuses the batch (it cannot decode CMYK JPEGs, and it raises on corrupt data),
   every image is retried alone on the device, and an image the device still refuses is decoded on the CPU; an image
   no decoder accepts is dropped and reported (its index and why), so the caller can drop what belongs to it (crop
   parameters, keys) and count it. The device decoder is a parameter, so the same code path runs on a CPU in tests
-  with a stand-in that refuses what nvJPEG refuses.
+  with a stand-in that refuses what nvJPEG refuses. :func:`decode_images` is the same as a list (None for a dropped
+  image).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def check_image_header(data: bytes) -> None:
     """ValueError if the bytes are no image (garbage, an empty member, a header PIL cannot parse), without decoding
     the pixels. A JPEG that starts with SOI and ends with EOI passes at once (~1 us); anything else has its header
     parsed by PIL (~50 us). Corrupt scan data behind a good header passes: the device decoder finds that, and
-    :func:`decode_images` drops and reports the image."""
+    :func:`decode_batch` drops and reports the image."""
     if len(data) < 4:
         raise ValueError(f"{len(data)} bytes: too short for an image")
     if data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9":
@@ -74,7 +75,7 @@ def check_image_header(data: bytes) -> None:
 
 @dataclass
 class Decoded:
-    """What :func:`decode_images` made of a batch: the images that decoded, which inputs they are, what failed."""
+    """What :func:`decode_batch` made of a batch: the images that decoded, which inputs they are, what failed."""
 
     images: list[torch.Tensor]  # (3, H, W) uint8 RGB on the device, in input order, failures left out
     kept: list[int]  # input index of each image in ``images``
@@ -96,8 +97,8 @@ def _cpu_one(data: torch.Tensor) -> torch.Tensor:
     return decode_rgb(data.numpy().tobytes())
 
 
-def decode_images(images: Sequence[torch.Tensor], device: torch.device,
-                  device_decode: DeviceDecode | None = None) -> Decoded:
+def decode_batch(images: Sequence[torch.Tensor], device: torch.device,
+                 device_decode: DeviceDecode | None = None) -> Decoded:
     """JPEG byte tensors (1-D uint8) or decoded (3, H, W) tensors -> :class:`Decoded` RGB tensors on ``device``.
 
     Decoded tensors are only moved. Byte tensors: with a device decoder (nvJPEG by default on CUDA, or the
@@ -134,3 +135,13 @@ def decode_images(images: Sequence[torch.Tensor], device: torch.device,
         out.append(img.to(device, non_blocking=True))
         kept.append(i)
     return Decoded(out, kept, failed, on_cpu)
+
+
+def decode_images(images: Sequence[torch.Tensor], device: torch.device,
+                  device_decode: DeviceDecode | None = None) -> list[torch.Tensor | None]:
+    """:func:`decode_batch` as a list in input order, ``None`` where no decoder accepted the image."""
+    decoded = decode_batch(images, device, device_decode)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for i, img in zip(decoded.kept, decoded.images):
+        out[i] = img
+    return out

@@ -383,7 +383,7 @@ def make_loader(
     """Batches ``collate_fn(list_of_samples)`` (default: the list itself) from WebDataset shards.
 
     ``decode="rgb"``: ``sample["image"]`` is a uint8 (3, H, W) RGB tensor; ``"bytes"``: the original JPEG bytes (decode
-    later, e.g. batched nvJPEG on the GPU: :func:`components.data.decode.decode_images`). ``map_fn(sample)`` and
+    later, e.g. batched nvJPEG on the GPU: :func:`components.data.decode.decode_batch`). ``map_fn(sample)`` and
     ``collate_fn`` run in the loader workers. Resampled mode yields exactly ``samples_per_epoch // world_size //
     batch_size`` batches per rank. ``expected_counts``: ``{url: samples}`` of every URL, to count lost samples exactly.
     Extra keywords: ``shuffle_buffer``, ``pin_memory``, ``prefetch_factor``. See the module docstring.

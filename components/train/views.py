@@ -4,7 +4,7 @@
    only draw each sample's two crop boxes and flips (:func:`components.slotcon.transforms.sample_two_crops`) with a
    generator seeded from ``(seed, epoch, rank, worker, key, occurrence)`` -- never from DataLoader worker RNG, so a
    restarted epoch draws the same crops. On CUDA they pass the JPEG bytes through untouched; on CPU they decode.
-2. On the device: JPEGs are batch-decoded by nvJPEG (:func:`components.data.decode.decode_images`), then
+2. On the device: JPEGs are batch-decoded by nvJPEG (:func:`components.data.decode.decode_batch`), then
    :class:`components.slotcon.augment.TwoViewAugment` crops/resizes, colour-jitters, blurs and solarizes the whole
    batch with per-sample parameters from one seeded generator per rank (:func:`augment_generator`, saved in
    checkpoints).
@@ -113,10 +113,10 @@ def make_views(batch: dict, augment: torch.nn.Module, generator: torch.Generator
     images that remain), so this rank's batch has B' < B views; the losses take unequal batches over ranks.
     ``device_decode``: the device's batch decoder (default nvJPEG on CUDA; tests pass a CPU stand-in).
     """
-    from components.data.decode import decode_images
+    from components.data.decode import decode_batch
     from components.errors import UserError
 
-    decoded = decode_images(batch["images"], device, device_decode=device_decode)
+    decoded = decode_batch(batch["images"], device, device_decode=device_decode)
     crops = {k: batch[k] for k in ("boxes", "flips", "coords")}
     keys, urls = batch.get("keys") or [None] * len(batch["images"]), batch.get("urls") or [None] * len(batch["images"])
     dropped = [(urls[i], keys[i], why) for i, why in decoded.failed]

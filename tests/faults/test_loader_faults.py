@@ -130,7 +130,7 @@ def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_pat
 def test_corrupt_jpeg_in_a_shard_is_counted_on_both_paths(tmp_path):
     """A garbage JPEG is skipped by the worker (rgb: decode fails; bytes: the header check fails); a truncated JPEG
     with a good header passes a bytes-mode worker and is dropped, with its crops, when the device decodes."""
-    from components.data.decode import decode_images
+    from components.data.decode import decode_batch
 
     urls = _write(tmp_path, 2, per_shard=6)
     rng = np.random.default_rng(5)
@@ -150,7 +150,7 @@ def test_corrupt_jpeg_in_a_shard_is_counted_on_both_paths(tmp_path):
     assert raw.stats["lost_by_shard"] == {str(p): 1} and raw.errors[0]["key"] == "garbage"
     images = [torch.frombuffer(bytearray(s["image"]), dtype=torch.uint8) for b in batches for s in b]
     keys = [s["key"] for b in batches for s in b]
-    out = decode_images(images, torch.device("cpu"))
+    out = decode_batch(images, torch.device("cpu"))
     assert [keys[i] for i, _ in out.failed] == ["truncated"] and len(out.images) == len(keys) - 1
 
 
@@ -204,13 +204,15 @@ def _jpegs():
 
 
 def test_device_decode_falls_back_per_image_and_drops_corrupt():
-    from components.data.decode import decode_images, decode_rgb
+    from components.data.decode import decode_batch, decode_images, decode_rgb
 
     jpegs = _jpegs()
     names = list(jpegs)
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()]
+    as_list = decode_images(tensors, torch.device("cpu"), device_decode=NvjpegStandIn())
+    assert [im is None for im in as_list] == [n == "corrupt" for n in names]
     dev = NvjpegStandIn()
-    out = decode_images(tensors, torch.device("cpu"), device_decode=dev)
+    out = decode_batch(tensors, torch.device("cpu"), device_decode=dev)
     assert [names[i] for i in out.kept] == ["rgb", "gray", "cmyk", "rgb2"]
     assert [names[i] for i, _ in out.failed] == ["corrupt"] and out.on_cpu == 1  # only the CMYK went to the CPU
     assert dev.calls[0] == 5 and dev.calls[1:] == [1] * 5  # the batch, then each image alone (not the batch on CPU)
@@ -221,17 +223,17 @@ def test_device_decode_falls_back_per_image_and_drops_corrupt():
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     clean = [t for n, t in zip(names, tensors) if n in ("rgb", "gray", "rgb2")]
     dev2 = NvjpegStandIn()
-    assert len(decode_images(clean, torch.device("cpu"), device_decode=dev2).images) == 3 and dev2.calls == [3]
+    assert len(decode_batch(clean, torch.device("cpu"), device_decode=dev2).images) == 3 and dev2.calls == [3]
 
 
 @pytest.mark.gpu
 def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
     """The real thing on CUDA: grey and CMYK JPEGs decode (CMYK on the CPU, alone), a corrupt one is dropped."""
-    from components.data.decode import decode_images, decode_rgb
+    from components.data.decode import decode_batch, decode_rgb
 
     jpegs = _jpegs()
     names = list(jpegs)
-    out = decode_images([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()],
+    out = decode_batch([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()],
                         torch.device("cuda"))
     assert [names[i] for i in out.kept] == ["rgb", "gray", "cmyk", "rgb2"] and len(out.failed) == 1
     for i, img in zip(out.kept, out.images):
