@@ -172,6 +172,9 @@ class PretrainConfig(Section):
     save_every_steps: int = Field(default=50, ge=1)  # atomic checkpoint cadence (plus every epoch end)
     log_every_steps: int = Field(default=5, ge=1)  # host looks at the step stats (MLflow, non-finite check)
     samples_per_epoch: int = Field(default=0, ge=0)  # 0 = the number of images in the pretraining shards
+    # stop (one line, every rank) when more than this share of the shards' samples is lost (damaged tar, corrupt
+    # JPEG ...; counted against index.json); 0 = any loss stops
+    max_lost_fraction: float = Field(default=0.001, ge=0.0, le=1.0)
     slotcon: SlotConParams = Field(default_factory=SlotConParams)
 
     @model_validator(mode="after")
