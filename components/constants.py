@@ -21,10 +21,10 @@ RESNET_CHANNELS: dict[str, int] = {
 RESNET_ARCHS: tuple[str, ...] = tuple(RESNET_CHANNELS)
 
 #: Plain ViTs built from torchvision's ``VisionTransformer`` class (never with downloaded weights): patch size, depth,
-#: heads, width, MLP width. ``vit_s_16`` / ``vit_b_16`` are the paper models (DeiT-S / ViT-B); ``vit_demo_8`` is the
-#: CPU demo's (4 blocks of 192-d, patch 8: a 12x12 grid at 96 px; not DeiT-Ti, which has 12 blocks).
+#: heads, width, MLP width. ``vit_s_16`` / ``vit_b_16`` are the paper models (DeiT-S / ViT-B); ``vit_demo_16`` is the
+#: CPU demo's (4 blocks of 192-d, patch 16: a 6x6 grid at 96 px; not DeiT-Ti, which has 12 blocks).
 VIT_SPECS: dict[str, dict[str, int]] = {
-    "vit_demo_8": dict(patch_size=8, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768),
+    "vit_demo_16": dict(patch_size=16, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768),
     "vit_s_16": dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536),
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
 }

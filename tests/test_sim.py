@@ -12,7 +12,7 @@ from components.sim.losses import correlation, sim_loss, target_health, unigrad
 from components.sim.masking import DrawCropsAndMask, block_mask, default_min_block, num_masked_patches
 from components.sim.positions import grid_positions, relative_embedding, relative_positions, sincos_2d
 
-TINY = dict(arch="vit_demo_8", image_size=32, decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1)
+TINY = dict(arch="vit_demo_16", image_size=64, decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -296,8 +296,8 @@ def test_visible_token_encoding_equals_reference_paths():
     from components.sim.model import visible_indices
 
     torch.manual_seed(0)
-    net = build_vit("vit_demo_8", 32, head="identity").eval()
-    x = torch.randn(3, 3, 32, 32)
+    net = build_vit("vit_demo_16", 64, head="identity").eval()
+    x = torch.randn(3, 3, 64, 64)
     # no mask: exactly torchvision's VisionTransformer forward (class token) and its encoder (every token)
     full = vit_tokens(net, x)
     torch.testing.assert_close(full[:, 0], net(x), rtol=0, atol=1e-5)
@@ -319,19 +319,19 @@ def test_vit_runs_other_sizes_and_strict_loader_resizes_positions():
     from components.backbone import build_vit, load_trunk, resize_pos_embedding, vit_feature_map, vit_image_size
     from components.errors import UserError
 
-    net = build_vit("vit_demo_8", 32)
-    assert vit_feature_map(net, torch.randn(2, 3, 48, 40)).shape == (2, 192, 6, 5)
+    net = build_vit("vit_demo_16", 64)
+    assert vit_feature_map(net, torch.randn(2, 3, 96, 80)).shape == (2, 192, 6, 5)
     pos = net.encoder.pos_embedding
     assert resize_pos_embedding(pos, (4, 4)) is pos and resize_pos_embedding(pos, (6, 5)).shape == (1, 31, 192)
     sd = net.state_dict()
-    assert vit_image_size("vit_demo_8", sd) == 32
-    other = build_vit("vit_demo_8", 64)
-    load_trunk(other, sd, arch="vit_demo_8", source="b.pt")  # 4x4 positions -> 8x8
+    assert vit_image_size("vit_demo_16", sd) == 64
+    other = build_vit("vit_demo_16", 128)
+    load_trunk(other, sd, arch="vit_demo_16", source="b.pt")  # 4x4 positions -> 8x8
     torch.testing.assert_close(other.encoder.pos_embedding, resize_pos_embedding(pos, (8, 8)))
     with pytest.raises(UserError, match=r"b\.pt: .*missing 1 keys: class_token"):
-        load_trunk(other, {k: v for k, v in sd.items() if k != "class_token"}, arch="vit_demo_8", source="b.pt")
+        load_trunk(other, {k: v for k, v in sd.items() if k != "class_token"}, arch="vit_demo_16", source="b.pt")
     with pytest.raises(UserError, match="not a multiple"):
-        build_vit("vit_demo_8", 30)
+        build_vit("vit_demo_16", 30)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_model_step_predictions_ignore_masked_pixels_and_grads_reach_the_student
 
     torch.manual_seed(0)
     model = SIM(**TINY, norm="ln")
-    inputs = _inputs(4, 32, model.num_masked, model.grid)
+    inputs = _inputs(4, 64, model.num_masked, model.grid)
     out = model(**inputs)
     assert set(out) == {"loss", "loss_dense", "loss_global", "loss_pos", "loss_neg", "target_std", "target_erank"}
     out["loss"].backward()
@@ -367,14 +367,14 @@ def test_model_step_predictions_ignore_masked_pixels_and_grads_reach_the_student
     keep = visible_indices(inputs["mask"], model.num_patches - model.num_masked)
     flips = torch.stack([inputs["flip1"], inputs["flip2"]], 1)
     pred = model.predict(inputs["view1"], keep, inputs["boxes"], flips)
-    pix = inputs["mask"].view(4, 1, 4, 1, 4, 1).expand(4, 3, 4, 8, 4, 8).reshape(4, 3, 32, 32)
+    pix = inputs["mask"].view(4, 1, 4, 1, 4, 1).expand(4, 3, 4, 16, 4, 16).reshape(4, 3, 64, 64)
     noisy = torch.where(pix, torch.randn_like(inputs["view1"]) * 10, inputs["view1"])
     torch.testing.assert_close(model.predict(noisy, keep, inputs["boxes"], flips), pred, rtol=0, atol=1e-5)
     # ... while a visible patch does
     vis = ~inputs["mask"][0].view(4, 4)
     i, j = vis.nonzero()[0].tolist()
     poked = inputs["view1"].clone()
-    poked[0, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8] += 5
+    poked[0, :, 16 * i:16 * i + 16, 16 * j:16 * j + 16] += 5
     assert not torch.allclose(model.predict(poked, keep, inputs["boxes"], flips)[0], pred[0], atol=1e-3)
 
 
@@ -405,9 +405,9 @@ def test_token_batchnorm_and_features_for_downstream():
     y = bn(x)
     torch.testing.assert_close(y.reshape(-1, 4).mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     model = SIM(**TINY).eval()
-    feats = SimMethod.dense_features(model, torch.randn(2, 3, 64, 48))
+    feats = SimMethod.dense_features(model, torch.randn(2, 3, 128, 96))
     assert feats.shape == (2, 192, 8, 6)
-    assert SimMethod.prototype_scores(model, torch.randn(1, 3, 32, 32)) is None
+    assert SimMethod.prototype_scores(model, torch.randn(1, 3, 64, 64)) is None
 
 
 def test_param_groups_keep_decay_off_norms_biases_tokens_and_positions():
@@ -431,8 +431,8 @@ def test_sim_params_validation():
     from components.config import ConfigError, PretrainConfig, parse_section
 
     cfg = PretrainConfig(method="sim", image_size=96)
-    assert cfg.arch == "vit_demo_8" and cfg.method_params.global_weight == 1.0
-    with pytest.raises(ConfigError, match=r"pretrain.*image_size=100 is not a multiple of vit_demo_8's patch size 8"):
+    assert cfg.arch == "vit_demo_16" and cfg.method_params.global_weight == 1.0
+    with pytest.raises(ConfigError, match=r"pretrain.*image_size=100 is not a multiple of vit_demo_16's patch size 16"):
         parse_section("pretrain", {"method": "sim", "image_size": 100})
     parse_section("pretrain", {"method": "slotcon", "image_size": 100})  # the sim subsection is not in use
     with pytest.raises(ConfigError, match=r"pretrain\.sim\.decoder_dim"):

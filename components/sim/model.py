@@ -88,7 +88,7 @@ class SIM(nn.Module):
             against instability).
     """
 
-    def __init__(self, arch: str = "vit_demo_8", image_size: int = 96, *, decoder_dim: int = 192,
+    def __init__(self, arch: str = "vit_demo_16", image_size: int = 96, *, decoder_dim: int = 192,
                  decoder_heads: int = 6, projector_depth: int = 1, predictor_depth: int = 2, norm: str = "bn",
                  mask_ratio: float = 118 / 196, neg_weight: float = 0.02, global_weight: float = 0.0,
                  dense_weight: float = 1.0, online_ln: bool = False, train_patch_embed: bool = False):
