@@ -7,6 +7,11 @@ Per step (the released ViT-B recipe): the loader workers draw the two crop boxes
 the gradients; the global gradient norm is clipped to ``clip_grad``; AdamW (betas 0.9 / ``beta2``, weight decay on
 matrices only: none on norms, biases, position embedding, class and mask tokens) steps with the scheduled lr; then
 the target (encoder, ``decoder_embed``, projector) follows by EMA with the cosine momentum from ``teacher_momentum``.
+
+The crops come from the shared two-view sampler (:func:`components.slotcon.transforms.sample_two_crops`), which
+re-draws view B until it overlaps view A by >= 1 % of its area; the authors draw the two crops independently. With
+crop scale (0.08, 1) that only removes the rare pairs whose B lies wholly outside A, for which every mask token's
+position is outside A's frame anyway.
 """
 from __future__ import annotations
 
