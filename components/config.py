@@ -282,11 +282,16 @@ class SegmentConfig(Section):
     aux_weight: float = Field(default=0.4, ge=0)  # auxiliary FCN head on layer3; mmseg: 0.4 (0 = no aux head)
     test_mode: Literal["whole", "slide"] = "whole"  # slide: crop_size windows, 2/3 overlap (mmseg Cityscapes)
     num_workers: int = Field(default=0, ge=0)
+    nproc_per_node: int = Field(default=1, ge=1)  # >1: the stage launches torch.distributed.run itself (DDP)
     seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; fp32 on CPU
+    save_every: int = Field(default=20, ge=1)  # resumable checkpoint cadence (iterations), with --checkpoints
 
     @model_validator(mode="after")
     def _check(self) -> "SegmentConfig":
         _check_init(self.init)
+        if self.batch_size % self.nproc_per_node:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by nproc_per_node={self.nproc_per_node}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range={self.scale_range} must be [min, max] with 0 < min <= max")
         return self

@@ -64,3 +64,14 @@ def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def sha1_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha1 of a file's bytes, read in chunks (manifests, checkpoint fingerprints of input files)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -7,7 +7,7 @@ import torchvision
 import yaml
 
 from components.errors import UserError
-from components.transfer.detection import build_model, load_detector, lr_at, param_groups
+from components.transfer.maskrcnn import build_model, load_detector, lr_at, param_groups
 
 TINY = dict(min_size=[64], max_size=96, rpn_batch_size=32, roi_batch_size=32, proposals_train=100,
             proposals_test=50, mask_head=[32], detections_per_img=20)
@@ -181,7 +181,7 @@ def test_few_cpu_iterations_lower_the_loss_and_write_metrics(tmp_path, tiny_shar
 
 
 def test_train_samples_follow_the_reference_filters_and_flip_repeatably():
-    from components.transfer.detection import _prepare_train_sample
+    from components.transfer.detection import prepare_train_sample as _prepare_train_sample
 
     img = torch.zeros(3, 20, 30, dtype=torch.uint8)
     img[:, :, :5] = 255
@@ -211,7 +211,7 @@ def test_train_samples_follow_the_reference_filters_and_flip_repeatably():
 
 @pytest.mark.gpu
 def test_one_bf16_step_on_cuda():
-    from components.transfer.detection import _autocast
+    from components.train.engine import autocast as _autocast
 
     device = torch.device("cuda")
     model = build_model(arch="resnet18", num_classes=3, trunk_state=_trunk_state(), **TINY).to(device).train()
@@ -225,3 +225,85 @@ def test_one_bf16_step_on_cuda():
     loss = sum(v.float() for v in losses.values())
     loss.backward()
     assert torch.isfinite(loss) and model.backbone.body.conv1.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_a_straight_run(tmp_path, tiny_shards):
+    """6 iterations straight == 3 + 'kill' + resume + 3 (per-iteration losses and final weights to 1e-6): the engine
+    restores the RPN/ROI samplers' RNG, the scale draws and the loader position."""
+    from components.config import DetectConfig
+    from components.transfer.detection import _check_data, train_one
+
+    torch.set_num_threads(1)
+    cfg = DetectConfig(iters=6, batch_size=2, lr=0.01, warmup_iters=2, steps=[5], save_every=3, compare_random=False,
+                       **TINY, test_size=64)
+    data = _check_data(tiny_shards, cfg, 1)
+    sd, src = _trunk_state(), str(_save_backbone(tmp_path / "bb.pt"))
+    runs = {}
+    for name, stops in (("straight", [None]), ("resumed", [3, None])):
+        losses: dict[int, float] = {}
+        for stop in stops:
+            torch.manual_seed(4321)  # whatever the process did before: the run restores its own state
+            _, result = train_one(cfg, "pretrained", "resnet18", sd, src, data, tmp_path / name, None,
+                                  on_step=lambda s, st: losses.setdefault(s, st["loss"]), stop_after_step=stop)
+        runs[name] = (losses, result)
+    (a, ra), (b, rb) = runs["straight"], runs["resumed"]
+    assert rb.resumed_from is not None and rb.steps_this_run == 3
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-6), s
+    wa, wb = ra.extra["model"].state_dict(), rb.extra["model"].state_dict()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _nan_rank_worker(rank, world, port, shards, tmpdir):
+    import os
+
+    import torch.distributed as tdist
+
+    from components.config import DetectConfig
+    from components.train.engine import NonFiniteLossError
+    from components.transfer import detection
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        real = detection.DetectMethod.forward
+
+        def forward(self, model, batch, step):
+            out = real(self, model, batch, step)
+            return dict(out, loss=out["loss"] * float("nan")) if (rank == 1 and step == 2) else out
+
+        detection.DetectMethod.forward = forward
+        cfg = DetectConfig(iters=5, batch_size=2, lr=0.01, warmup_iters=1, steps=[4], save_every=1,
+                           compare_random=False, norm="bn", **TINY, test_size=64)
+        data = detection._check_data(shards, cfg, world)
+        try:
+            detection.train_one(cfg, "random", "resnet18", None, "random", data, tmpdir, None)
+            msg = "finished"
+        except NonFiniteLossError as exc:
+            msg = str(exc)
+        open(f"{tmpdir}/rank{rank}.txt", "w").write(msg)
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path, tiny_shards):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from components.train import checkpoint as ckpt
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_nan_rank_worker, args=(2, port, str(tiny_shards), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert "non-finite loss at step 2 on 2 rank(s)" in (tmp_path / f"rank{r}.txt").read_text()
+    (run_dir,) = (tmp_path / "random").iterdir()
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)][-1] == 2  # nothing after the bad step was saved

@@ -10,16 +10,8 @@ from PIL import Image
 
 from components.config import SegmentConfig
 from components.errors import UserError
-from components.transfer.segmentation import (
-    FCN,
-    SegAugment,
-    build_trunk,
-    load_trunk_,
-    poly_lr,
-    predict,
-    run_segment,
-    train_fcn,
-)
+from components.transfer.seg_models import FCN, build_trunk, load_trunk_
+from components.transfer.segmentation import SegAugment, poly_lr, predict, run_segment
 
 
 def _conv_geometry(net):
@@ -56,17 +48,24 @@ def test_poly_lr_is_a_pure_function_of_the_step():
 
 
 def test_augment_crops_pads_and_keeps_labels_aligned():
-    torch.manual_seed(0)
     img = torch.zeros(3, 40, 50, dtype=torch.uint8)
     img[0, :, 25:] = 255  # red right half
     lbl = torch.zeros(40, 50, dtype=torch.uint8)
     lbl[:, 25:] = 1
+    aug = SegAugment(64, (0.5, 1.0), seed=0, epoch=0)
+    draws = []
     for _ in range(5):
-        out = SegAugment(64, (0.5, 1.0))({"key": "k", "image": img, "label": lbl})
+        out = aug({"key": "k", "image": img, "label": lbl})
+        draws.append(out["image"])
         assert out["image"].shape == (3, 64, 64) and out["label"].shape == (64, 64)
         assert (out["label"] == 255).any()  # padded (the rescaled image is smaller than the crop)
         red = out["image"][0] > 1.0  # normalised red channel of the red half
         assert torch.equal(red[out["label"] != 255], (out["label"] == 1)[out["label"] != 255])
+    # the draws are a function of (seed, epoch, key, visit): a new augmenter repeats them, another epoch does not
+    again = SegAugment(64, (0.5, 1.0), seed=0, epoch=0)
+    assert all(torch.equal(again({"key": "k", "image": img, "label": lbl})["image"], d) for d in draws)
+    other = SegAugment(64, (0.5, 1.0), seed=0, epoch=1)
+    assert not all(torch.equal(other({"key": "k", "image": img, "label": lbl})["image"], d) for d in draws)
 
 
 def _toy_batch(n=4, size=64, seed=0):
@@ -84,11 +83,32 @@ def _toy_batch(n=4, size=64, seed=0):
     return torch.stack(imgs), torch.stack(lbls)
 
 
+class _ToySource:
+    """A train split in memory: ``epoch_batches`` yields the same toy batch ``n`` times (the SegmentMethod contract)."""
+
+    num_classes, class_names = 3, ["a", "b", "c"]
+
+    def __init__(self, batch, n=8):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def epoch_batches(self, epoch, **kw):
+        return iter([self.batch] * self.n)
+
+
 def test_a_few_cpu_iterations_lower_the_loss():
-    torch.manual_seed(0)
-    model = FCN(arch="resnet18", num_classes=3, output_stride=16, head_channels=16)
-    batch = _toy_batch(size=48)
-    losses = train_fcn(model, itertools.repeat(batch), iters=8, lr=0.05, aux_weight=0.4)
+    from components.train.engine import RunSpec, fit
+    from components.transfer.segmentation import SegmentMethod
+
+    cfg = SegmentConfig(iters=8, batch_size=4, lr=0.05, aux_weight=0.4, head_channels=16, output_stride=16)
+    method = SegmentMethod(cfg, source=_ToySource(_toy_batch(size=48)), num_classes=3, arch="resnet18",
+                           trunk_state=None, trunk_source="random")
+    seen = {}
+    fit(method, RunSpec(total_steps=8, log_every=1, progress=False), ckpt_dir=None, fingerprint={},
+        on_step=lambda s, st: seen.setdefault(s, st["loss"]))
+    losses = [seen[s] for s in sorted(seen)]
     assert len(losses) == 8 and all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < 0.85 * np.mean(losses[:2]), losses
 
@@ -137,3 +157,31 @@ def test_run_segment_end_to_end_on_a_folder_with_random_comparison(tmp_path):
     # a missing backbone is a one-line error naming the file, before any training
     with pytest.raises(UserError, match="nope.pt"):
         run_segment(cfg, None, tmp_path / "nope.pt", tmp_path / "out", device="cpu")
+
+
+@pytest.mark.slow
+def test_stop_and_resume_equals_a_straight_run(tmp_path):
+    """6 iterations straight == 2 + 'kill' + resume + 4, losses and weights to 1e-6 (augmentation drawn per sample
+    from (seed, epoch, key), the loader position and the RNG restored by the engine)."""
+    from components.data.segdatasets import open_source
+    from components.transfer.segmentation import train_one
+
+    torch.set_num_threads(1)
+    root = _scenes_folder(tmp_path / "scenes", n=5)
+    cfg = SegmentConfig(data_root=str(root), iters=6, batch_size=2, crop_size=32, head_channels=8, save_every=2)
+    src = open_source(str(root), None, "auto", "train")
+    runs = {}
+    for name, stops in (("straight", [None]), ("resumed", [2, None])):
+        losses: dict[int, float] = {}
+        for stop in stops:
+            torch.manual_seed(777)
+            model, result = train_one(cfg, init="random", arch="resnet18", state_dict=None, where="random",
+                                      train_src=src, checkpoints=tmp_path / name, tracker=None, prefix="",
+                                      on_step=lambda s, st: losses.setdefault(s, st["loss"]), stop_after_step=stop)
+        runs[name] = (losses, model)
+    (a, ma), (b, mb) = runs["straight"], runs["resumed"]
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for s in a:
+        assert b[s] == pytest.approx(a[s], abs=1e-6), s
+    for (k, v), (_, w) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        torch.testing.assert_close(w, v, rtol=0, atol=1e-6, msg=k)

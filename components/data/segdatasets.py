@@ -40,12 +40,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from components.constants import IGNORE_INDEX as IGNORE
 from components.data.coco import COCO_STUFF_NAMES
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 KINDS = ("scenes", "cocostuff", "cocostuff27", "voc", "cityscapes", "ade20k")
 _IMG_EXT = (".jpg", ".jpeg", ".png")
 
@@ -218,22 +218,24 @@ class FolderSource:
             if s is not None:
                 yield s
 
-    def train_batches(
-        self, *, batch_size: int, map_fn: Callable[[dict], dict], collate_fn: Callable, seed: int,
-        num_workers: int = 0,
+    def epoch_batches(
+        self, epoch: int, *, batch_size: int, map_fn: Callable[[dict], dict], collate_fn: Callable, seed: int,
+        num_workers: int = 0, rank: int = 0, world_size: int = 1,
     ) -> Iterator:
-        """Endless shuffled batches: epoch ``e`` draws its permutation from ``(seed, e)`` (reproducible, resumable)."""
+        """One shuffled pass (epoch ``epoch``'s permutation drawn from ``(seed, epoch)``: reproducible, resumable).
+
+        Under DDP every rank takes every ``world_size``-th image of the same permutation, cut to equal length, so
+        ranks yield equally many batches (``drop_last`` when the rank holds a full batch)."""
         ds = _MappedFolder(self, map_fn)
-        epoch = 0
-        while True:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.items), generator=g).tolist()
-            dl = torch.utils.data.DataLoader(
-                ds, batch_size=batch_size, sampler=order, num_workers=num_workers, drop_last=len(order) >= batch_size,
-                collate_fn=lambda b: collate_fn([s for s in b if s is not None]),
-            )
-            yield from dl
-            epoch += 1
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.items), generator=g).tolist()
+        per_rank = len(order) // world_size
+        order = order[rank::world_size][:per_rank]
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, sampler=order, num_workers=num_workers, drop_last=len(order) >= batch_size,
+            collate_fn=lambda b: collate_fn([s for s in b if s is not None]),
+        )
+        yield from dl
 
 
 class _MappedFolder(torch.utils.data.Dataset):
@@ -291,22 +293,22 @@ class ShardSource:
             yield fn(s)
         self.skipped += it.stats["skipped"]
 
-    def train_batches(
-        self, *, batch_size: int, map_fn: Callable[[dict], dict], collate_fn: Callable, seed: int,
-        num_workers: int = 0,
+    def epoch_batches(
+        self, epoch: int, *, batch_size: int, map_fn: Callable[[dict], dict], collate_fn: Callable, seed: int,
+        num_workers: int = 0, rank: int = 0, world_size: int = 1,
     ) -> Iterator:
+        """One pass with its own ``(seed, epoch)`` shuffle; under DDP resampled so ranks yield equally many batches."""
         from components.data.loader import make_loader
 
-        epoch = 0
-        while True:  # one pass per epoch with its own (seed, epoch) shuffle; endless for an iteration-based schedule
-            loader = make_loader(
-                self.urls, batch_size=batch_size, decode="rgb", with_seg=True, map_fn=_ShardMap(self.lut, map_fn),
-                collate_fn=collate_fn, shuffle=True, num_workers=num_workers, seed=seed, epoch=epoch,
-                drop_last=self.num_samples >= batch_size,
-            )
-            yield from loader
-            self.skipped += loader.stats["skipped"]
-            epoch += 1
+        resampled = world_size > 1
+        loader = make_loader(
+            self.urls, batch_size=batch_size, decode="rgb", with_seg=True, map_fn=_ShardMap(self.lut, map_fn),
+            collate_fn=collate_fn, shuffle=True, num_workers=num_workers, seed=seed, epoch=epoch, rank=rank,
+            world_size=world_size, resampled=resampled, samples_per_epoch=self.num_samples if resampled else None,
+            drop_last=self.num_samples >= batch_size * world_size,
+        )
+        yield from loader
+        self.skipped += loader.stats["skipped"]
 
 
 def semantic_lut(semantic_classes: list[dict], where: str) -> tuple[list[str], np.ndarray]:

@@ -38,7 +38,8 @@ _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
 # Params that do not change what a step computes: they may differ between a checkpoint and the resuming run.
 RESUME_FREE_KEYS = frozenset(
-    {"num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes"}
+    {"num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes",  # pretrain
+     "save_every", "num_vis", "log_model", "compare_random"}  # detect / segment (the world size is in the extras)
 )
 
 

@@ -460,14 +460,15 @@ def fit(
                 raise UserError(f"{spec.label}: epoch {epoch} yielded no batch on rank {rank}; check the data "
                                 "(slotcon shard --verify) and the batch size")
             look(step)
-            if epoch_steps:
-                close_epoch(epoch + 1)
-        if not stopped and (spec.steps_per_epoch is None or i >= spec.steps_per_epoch):
+            i = -1  # marks a finished pass
+        if stopped:
+            break
+        if epoch_steps and (i == -1 or step >= spec.total_steps):  # a pass ended, or the run ended inside one
+            close_epoch(epoch + 1)
+        if i == -1 or (spec.steps_per_epoch is not None and i >= spec.steps_per_epoch):
             epoch += 1
     bar.close()
     train_time = time.perf_counter() - t_start
-    if not stopped and epoch_steps and spec.steps_per_epoch is None:  # the last, unfinished pass
-        close_epoch(epoch)
     return FitResult(
         history=history, curve=curve, step=step, steps_this_run=steps_run, train_time_s=train_time,
         img_per_s=steps_run * method.global_batch / train_time if steps_run and train_time > 0 else 0.0,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-IGNORE_INDEX = 255
+from components.constants import IGNORE_INDEX  # (re-exported: the one ignore value)
 
 
 def confusion_matrix(

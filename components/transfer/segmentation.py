@@ -1,162 +1,41 @@
-"""Stage ``segment``: FCN semantic segmentation fine-tuning on the pretrained trunk (SlotCon's transfer protocol).
+"""Stage ``segment``: semantic segmentation fine-tuning on the pretrained trunk (SlotCon's transfer protocol).
 
-Model (mmsegmentation's ``fcn_r50-d8``/``-d16`` style): a torchvision ResNet whose last stage(s) trade stride for
-dilation (output stride 8: layer3 and layer4 dilated 2 and 4; 16: layer4 dilated 2), an FCN head (``num_convs`` 3x3
-conv-BN-ReLU, the input concatenated back, dropout 0.1, 1x1 classifier) on layer4 and an auxiliary FCN head on layer3
-(loss weight 0.4), logits bilinearly upsampled to the input size. Loss: cross-entropy with ignore index 255.
-Optimiser: SGD (momentum 0.9, weight decay 5e-4) with the poly schedule ``lr_t = (lr - min_lr) (1 - t/T)^0.9 +
-min_lr``, a pure function of the iteration. Augmentation per sample: random rescale (ratio in ``scale_range``),
-random crop (``crop_size``, re-drawn up to 10 times while one class covers > 75%, mmseg's ``cat_max_ratio``), pad
-(image 0 / label 255), horizontal flip. BatchNorm is in train mode (the SSL transfer protocol fine-tunes BN; SyncBN
-under DDP would be the multi-GPU equivalent). Evaluation on the whole val split, whole image (or sliding windows of
-``crop_size`` with 2/3 overlap when ``test_mode: slide``), one confusion matrix over the split -> mIoU, mAcc, pixel
-accuracy, per-class IoU.
+Model (:mod:`components.transfer.seg_models`): FCN on a dilated trunk (os 8 or 16) + auxiliary head (weight 0.4),
+cross-entropy with ignore index 255. Optimiser: SGD (momentum 0.9, weight decay 5e-4) with mmseg's poly schedule
+``lr_t = (lr - min_lr) (1 - t/T)^0.9 + min_lr`` (a pure function of the iteration). Augmentation per sample
+(:class:`SegAugment`, random numbers drawn from ``(seed, epoch, key)``, so a resumed run and any worker count draw
+the same): random rescale (``scale_range``), random crop (``crop_size``, re-drawn up to 10 times while one class
+covers > 75 %, mmseg's ``cat_max_ratio``), pad (image 0 / label 255), horizontal flip. BatchNorm trains (SyncBN under
+DDP on GPUs). Training runs on the engine (:mod:`components.train.engine`): exact resume from ``--checkpoints``,
+all-rank non-finite stop, DDP when ``nproc_per_node > 1``. Evaluation on the whole val split, whole image (or sliding
+windows of ``crop_size`` with 2/3 overlap when ``test_mode: slide``), one confusion matrix over the split -> mIoU,
+mAcc, pixel accuracy, per-class IoU.
 
-Trunk init: ``pretrained`` = ``models/backbone.pt`` (torchvision ResNet keys minus ``fc.*``, loaded *strictly*), a
-``.pt`` path = that backbone, ``random`` = torchvision's default init. ``compare_random`` also trains from random init
-with the same seed, schedule and data order, so the gain of pretraining is one subtraction.
-Not included (on purpose, small demo): photometric distortion and multi-scale testing.
+Trunk init: ``pretrained`` = ``models/backbone.pt`` (loaded strictly), a ``.pt`` path = that backbone, ``random`` =
+torchvision's default init. ``compare_random`` also trains from random init with the same seed, schedule and data
+order, so the gain of pretraining is one subtraction. Not included (small demo): photometric distortion and
+multi-scale testing.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
+from components import dist
+from components.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from components.errors import UserError
-from components.transfer.seg_metrics import IGNORE_INDEX, confusion_matrix, metrics_from_confusion
+from components.stage import Arg, Stage
+from components.train.engine import Method, RunSpec, fit, write_loss_plot
+from components.transfer.seg_metrics import confusion_matrix, metrics_from_confusion
+from components.transfer.seg_models import FCN, build_segmenter, build_trunk, load_trunk_  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# model
-# ---------------------------------------------------------------------------------------------------------------------
-def dilate_resnet_(net: torchvision.models.ResNet, output_stride: int) -> torchvision.models.ResNet:
-    """Turn the stride-2 of layer4 (os 16) or layer3+layer4 (os 8) into dilation, in place; keys are unchanged.
-
-    Works for BasicBlock too (torchvision's ``replace_stride_with_dilation`` refuses it). As torchvision/mmseg's
-    ``contract_dilation``: the first block of a dilated stage keeps the previous dilation, the others use the new one.
-    """
-    if output_stride not in (8, 16, 32):
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-    stages = {32: [], 16: ["layer4"], 8: ["layer3", "layer4"]}[output_stride]
-    dilation = 1
-    for name in ("layer3", "layer4"):
-        if name not in stages:
-            continue
-        prev, dilation = dilation, dilation * 2
-        for i, block in enumerate(getattr(net, name)):
-            d = prev if i == 0 else dilation
-            for conv in block.modules():
-                if isinstance(conv, nn.Conv2d):
-                    if conv.stride == (2, 2):
-                        conv.stride = (1, 1)
-                    if conv.kernel_size == (3, 3):
-                        conv.dilation, conv.padding = (d, d), (d, d)
-    return net
-
-
-def build_trunk(arch: str, output_stride: int = 8) -> torchvision.models.ResNet:
-    """A torchvision ResNet (random init, no ``fc``/``avgpool``) with output stride 8 or 16."""
-    if arch not in ARCHS:
-        raise UserError(f"backbone arch {arch!r} is not supported (allowed: {', '.join(ARCHS)})")
-    net = getattr(torchvision.models, arch)(weights=None)
-    del net.fc, net.avgpool  # the trunk's state_dict is then exactly the exported keys
-    return dilate_resnet_(net, output_stride)
-
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, cin: int, cout: int, k: int = 3, dilation: int = 1):
-        super().__init__(
-            nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
-
-
-class FCNHead(nn.Module):
-    """mmseg ``FCNHead``: ``num_convs`` conv-BN-ReLU, optional concat of the input + fuse conv, dropout, 1x1 classifier.
-
-    ``(B, in_channels, h, w) -> (B, num_classes, h, w)``.
-    """
-
-    def __init__(self, *, in_channels: int, channels: int, num_classes: int, num_convs: int = 2,
-                 concat_input: bool = True, dropout: float = 0.1):
-        super().__init__()
-        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels) for i in range(num_convs)]
-        self.convs = nn.Sequential(*convs) if convs else nn.Identity()
-        self.conv_cat = ConvBNReLU(in_channels + channels, channels) if concat_input and num_convs else None
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)
-        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's classifier init
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.convs(x)
-        if self.conv_cat is not None:
-            y = self.conv_cat(torch.cat([x, y], dim=1))
-        return self.conv_seg(self.dropout(y))
-
-
-class FCN(nn.Module):
-    """Dilated ResNet trunk + FCN head (+ auxiliary head on layer3). ``(B,3,H,W) -> (B,C,H,W)`` logits."""
-
-    def __init__(self, *, arch: str, num_classes: int, output_stride: int = 8, head_channels: int = 512,
-                 num_convs: int = 2, concat_input: bool = True, dropout: float = 0.1, aux: bool = True):
-        super().__init__()
-        self.backbone = build_trunk(arch, output_stride)
-        c4 = self.backbone.layer4[-1].conv1.in_channels if arch in ("resnet18", "resnet34") else 2048
-        c3 = c4 // 2
-        self.head = FCNHead(in_channels=c4, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
-                            concat_input=concat_input, dropout=dropout)
-        self.aux_head = (
-            FCNHead(in_channels=c3, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
-                    concat_input=False, dropout=dropout)
-            if aux else None
-        )
-
-    def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Low-resolution ``(B,C,H/os,W/os)`` main and auxiliary logits."""
-        b = self.backbone
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        c3 = b.layer3(b.layer2(b.layer1(x)))
-        c4 = b.layer4(c3)
-        aux = self.aux_head(c3) if self.aux_head is not None and self.training else None
-        return self.head(c4), aux
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.forward_logits(x)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def load_trunk_(model: FCN, state_dict: dict, where: str) -> None:
-    """Strict load of torchvision ResNet keys (minus ``fc.*``) into the trunk; a mismatch names the file and keys."""
-    sd = {k.removeprefix("module."): v for k, v in state_dict.items() if not k.startswith("fc.")}
-    try:
-        model.backbone.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise UserError(f"{where}: backbone weights do not fit the trunk strictly ({first}); re-run export") from None
-
-
-def read_backbone(path: str | Path) -> tuple[str, dict]:
-    """``(arch, state_dict)`` of an exported backbone (``components.transfer.convert.load_backbone``)."""
-    from components.transfer.convert import load_backbone
-
-    return load_backbone(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -170,33 +49,42 @@ def poly_lr(step: int, total: int, base_lr: float, power: float = 0.9, min_lr: f
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., 3, H, W)`` -> float, ImageNet mean/std (what the torchvision trunk was trained on)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=img.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=img.device).view(3, 1, 1)
-    return (img.float() / 255.0 - mean) / std
+    return normalize_uint8(img)
 
 
 class SegAugment:
-    """Per-sample train augmentation: rescale, crop (cat_max_ratio), pad, flip. Randomness from torch's RNG
-    (seeded per loader worker), so it runs inside the loader ``map_fn``.
+    """Per-sample train augmentation: rescale, crop (cat_max_ratio), pad, flip.
 
-    ``{"image": uint8 (3,H,W), "label": uint8 (H,W)} -> {"image": float (3,S,S) normalised, "label": int64 (S,S)}``.
+    ``{"key", "image": uint8 (3,H,W), "label": uint8 (H,W)} -> {"key", "image": float (3,S,S) normalised,
+    "label": int64 (S,S)}``. Its random numbers come from a generator seeded by ``(seed, epoch, key, n-th visit)``
+    (never from a worker's RNG): the same crops on a resumed run, with any number of loader workers.
     """
 
-    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75):
+    def __init__(self, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
+                 *, seed: int = 0, epoch: int = 0):
         self.crop, self.scale_range, self.cat_max_ratio = crop_size, scale_range, cat_max_ratio
+        self.seed, self.epoch = seed, epoch
+        self._seen: dict[str, int] = {}
+
+    def _generator(self, key: str) -> torch.Generator:
+        from components.train.views import sample_seed
+
+        n = self._seen[key] = self._seen.get(key, -1) + 1
+        return torch.Generator().manual_seed(sample_seed("segment", self.seed, self.epoch, key, n))
 
     def __call__(self, s: dict) -> dict:
+        g = self._generator(str(s["key"]))
         img, lbl = s["image"], s["label"]
         lo, hi = self.scale_range
-        r = lo + (hi - lo) * torch.rand(()).item()
+        r = lo + (hi - lo) * torch.rand((), generator=g).item()
         h, w = img.shape[-2:]
         nh, nw = max(int(round(h * r)), 1), max(int(round(w * r)), 1)
         img = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False)[0]
         lbl = F.interpolate(lbl[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
         c = self.crop
         for _ in range(10):  # mmseg RandomCrop: avoid crops where one class covers > cat_max_ratio
-            y0 = int(torch.randint(0, max(nh - c, 0) + 1, ()).item())
-            x0 = int(torch.randint(0, max(nw - c, 0) + 1, ()).item())
+            y0 = int(torch.randint(0, max(nh - c, 0) + 1, (), generator=g).item())
+            x0 = int(torch.randint(0, max(nw - c, 0) + 1, (), generator=g).item())
             crop_l = lbl[y0 : y0 + c, x0 : x0 + c]
             _, counts = torch.unique(crop_l[crop_l != IGNORE_INDEX], return_counts=True)
             if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
@@ -208,7 +96,7 @@ class SegAugment:
         if ph > 0 or pw > 0:
             img = F.pad(img, (0, pw, 0, ph), value=0.0)
             lbl = F.pad(lbl, (0, pw, 0, ph), value=IGNORE_INDEX)
-        if torch.rand(()).item() < 0.5:
+        if torch.rand((), generator=g).item() < 0.5:
             img, lbl = img.flip(-1), lbl.flip(-1)
         return {"key": s["key"], "image": img.contiguous(), "label": lbl.contiguous()}
 
@@ -218,50 +106,71 @@ def collate_train(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples])
 
 
+def seg_loss(logits: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """Cross-entropy (ignore 255) of the upsampled logits, plus ``aux_weight`` x that of the auxiliary head."""
+    size = labels.shape[-2:]
+    loss = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear", align_corners=False), labels,
+                           ignore_index=IGNORE_INDEX)
+    if aux is not None and aux_weight > 0:
+        loss = loss + aux_weight * F.cross_entropy(
+            F.interpolate(aux, size=size, mode="bilinear", align_corners=False), labels, ignore_index=IGNORE_INDEX)
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# train / eval
+# the method the engine drives
 # ---------------------------------------------------------------------------------------------------------------------
-def train_fcn(
-    model: FCN, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, iters: int, lr: float, power: float = 0.9,
-    momentum: float = 0.9, weight_decay: float = 5e-4, aux_weight: float = 0.4, device: torch.device | str = "cpu",
-    on_step: Callable[[int, dict], None] | None = None,
-) -> list[float]:
-    """``iters`` SGD steps with the poly schedule; BN in train mode. Returns the loss of every step."""
-    device = torch.device(device)
-    model.to(device).train()
-    # mmseg's FCN recipe decays every parameter (no paramwise rules) with plain SGD
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    losses: list[float] = []
-    it: Iterator = iter(batches)
-    t0, seen = time.perf_counter(), 0
-    from tqdm import tqdm
+class SegmentMethod(Method):
+    """Supervised fine-tuning of a segmenter from one init, on ``source``'s train split (see the module docstring).
 
-    for step in tqdm(range(iters), desc="segment train", leave=False, mininterval=5):
-        images, labels = next(it)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        cur_lr = poly_lr(step, iters, lr, power, min_lr=lr * 0.01)  # mmseg: min_lr 1e-4 at lr 0.01
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        logits, aux = model.forward_logits(images)
-        size = labels.shape[-2:]
-        loss = F.cross_entropy(F.interpolate(logits, size=size, mode="bilinear", align_corners=False), labels,
-                               ignore_index=IGNORE_INDEX)
-        if aux is not None and aux_weight > 0:
-            loss = loss + aux_weight * F.cross_entropy(
-                F.interpolate(aux, size=size, mode="bilinear", align_corners=False), labels, ignore_index=IGNORE_INDEX
-            )
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"segment: non-finite loss at step {step} (lr {cur_lr:.3g}); lower segment.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        seen += images.shape[0]
-        if on_step is not None:
-            on_step(step, {"loss": losses[-1], "lr": cur_lr, "img_per_s": seen / (time.perf_counter() - t0)})
-    return losses
+    ``source`` is a :mod:`components.data.segdatasets` source (or anything with ``epoch_batches``); ``model_fn``
+    builds the network (default: ``segment.head`` from the config).
+    """
+
+    stat_keys = ("loss",)
+
+    def __init__(self, cfg, *, source, num_classes: int, arch: str, trunk_state: dict | None, trunk_source: str):
+        self.cfg, self.source, self.num_classes, self.arch = cfg, source, num_classes, arch
+        self.trunk_state, self.trunk_source = trunk_state, trunk_source
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rank_batch = max(1, cfg.batch_size // self.world)
+        self.global_batch = self.rank_batch * self.world
+
+    def build(self, device: torch.device) -> nn.Module:
+        torch.manual_seed(self.cfg.seed)  # same head init for every init: only the trunk differs
+        model = build_segmenter(self.cfg, arch=self.arch, num_classes=self.num_classes)
+        if self.trunk_state is not None:
+            load_trunk_(model, self.trunk_state, self.trunk_source)
+        return model.to(device)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        # mmseg's FCN recipe decays every parameter (no paramwise rules) with plain SGD
+        return torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    def lr_at(self, step: int) -> float:
+        return poly_lr(step, self.cfg.iters, self.cfg.lr, self.cfg.power, min_lr=self.cfg.lr * 0.01)  # mmseg: 1e-4
+
+    def batches(self, epoch: int) -> Iterable:
+        cfg = self.cfg
+        return self.source.epoch_batches(
+            epoch, batch_size=self.rank_batch, map_fn=SegAugment(cfg.crop_size, tuple(cfg.scale_range), seed=cfg.seed,
+                                                                 epoch=epoch),
+            collate_fn=collate_train, seed=cfg.seed, num_workers=cfg.num_workers, rank=self.rank,
+            world_size=self.world)
+
+    def prepare(self, batch, device: torch.device) -> dict:
+        images, labels = batch
+        return {"images": images.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True)}
+
+    def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        logits, aux = model(batch["images"], train_logits=True)
+        return {"loss": seg_loss(logits, aux, batch["labels"], self.cfg.aux_weight)}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: FCN, image: torch.Tensor, *, mode: str = "whole", crop: int = 512) -> torch.Tensor:
     """Logits ``(B, C, H, W)`` of normalised images ``(B,3,H,W)``: whole image, or sliding windows (2/3 overlap)."""
@@ -331,115 +240,118 @@ def _flat(m: dict, prefix: str = "") -> dict:
     return out
 
 
-def _train_one(cfg, *, arch: str, state_dict: dict | None, where: str, train_src, val_src, device, tracker,
-               prefix: str) -> tuple[FCN, dict, list[float]]:
-    torch.manual_seed(cfg.seed)  # same head init and same augmentation draws for every init
-    model = FCN(arch=arch, num_classes=train_src.num_classes, output_stride=cfg.output_stride,
-                head_channels=cfg.head_channels, num_convs=cfg.num_convs, concat_input=cfg.concat_input,
-                dropout=0.1, aux=cfg.aux_weight > 0)
-    if state_dict is not None:
-        load_trunk_(model, state_dict, where)
-    batches = train_src.train_batches(
-        batch_size=cfg.batch_size, map_fn=SegAugment(cfg.crop_size, tuple(cfg.scale_range)),
-        collate_fn=collate_train, seed=cfg.seed, num_workers=cfg.num_workers,
-    )
-    every = max(cfg.iters // 20, 1)
+def train_one(cfg, *, init: str, arch: str, state_dict: dict | None, where: str, train_src, checkpoints, tracker,
+              prefix: str, device=None, on_step=None, stop_after_step: int | None = None):
+    """Fine-tune one init through the engine; returns ``(model, FitResult)``."""
+    label = prefix.rstrip("/") or ("random" if init == "random" else "pretrained")
+    method = SegmentMethod(cfg, source=train_src, num_classes=train_src.num_classes, arch=arch,
+                           trunk_state=state_dict, trunk_source=where)
+    spec = RunSpec(total_steps=cfg.iters, steps_per_epoch=None, log_every=max(cfg.iters // 20, 1),
+                   save_every=cfg.save_every, amp=cfg.amp, label=f"segment[{label}]", metric_prefix=f"{prefix}train/",
+                   keep_checkpoints=1)
+    fp = {**cfg.model_dump(), "init": label, "arch": arch, "classes": train_src.class_names,
+          "trunk": _sha1(where) if state_dict is not None else "random", "data": len(train_src)}
+    result = fit(method, spec, ckpt_dir=Path(checkpoints) / label if checkpoints else None, fingerprint=fp,
+                 tracker=tracker, device=device, on_step=on_step, stop_after_step=stop_after_step)
+    return result.extra["model"], result
 
-    def on_step(step: int, m: dict) -> None:
-        if step % every == 0 or step == cfg.iters - 1:
-            tracker.log_metrics({f"{prefix}train/{k}": v for k, v in m.items()}, step=step)
-            log.info("%s step %d/%d loss %.4f lr %.4g %.1f img/s", prefix or "pretrained ", step, cfg.iters,
-                     m["loss"], m["lr"], m["img_per_s"])
 
-    t0 = time.perf_counter()
-    losses = train_fcn(model, batches, iters=cfg.iters, lr=cfg.lr, power=cfg.power, momentum=cfg.momentum,
-                       weight_decay=cfg.weight_decay, aux_weight=cfg.aux_weight, device=device, on_step=on_step)
-    train_s = time.perf_counter() - t0
-    m = evaluate(model, val_src.iterate(), num_classes=val_src.num_classes, class_names=val_src.class_names,
-                 batch_size=cfg.batch_size, mode=cfg.test_mode, crop=cfg.crop_size, device=device)
-    m["train_s"] = train_s
-    m["train_img_per_s"] = cfg.iters * cfg.batch_size / max(train_s, 1e-9)
-    return model, m, losses
+def _sha1(path) -> str:
+    from components.io import sha1_file
+
+    return sha1_file(path)[:16]
 
 
 def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: str | Path, *, tracker=None,
-                device: str | None = None) -> dict:
-    """Fine-tune FCN from the chosen init (and from random init if ``compare_random``); return the metrics dict.
+                device: str | None = None, checkpoints: str | Path | None = None,
+                plots_dir: str | Path | None = None) -> dict:
+    """Fine-tune from the chosen init (and from random init if ``compare_random``); return the metrics dict.
 
-    Writes ``out_dir/model.pt`` (the fine-tuned model of the main init). Pure: reads only its arguments.
+    Writes ``out_dir/model.pt`` (the fine-tuned model of the main init) and, with ``plots_dir``, ``loss.csv`` and
+    ``loss.png``. Pure: reads only its arguments.
     """
+    from components.data.segdatasets import open_source
+    from components.io import save_torch_atomic
     from components.tracking import Tracker
+    from components.transfer.convert import load_backbone
 
     tracker = tracker or Tracker()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # -- cheap checks first: the data layout and the backbone file
-    from components.data.segdatasets import open_source
-
-    train_src = open_source(cfg.data_root, shards, cfg.dataset, "train")
+    device = torch.device(device) if device else None
+    train_src = open_source(cfg.data_root, shards, cfg.dataset, "train")  # cheap checks first: layout, backbone
     val_src = open_source(cfg.data_root, shards, cfg.dataset, "val")
     if train_src.class_names != val_src.class_names:
         raise UserError(f"{cfg.data_root or shards}: train and val splits list different classes")
     bb_path = Path(cfg.init) if cfg.init.endswith(".pt") else Path(backbone)
-    arch, sd = read_backbone(bb_path)
+    arch, sd = load_backbone(bb_path)
     inits = [cfg.init] + (["random"] if cfg.compare_random and cfg.init != "random" else [])
-    log.info("segment: %s (%d train / %d val images, %d classes) on %s, %s trunk, inits %s", train_src.kind,
-             len(train_src), len(val_src), val_src.num_classes, device, arch, inits)
-
+    log.info("segment: %s (%d train / %d val images, %d classes), %s trunk, inits %s", train_src.kind,
+             len(train_src), len(val_src), val_src.num_classes, arch, inits)
     metrics: dict = {"num_classes": val_src.num_classes, "dataset": train_src.kind, "arch": arch, "iters": cfg.iters}
+    curves: dict[int, dict] = {}
     main_model = None
     for init in inits:
         prefix = "" if init == inits[0] else "random/"
-        model, m, losses = _train_one(cfg, arch=arch, state_dict=None if init == "random" else sd, where=str(bb_path),
-                                      train_src=train_src, val_src=val_src, device=device, tracker=tracker,
-                                      prefix=prefix)
+        t0 = time.perf_counter()
+        model, result = train_one(cfg, init=init, arch=arch, state_dict=None if init == "random" else sd,
+                                  where=str(bb_path), train_src=train_src, checkpoints=checkpoints, tracker=tracker,
+                                  prefix=prefix, device=device)
+        train_s = time.perf_counter() - t0
+        for row in result.curve:
+            curves.setdefault(int(row["step"]), {"iter": int(row["step"])})[prefix.rstrip("/") or init] = row["loss"]
+        if dist.get_rank() != 0:
+            continue
+        m = evaluate(model, val_src.iterate(), num_classes=val_src.num_classes, class_names=val_src.class_names,
+                     batch_size=cfg.batch_size, mode=cfg.test_mode, crop=cfg.crop_size,
+                     device=result.extra["device"])
+        losses = [r["loss"] for r in result.curve]
         metrics.update(_flat(m, prefix))
-        metrics[f"{prefix}loss_first"] = losses[0]
-        metrics[f"{prefix}loss_last"] = sum(losses[-5:]) / len(losses[-5:])
-        metrics[f"{prefix}train_img_per_s"] = m["train_img_per_s"]
+        metrics[f"{prefix}loss_first"] = losses[0] if losses else float("nan")
+        metrics[f"{prefix}loss_last"] = losses[-1] if losses else float("nan")
+        metrics[f"{prefix}train_img_per_s"] = result.img_per_s if result.steps_this_run else 0.0
+        metrics[f"{prefix}train_s"] = round(train_s, 3)
         tracker.log_metrics({f"{prefix}{k}": m[k] for k in ("mIoU", "mAcc", "pixel_acc")})
         if prefix == "":
             metrics["init"] = init if not init.endswith(".pt") else "path"
             metrics["num_val_images"] = m["num_images"]
             main_model = model
+    if dist.get_rank() != 0:
+        return {}
     if "random/mIoU" in metrics:
         metrics["gain/mIoU"] = metrics["mIoU"] - metrics["random/mIoU"]
-
-    from components.io import save_torch_atomic
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_torch_atomic(
         {"arch": arch, "num_classes": val_src.num_classes, "class_names": val_src.class_names,
          "output_stride": cfg.output_stride, "head_channels": cfg.head_channels, "num_convs": cfg.num_convs,
          "concat_input": cfg.concat_input, "state_dict": main_model.cpu().state_dict()},
-        out / "model.pt",
+        Path(out_dir) / "model.pt",
     )
-    skipped = getattr(train_src, "skipped", 0) + getattr(val_src, "skipped", 0)
-    metrics["skipped_samples"] = skipped
+    if plots_dir is not None:
+        labels = [("random" if p else i) for i, p in zip(inits, ["", *["random/"] * (len(inits) - 1)])]
+        write_loss_plot([curves[k] for k in sorted(curves)], Path(plots_dir) / "loss.csv",
+                        Path(plots_dir) / "loss.png", x="iter", ys=labels, title="segmentation fine-tuning loss")
+        tracker.log_artifact(Path(plots_dir) / "loss.png", "plots")
+    metrics["skipped_samples"] = getattr(train_src, "skipped", 0) + getattr(val_src, "skipped", 0)
     return metrics
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", default="data/shards", help="shards root (the scenes default when data_root is empty)")
-    parser.add_argument("--backbone", default="models/backbone.pt", help="exported backbone (init: pretrained)")
-    parser.add_argument("--out", default="models/segment", help="folder for the fine-tuned model")
-    parser.add_argument("--metrics", default="metrics/segment.json")
+def _run_stage(ctx) -> dict:
+    a = ctx.args
+    return run_segment(ctx.cfg, a.shards, a.backbone, a.out, tracker=ctx.tracker, checkpoints=a.checkpoints,
+                       plots_dir=a.plots)
 
 
-def main(args: argparse.Namespace) -> int:
-    from components.config import load_section
-    from components.io import write_json_atomic
-    from components.tracking import log_json_artifact, stage_run
+def _summary(m: Mapping[str, Any]) -> str:
+    msg = f"mIoU {m['mIoU']:.4f} pixel acc {m['pixel_acc']:.4f}"
+    if "random/mIoU" in m:
+        msg += f" (random init: mIoU {m['random/mIoU']:.4f})"
+    return msg
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = load_section("segment", args.params)
-    tracking = load_section("tracking", args.params)
-    with stage_run("segment", cfg, tracking) as tracker:
-        metrics = run_segment(cfg, args.shards, args.backbone, args.out, tracker=tracker)
-        write_json_atomic(args.metrics, metrics)
-        log_json_artifact(tracker, metrics, "segment.json")
-    msg = f"segment: mIoU {metrics['mIoU']:.4f} pixel acc {metrics['pixel_acc']:.4f}"
-    if "random/mIoU" in metrics:
-        msg += f" (random init: mIoU {metrics['random/mIoU']:.4f})"
-    print(msg)
-    return 0
+
+STAGE = Stage(
+    name="segment", section="segment", run=_run_stage, metrics="metrics/segment.json", distributed=True,
+    summary=_summary,
+    args=(Arg("shards", "data/shards", "shards root (the scenes default when data_root is empty)"),
+          Arg("backbone", "models/backbone.pt", "exported backbone (init: pretrained)"),
+          Arg("out", "models/segment", "folder for the fine-tuned model"),
+          Arg("plots", "plots/segment", "folder for loss.csv and loss.png"),
+          Arg("checkpoints", None, "resumable checkpoints (outside DVC's outs, e.g. checkpoints/segment)")),
+)

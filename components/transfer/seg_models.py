@@ -1,0 +1,102 @@
+"""Semantic segmentation heads on a dilated pretrained trunk (mmsegmentation's ``fcn_r50-d8``/``-d16`` style).
+
+:class:`FCN`: a torchvision ResNet whose last stage(s) trade stride for dilation (output stride 8: layer3 and layer4
+dilated 2 and 4; 16: layer4 dilated 2; :func:`components.backbone.dilate_resnet_`), an FCN head (``num_convs`` 3x3
+conv-BN-ReLU, the input concatenated back, dropout 0.1, 1x1 classifier) on layer4 and an auxiliary FCN head on layer3
+(loss weight 0.4), logits bilinearly upsampled to the input size. The trunk's state_dict keys are exactly the exported
+backbone's (torchvision minus ``fc.*``), so :func:`load_trunk_` is a strict load.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from components.backbone import RESNET_ARCHS, build_resnet, check_arch, load_trunk, trunk_channels
+
+
+def build_trunk(arch: str, output_stride: int = 8) -> nn.Module:
+    """A torchvision ResNet (random init, no ``fc``/``avgpool``) with output stride 8 or 16."""
+    check_arch(arch, "segment", RESNET_ARCHS)
+    return build_resnet(arch, output_stride=output_stride, head="none")
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, dilation: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, k, padding=dilation * (k // 2), dilation=dilation, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class FCNHead(nn.Module):
+    """mmseg ``FCNHead``: ``num_convs`` conv-BN-ReLU, optional concat of the input + fuse conv, dropout, 1x1 classifier.
+
+    ``(B, in_channels, h, w) -> (B, num_classes, h, w)``.
+    """
+
+    def __init__(self, *, in_channels: int, channels: int, num_classes: int, num_convs: int = 2,
+                 concat_input: bool = True, dropout: float = 0.1):
+        super().__init__()
+        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels) for i in range(num_convs)]
+        self.convs = nn.Sequential(*convs) if convs else nn.Identity()
+        self.conv_cat = ConvBNReLU(in_channels + channels, channels) if concat_input and num_convs else None
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)  # mmseg's classifier init
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.convs(x)
+        if self.conv_cat is not None:
+            y = self.conv_cat(torch.cat([x, y], dim=1))
+        return self.conv_seg(self.dropout(y))
+
+
+class FCN(nn.Module):
+    """Dilated ResNet trunk + FCN head (+ auxiliary head on layer3). ``(B,3,H,W) -> (B,C,H,W)`` logits."""
+
+    def __init__(self, *, arch: str, num_classes: int, output_stride: int = 8, head_channels: int = 512,
+                 num_convs: int = 2, concat_input: bool = True, dropout: float = 0.1, aux: bool = True):
+        super().__init__()
+        self.arch = arch
+        self.backbone = build_trunk(arch, output_stride)
+        c4 = trunk_channels(arch)
+        c3 = c4 // 2
+        self.head = FCNHead(in_channels=c4, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
+                            concat_input=concat_input, dropout=dropout)
+        self.aux_head = (
+            FCNHead(in_channels=c3, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
+                    concat_input=False, dropout=dropout)
+            if aux else None
+        )
+
+    def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Low-resolution ``(B,C,H/os,W/os)`` main and auxiliary logits."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        c3 = b.layer3(b.layer2(b.layer1(x)))
+        c4 = b.layer4(c3)
+        aux = self.aux_head(c3) if self.aux_head is not None and self.training else None
+        return self.head(c4), aux
+
+    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
+        """``(B,C,H,W)`` logits at the input size; ``train_logits=True``: ``forward_logits``'s pair (training goes
+        through ``forward`` so DDP's gradient hooks see the call)."""
+        if train_logits:
+            return self.forward_logits(x)
+        logits, _ = self.forward_logits(x)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def load_trunk_(model: nn.Module, state_dict: dict, where: str) -> None:
+    """Strict load of torchvision ResNet keys (minus ``fc.*``) into ``model.backbone``; a mismatch names the file."""
+    load_trunk(model.backbone, state_dict, arch=getattr(model, "arch", "resnet"), source=where,
+               fix="re-run `slotcon export` for this arch, or set segment.init: random")
+
+
+def build_segmenter(cfg, *, arch: str, num_classes: int) -> nn.Module:
+    """The model ``segment.head`` names, from a :class:`~components.config.SegmentConfig`."""
+    return FCN(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, head_channels=cfg.head_channels,
+               num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)
