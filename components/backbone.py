@@ -25,8 +25,10 @@ from torch import nn
 from components.constants import ARCHS, RESNET_ARCHS, RESNET_CHANNELS, VIT_ARCHS, VIT_SPECS
 from components.errors import UserError
 
-__all__ = ["ARCHS", "RESNET_ARCHS", "VIT_ARCHS", "check_arch", "is_vit", "trunk_channels", "build_resnet",
-           "build_vit", "vit_tokens", "vit_feature_map", "vit_image_size", "resize_pos_embedding", "load_trunk"]
+__all__ = ["ARCHS", "RESNET_ARCHS", "VIT_ARCHS", "check_arch", "is_vit", "trunk_channels", "head_prefix",
+           "build_resnet", "build_vit", "vit_embed", "vit_tokens", "tokens_to_map", "vit_feature_map",
+           "vit_image_size", "resize_pos_embedding", "load_trunk"]
+
 #: The layers of a ResNet trunk, input to stride 32 (``fc`` and ``avgpool`` are not part of it).
 TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
@@ -163,15 +165,9 @@ def resize_pos_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tens
     return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)], 1)
 
 
-def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(B, 1 + L', D)``: class token then patch tokens after the final LayerNorm.
-
-    Exactly torchvision's ``VisionTransformer`` encoder (``x + pos_embedding`` -> blocks -> ``ln``) for any ``H, W``
-    that are multiples of the patch (the position grid is resized when it differs from the built one).
-    ``keep`` ``(B, L')`` (long, row-major patch indices): only those patches enter the blocks -- MAE/SIM's encoding
-    of the visible tokens; each keeps its own position embedding, so the result equals the full sequence with the
-    other patches masked out of attention.
-    """
+def vit_embed(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1 + L', D)``: the sequence that enters the first block (class token, patch tokens
+    plus positions, resized to the grid of ``H, W``; only the ``keep`` patches when given). See :func:`vit_tokens`."""
     b, _, h, w = images.shape
     p = net.patch_size
     grid = (h // p, w // p)
@@ -181,15 +177,30 @@ def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None =
     if keep is not None:
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     cls = (net.class_token + pos[:, :1]).expand(b, -1, -1)
-    x = torch.cat([cls, x], dim=1)
-    return net.encoder.ln(net.encoder.layers(net.encoder.dropout(x)))
+    return net.encoder.dropout(torch.cat([cls, x], dim=1))
+
+
+def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1 + L', D)``: class token then patch tokens after the final LayerNorm.
+
+    Exactly torchvision's ``VisionTransformer`` encoder (``x + pos_embedding`` -> blocks -> ``ln``) for any ``H, W``
+    (patches of ``p`` px: the conv drops a remainder; the position grid is resized when it differs from the built
+    one). ``keep`` ``(B, L')`` (long, row-major patch indices): only those patches enter the blocks -- MAE/SIM's
+    encoding of the visible tokens; each keeps its own position embedding, so the result equals the full sequence
+    with the other patches masked out of attention.
+    """
+    return net.encoder.ln(net.encoder.layers(vit_embed(net, images, keep)))
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens ``(B, h * w, D)`` (no class token) -> ``(B, D, h, w)``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, grid[0], grid[1])
 
 
 def vit_feature_map(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` -> ``(B, D, H / p, W / p)``: the patch tokens as a map (stride = patch size)."""
-    tokens = vit_tokens(net, images)[:, 1:]
     p = net.patch_size
-    return tokens.transpose(1, 2).reshape(images.shape[0], -1, images.shape[-2] // p, images.shape[-1] // p)
+    return tokens_to_map(vit_tokens(net, images)[:, 1:], (images.shape[-2] // p, images.shape[-1] // p))
 
 
 def _short(keys: Sequence[str], n: int = 4) -> str:
