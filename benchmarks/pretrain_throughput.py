@@ -209,9 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device            {res['device']}")
     print(f"setting           {cfg.method}, {cfg.arch}, {cfg.image_size} px, batch {B}, workers {cfg.num_workers}, "
           f"compile={cfg.compile}, amp={res['amp']}, decode={decode}")
-    print(f"end-to-end img/s  {end_to_end:10.1f}   (shards -> decode -> augment -> step)")
-    print(f"model-only img/s  {model_only:10.1f}   (synthetic views on the device)")
-    print(f"data-only img/s   {data_only:10.1f}   (loader -> decode -> augment, no model)")
+    print(f"end-to-end img/s  {end_to_end:10.2f}   (shards -> decode -> augment -> step)")
+    print(f"model-only img/s  {model_only:10.2f}   (synthetic views on the device)")
+    print(f"data-only img/s   {data_only:10.2f}   (loader -> decode -> augment, no model)")
     print(f"ratio             {res['ratio']:10.3f}   (end-to-end / model-only)")
     if args.json:
         from components.io import write_json_atomic
