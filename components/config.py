@@ -128,7 +128,7 @@ class SimParams(Section):
 
     arch: Literal[VIT_ARCHS] = "vit_demo_16"  # paper: vit_b_16
     optimizer: Literal["adamw"] = "adamw"  # paper: AdamW
-    base_lr: float = Field(default=6e-3, gt=0)  # lr = base_lr * global_batch / 256; paper: 6.25e-5 (batch 4096)
+    base_lr: float = Field(default=1.5e-3, gt=0)  # lr = base_lr * global_batch / 256; paper: 6.25e-5 (batch 4096)
     min_lr: float = Field(default=1e-6, ge=0)  # cosine floor; paper: 0
     weight_decay: float = Field(default=0.05, ge=0)  # paper: 0.05 (none on norms, biases, positions, tokens)
     beta2: float = Field(default=0.95, gt=0, lt=1)  # AdamW beta2; paper: 0.95
