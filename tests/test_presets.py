@@ -48,6 +48,7 @@ def test_pretrain_preset_is_faithful(path):
         assert sections["data"].source == ("cocoplus" if "plus" in path.stem else "coco")
     else:
         assert pre.num_prototypes == 2048 and common.epochs in (100, 200)
+        assert sections["data"].source == "imagenet" and sections["data"].root  # no manual shard writing
 
 
 @pytest.mark.parametrize("path", SIM_PRESETS, ids=lambda p: p.stem)
@@ -55,8 +56,10 @@ def test_sim_preset_is_the_released_vitb16_recipe(path):
     """configs/pretrain/dist_sim_base_1600ep.sh of OpenGVLab/Siamese-Image-Modeling (+ main_pretrain.py defaults)."""
     from components.sim.masking import num_masked_patches
 
-    common = parse_section("pretrain", read_params(path)["pretrain"], path)
+    sections = {name: parse_section(name, raw, path) for name, raw in read_params(path).items()}
+    common = sections["pretrain"]
     sim = common.sim
+    assert sections["data"].source == "imagenet" and sections["data"].root
     assert (common.method, sim.arch, common.image_size, common.batch_size, common.epochs, common.warmup_epochs) == (
         "sim", "vit_b_16", 224, 4096, 1600, 40)
     assert (sim.optimizer, sim.base_lr, sim.weight_decay, sim.beta2, sim.clip_grad, sim.min_lr) == (
