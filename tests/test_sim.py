@@ -263,7 +263,7 @@ def test_loader_map_fn_adds_a_seeded_mask_that_collates():
     from components.train.views import collate_pairs
 
     def sample(key):
-        return {"key": key, "image": torch.zeros(3, 40, 50, dtype=torch.uint8)}
+        return {"key": key, "url": "shard-0.tar", "image": torch.zeros(3, 40, 50, dtype=torch.uint8)}
 
     draw = DrawCropsAndMask(0, 1, 0, (0.08, 1.0), grid=(4, 4), num_masked=9)
     s1, s2, s1b = draw(sample("a")), draw(sample("b")), draw(sample("a"))  # "a" again: a new occurrence
@@ -441,3 +441,32 @@ def test_sim_params_validation():
         parse_section("pretrain", {"method": "sim", "sim": {"arch": "resnet50"}})
     with pytest.raises(ConfigError, match=r"unknown key pretrain\.sim\.mask_raito"):
         parse_section("pretrain", {"sim": {"mask_raito": 0.5}})
+
+
+def test_prepare_drops_the_mask_of_an_undecodable_image():
+    """An image no decoder accepts is dropped with its crops by make_views; SIM drops its mask row too (and counts
+    it), so view A, its mask and the boxes stay aligned."""
+    import io
+
+    from PIL import Image
+
+    from components.config import PretrainConfig
+    from components.sim.method import SimMethod
+    from components.train.pretrain import Plan
+    from components.train.views import collate_pairs
+
+    cfg = PretrainConfig(method="sim", image_size=64, sim=dict(decoder_dim=32, decoder_heads=2))
+    plan = Plan(urls=("s.tar",), num_images=3, samples_per_epoch=3, world_size=1, rank=0, global_batch=3,
+                rank_batch=3, steps_per_epoch=1, total_steps=1, warmup_steps=0, data_signature="x", shard_samples=(3,))
+    method = SimMethod(cfg, plan, torch.device("cpu"))
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 80), (120, 30, 200)).save(buf, format="JPEG")
+    jpeg, garbage = buf.getvalue(), b"\xff\xd8\xff" + bytes(range(200)) + b"\xff\xd9"
+    draw = DrawCropsAndMask(0, 0, 0, (0.08, 1.0), grid=method.grid, num_masked=method.num_masked)
+    samples = [draw({"key": k, "url": "s.tar", "image": data, "meta": {"image": {"height": 80, "width": 96}}})
+               for k, data in (("a", jpeg), ("b", garbage), ("c", jpeg))]
+    batch = collate_pairs(samples)
+    views = method.prepare(batch, torch.device("cpu"))
+    assert views["view1"].shape == (2, 3, 64, 64) and views["boxes"].shape == (2, 2, 4)
+    assert torch.equal(views["mask"], batch["mask"][[0, 2]])
+    assert method.lost.lost == 1

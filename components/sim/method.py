@@ -79,6 +79,8 @@ class SimMethod(PretrainMethod):
                                  betas=(0.9, self.params.beta2))
 
     def batches(self, epoch: int):
+        """The shared two-view loader (:func:`components.train.views.build_loader`'s settings) whose workers also
+        draw view A's block mask; lost samples are counted as for every method (:meth:`_count_lost`)."""
         from components.data.loader import make_loader
         from components.sim.masking import DrawCropsAndMask
         from components.train.views import collate_pairs
@@ -86,15 +88,28 @@ class SimMethod(PretrainMethod):
         plan, cfg = self.plan, self.cfg
         draw = DrawCropsAndMask(cfg.seed, epoch, plan.rank, self.crop_scale, grid=self.grid,
                                 num_masked=self.num_masked)
-        return make_loader(
+        loader = make_loader(
             list(plan.urls), batch_size=plan.rank_batch, decode=self.decode, map_fn=draw, collate_fn=collate_pairs,
             shuffle=True, resampled=True, samples_per_epoch=plan.samples_per_epoch, num_workers=cfg.num_workers,
             seed=cfg.seed, epoch=epoch, rank=plan.rank, world_size=plan.world_size, drop_last=True,
+            pin_memory=self.device.type == "cuda", expected_counts=self.lost.expected,
         )
+        return self._count_lost(loader)
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
-        views = super().prepare(batch, device)
-        views["mask"] = batch["mask"].to(device, non_blocking=True)
+        """The shared two views plus ``mask`` ``(B', L)``: an image no decoder accepted is dropped with its crops by
+        :func:`~components.train.views.make_views`, and here with its mask (by its url and key), so rows stay
+        aligned."""
+        from components.train.views import make_views
+
+        views = make_views(batch, self.augment, self.generator, device)
+        dropped = views.pop("dropped", ())
+        self.lost.add_dropped((url, key) for url, key, _ in dropped)
+        mask = batch["mask"]
+        if dropped:
+            bad = {(url, key) for url, key, _ in dropped}
+            mask = mask[[i for i, pair in enumerate(zip(batch["urls"], batch["keys"])) if pair not in bad]]
+        views["mask"] = mask.to(device, non_blocking=True)
         return views
 
     def forward(self, model: torch.nn.Module, views: dict, step: int) -> dict[str, torch.Tensor]:
