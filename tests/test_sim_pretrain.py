@@ -15,8 +15,8 @@ import torch
 from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
 
 SIM_TINY = dict(arch="vit_demo_16", decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1)
-# 4x the demo's base lr: 9 steps at batch 16 must show the loss falling
-TINY = dict(method="sim", image_size=64, num_workers=0, log_every_steps=1, sim=dict(SIM_TINY, base_lr=6e-3))
+# 8x the demo's base lr: 9 steps at batch 16 must show the loss falling
+TINY = dict(method="sim", image_size=64, num_workers=0, log_every_steps=1, sim=dict(SIM_TINY, base_lr=1.2e-2))
 
 
 @pytest.fixture(autouse=True)
