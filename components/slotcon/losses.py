@@ -79,6 +79,7 @@ def slot_contrastive_loss(
     temperature: float = 0.2,
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     gather: Collective | None = None,
+    pad_to: int | None = None,
 ) -> torch.Tensor:
     """Slot-level InfoNCE, one direction (paper Eq. 4-5), times 2τ as the official code.
 
@@ -106,23 +107,31 @@ def slot_contrastive_loss(
         temperature: τ (0.2 in the paper).
         predictor: maps (N, D) → (N, D); None = identity.
         gather: concatenates (N, …) tensors over ranks along dim 0 (same shape on every rank); None = one process.
+        pad_to: the per-rank batch size every rank pads to before the gather (the configured one); None: the ranks
+            exchange their sizes first (one more collective and a host sync).
     Returns:
         () float32 loss (mean over the kept queries of this rank).
     """
     b, k, d = student_slots.shape
     key_mask = slot_keep_mask(teacher_scores).reshape(-1)  # (B*K,)
     query_mask = slot_keep_mask(student_scores).reshape(-1) & key_mask
-    query_idx = query_mask.nonzero().squeeze(1)
 
     keys_local = F.normalize(teacher_slots.detach().float().reshape(b * k, d), dim=1)
     # one gather of the keys with their key and query masks as two more columns; every rank gathers, even one with
-    # nothing to contrast (all_gather is collective)
+    # nothing to contrast (all_gather is collective). Rows are padded to ``pad_to`` images (the configured per-rank
+    # batch), so ranks whose batch lost an image at decode still gather equal shapes without exchanging sizes first.
     rows = torch.cat([keys_local, key_mask.float()[:, None], query_mask.float()[:, None]], dim=1)
     if gather is not None:
-        rows = _gather_rows(rows, gather)
-    keys_all = rows[rows[:, d] > 0.5, :d]  # (Nk, D) kept keys of every rank, rank order
-    queries_all = int((rows[:, d + 1] > 0.5).sum())  # kept queries of every rank (a host sync, as nonzero above)
-    run, join = _predictor_plan(predictor, query_idx.numel(), queries_all, synced=gather is not None)
+        rows = _gather_rows(rows, gather, None if pad_to is None else pad_to * k)
+    # the one host sync of this loss: where the kept keys (all ranks) and this rank's kept queries are, in one
+    # nonzero over both masks (the kept counts decide the shapes of everything below)
+    n_rows = rows.shape[0]
+    where = torch.cat([rows[:, d] > 0.5, query_mask]).nonzero().squeeze(1)
+    split = int(torch.searchsorted(where, torch.tensor(n_rows, device=where.device)))
+    key_idx, query_idx = where[:split], where[split:] - n_rows
+    keys_all = rows.index_select(0, key_idx)[:, :d]  # (Nk, D) kept keys of every rank, rank order
+    run, join = _predictor_plan(predictor, query_idx.numel(), lambda: int((rows[:, d + 1] > 0.5).sum()),
+                                synced=gather is not None)
     if not run:
         # nothing to contrast on this rank: a zero that still reaches every trainable input (DDP needs the grads)
         zero = student_slots.sum() * 0.0
@@ -132,26 +141,27 @@ def slot_contrastive_loss(
             zero = zero + sum(p.sum() * 0.0 for p in predictor.parameters() if p.requires_grad)
         return zero.float()
 
-    queries = student_slots.reshape(b * k, d)[query_idx]
+    queries = student_slots.reshape(b * k, d).index_select(0, query_idx)
     if predictor is not None:
         queries = predictor(queries)
     queries = F.normalize(queries.float(), dim=1)  # (Nq, D)
 
     with torch.autocast(queries.device.type, enabled=False):  # logits / τ in fp32 even under bf16 autocast
         logits = queries @ keys_all.t() / temperature  # (Nq, Nk)
-        positive = (queries * keys_local[query_idx]).sum(dim=1) / temperature  # (Nq,)
+        positive = (queries * keys_local.index_select(0, query_idx)).sum(dim=1) / temperature  # (Nq,)
         return (torch.logsumexp(logits, dim=1) - positive).mean() * (2.0 * temperature)
 
 
 _BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
 
-def _predictor_plan(predictor, local: int, everywhere: int, synced: bool) -> tuple[bool, bool]:
+def _predictor_plan(predictor, local: int, everywhere: Callable[[], int], synced: bool) -> tuple[bool, bool]:
     """``(run the predictor on this rank's queries, call it on an empty batch to join SyncBN's collectives)``.
 
     A predictor without batch statistics (none, a Linear, BN in eval mode) runs on any non-empty batch. Training-mode
     BN needs at least 2 rows: this rank's (plain BN), or every rank's together (SyncBN across ranks, where all ranks
-    must make the same choice, so it is taken on ``everywhere``, the same number on every rank).
+    must make the same choice, so it is taken on ``everywhere()``, the same number on every rank: only then is that
+    count read, a host sync plain BN does not pay).
     """
     norms = [m for m in predictor.modules() if isinstance(m, _BATCH_NORMS) and m.training] \
         if isinstance(predictor, torch.nn.Module) else []
@@ -159,13 +169,21 @@ def _predictor_plan(predictor, local: int, everywhere: int, synced: bool) -> tup
         return local > 0, False
     if synced and any(isinstance(m, torch.nn.SyncBatchNorm) for m in norms) and torch.distributed.is_available() \
             and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        return local > 0 and everywhere >= 2, local == 0 and everywhere >= 2
+        total = everywhere()
+        return local > 0 and total >= 2, local == 0 and total >= 2
     return local >= 2, False
 
 
-def _gather_rows(rows: torch.Tensor, gather: Collective) -> torch.Tensor:
-    """``gather`` for (N_r, C) tensors whose N_r may differ by rank: the sizes first, then the rows padded to the
-    largest, unpadded after. (Padded rows would be harmless anyway: their mask columns are 0.)"""
+def _gather_rows(rows: torch.Tensor, gather: Collective, pad_rows: int | None) -> torch.Tensor:
+    """``gather`` for (N_r, C) tensors whose N_r may differ by rank (images dropped at decode). With ``pad_rows``
+    (every rank's known upper bound) each rank pads to it and no sizes are exchanged: padded rows carry zero masks,
+    so they are never a key or a query. Without it the sizes go first and the padding is cut off after."""
+    if pad_rows is not None:
+        if rows.shape[0] > pad_rows:
+            raise ValueError(f"{rows.shape[0]} slot rows exceed pad_to's {pad_rows}")
+        if rows.shape[0] < pad_rows:
+            rows = torch.cat([rows, rows.new_zeros(pad_rows - rows.shape[0], rows.shape[1])])
+        return gather(rows)
     sizes = gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
     most = max(sizes)
     if rows.shape[0] < most:

@@ -357,7 +357,7 @@ def _kept_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from components.slotcon.losses import _predictor_plan
 
         sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(MLPPredictor(6, 8, 6)).train()
-        plans = [_predictor_plan(sync, here, everywhere, synced=True)
+        plans = [_predictor_plan(sync, here, lambda e=everywhere: e, synced=True)
                  for here, everywhere in [(0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 5)]]
         torch.save({"losses": losses, "params": params, "plans": plans}, Path(out_dir) / f"rank{rank}.pt")
     finally:
