@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from components.constants import RESNET_ARCHS
+from components.constants import RESNET_ARCHS, VIT_ARCHS, VIT_SPECS
 from components.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -153,11 +153,45 @@ class SlotConParams(Section):
         return self
 
 
+class SimParams(Section):
+    """``pretrain.sim``: SIM (Siamese Image Modeling) on a plain ViT and its optimiser. Defaults: the CPU demo; the
+    released ViT-B/16 recipe (configs/pretrain/dist_sim_base_1600ep.sh) in comments."""
+
+    arch: Literal[VIT_ARCHS] = "vit_demo_16"  # paper: vit_b_16
+    optimizer: Literal["adamw"] = "adamw"  # paper: AdamW
+    base_lr: float = Field(default=1.5e-3, gt=0)  # lr = base_lr * global_batch / 256; paper: 6.25e-5 (batch 4096)
+    min_lr: float = Field(default=1e-6, ge=0)  # cosine floor; paper: 0
+    weight_decay: float = Field(default=0.05, ge=0)  # paper: 0.05 (none on norms, biases, positions, tokens)
+    beta2: float = Field(default=0.95, gt=0, lt=1)  # AdamW beta2; paper: 0.95
+    clip_grad: float = Field(default=1.0, ge=0)  # global grad-norm clip (0 = off); paper: 1.0
+    teacher_momentum: float = Field(default=0.995, ge=0, le=1)  # m0 of the cosine EMA schedule to 1; paper: 0.995
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1)  # block-masked share of view A; paper: 118/196 = 0.602
+    decoder_dim: int = Field(default=192, ge=8)  # decoder_embed/projector/predictor width; paper: 768
+    decoder_heads: int = Field(default=6, ge=1)  # paper: 16
+    projector_depth: int = Field(default=1, ge=0)  # blocks; paper: 2
+    predictor_depth: int = Field(default=2, ge=1)  # blocks; paper: 4
+    norm: Literal["bn", "ln"] = "bn"  # norm of projector/predictor blocks; paper: bn (its ablation prefers BN)
+    neg_weight: float = Field(default=0.02, ge=0)  # UniGrad lambda; paper: 0.02
+    global_weight: float = Field(default=1.0, ge=0)  # alpha1, global term; paper: 1 (short schedules), code: 0
+    dense_weight: float = Field(default=4.0, gt=0)  # alpha2, dense term; paper: 4 (short schedules), code: 1
+    online_ln: bool = False  # LayerNorm the predictions too (the targets always are); released code: false
+    train_patch_embed: bool = False  # released code: the patch projection stays at its random init (MoCo v3)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimParams":
+        if self.min_lr > self.base_lr:
+            raise ValueError(f"min_lr={self.min_lr} must be <= base_lr={self.base_lr}")
+        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim={self.decoder_dim} must be a multiple of 4 (2-D sin-cos positions) and "
+                             f"of decoder_heads={self.decoder_heads}")
+        return self
+
+
 class PretrainConfig(Section):
     """``pretrain``: what every method shares (data, schedule length, processes, speed knobs) plus one subsection per
     method; ``method`` picks which subsection is used (the others are validated but change nothing)."""
 
-    method: Literal["slotcon"] = "slotcon"
+    method: Literal["slotcon", "sim"] = "slotcon"
     image_size: int = Field(default=96, ge=32)  # paper: 224; small demo crops for CPU speed, but a 3x3 map so slots are kept
     batch_size: int = Field(default=32, ge=2)  # global batch over all ranks; paper: 512 (COCO)
     epochs: int = Field(default=3, ge=1)  # paper: 800 (COCO / COCO+)
@@ -176,6 +210,7 @@ class PretrainConfig(Section):
     # JPEG ...; counted against index.json); 0 = any loss stops
     max_lost_fraction: float = Field(default=0.001, ge=0.0, le=1.0)
     slotcon: SlotConParams = Field(default_factory=SlotConParams)
+    sim: SimParams = Field(default_factory=SimParams)
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
@@ -184,6 +219,9 @@ class PretrainConfig(Section):
             raise ValueError(f"batch_size={self.batch_size} is not divisible by world size {world}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        if self.method == "sim" and self.image_size % VIT_SPECS[self.sim.arch]["patch_size"]:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of {self.sim.arch}'s patch size "
+                             f"{VIT_SPECS[self.sim.arch]['patch_size']} (method sim)")
         return self
 
     @property

@@ -4,7 +4,8 @@
   downstream protocols (per RGB channel, images in [0, 1]).
 - ``IGNORE_INDEX``: the "no label" value of semantic maps (COCO-Stuff, VOC borders, the scenes' 1-px object borders);
   cross-entropy and the confusion matrices skip it.
-- ``RESNET_ARCHS``: the trunk architectures every stage accepts (no torch import here: params validation reads it).
+- ``RESNET_ARCHS`` / ``VIT_ARCHS`` / ``ARCHS``: the trunk architectures every stage accepts (no torch import here:
+  params validation reads them).
 """
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ RESNET_CHANNELS: dict[str, int] = {
     "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048,
 }
 RESNET_ARCHS: tuple[str, ...] = tuple(RESNET_CHANNELS)
+
+#: Plain ViTs built from torchvision's ``VisionTransformer`` class (never with downloaded weights): patch size, depth,
+#: heads, width, MLP width. ``vit_s_16`` / ``vit_b_16`` are the paper models (DeiT-S / ViT-B); ``vit_demo_16`` is the
+#: CPU demo's (4 blocks of 192-d, patch 16: a 6x6 grid at 96 px; not DeiT-Ti, which has 12 blocks).
+VIT_SPECS: dict[str, dict[str, int]] = {
+    "vit_demo_16": dict(patch_size=16, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768),
+    "vit_s_16": dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536),
+    "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+}
+VIT_ARCHS: tuple[str, ...] = tuple(VIT_SPECS)
+ARCHS: tuple[str, ...] = RESNET_ARCHS + VIT_ARCHS
 
 
 def normalize_uint8(images, dim: int = -3):

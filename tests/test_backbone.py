@@ -6,14 +6,20 @@ import typing
 import pytest
 import torch
 
-from components.backbone import ARCHS, build_resnet, check_arch, dilate_resnet_, load_trunk
-from components.config import SlotConParams
+from components.backbone import ARCHS, build_resnet, build_vit, check_arch, dilate_resnet_, is_vit, load_trunk
+from components.config import PretrainConfig
 from components.errors import UserError
 
 
 def test_params_accept_exactly_the_backbone_archs():
-    allowed = typing.get_args(SlotConParams.model_fields["arch"].annotation)
-    assert tuple(allowed) == ARCHS
+    """Every method subsection's ``arch`` choices together are exactly the arch table (no arch params accept that the
+    stages don't, none the stages know that no method can produce)."""
+    allowed: set[str] = set()
+    for name, field in PretrainConfig.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and "arch" in getattr(sub, "model_fields", {}):
+            allowed |= set(typing.get_args(sub.model_fields["arch"].annotation))
+    assert allowed == set(ARCHS)
 
 
 @pytest.mark.slow
@@ -24,6 +30,20 @@ def test_every_arch_params_accept_is_accepted_by_export_detect_and_segment(arch)
     from components.transfer.seg_models import FCN, load_trunk_
 
     torch.manual_seed(0)
+    if is_vit(arch):  # what `slotcon export` writes for a ViT: torchvision VisionTransformer keys minus heads
+        from components.transfer.seg_models import ViTFCN
+
+        sd = build_vit(arch, 64, head="none").state_dict()
+        key = "encoder.layers.encoder_layer_0.mlp.0.weight"
+        exported = build_backbone(arch, sd)  # loads strictly into VisionTransformer(64 px) with heads = Identity
+        assert torch.equal(exported.encoder.layers.encoder_layer_0.mlp[0].weight, sd[key])
+        det = build_model(arch=arch, num_classes=2, trunk_state=sd, min_size=[64], max_size=96, mask_head=[8],
+                          trunk_size=96)
+        assert torch.equal(det.backbone.trunk.encoder.layers.encoder_layer_0.mlp[0].weight, sd[key])
+        seg = ViTFCN(arch=arch, num_classes=2, image_size=96, head_channels=8)
+        load_trunk_(seg, sd, "backbone.pt")
+        assert torch.equal(seg.backbone.encoder.layers.encoder_layer_0.mlp[0].weight, sd[key])
+        return
     sd = build_resnet(arch, head="none").state_dict()  # what `slotcon export` writes: torchvision keys minus fc
     exported = build_backbone(arch, sd)  # export: loads strictly into torchvision <arch>() with fc = Identity
     assert torch.equal(exported.conv1.weight, sd["conv1.weight"])

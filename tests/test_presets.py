@@ -12,7 +12,7 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "docs" / "presets").glob
 
 def test_presets_exist():
     assert {p.name for p in PRESETS} >= {"coco_r50_800ep.yaml", "cocoplus_r50_800ep.yaml", "imagenet_r50_100ep.yaml",
-                                         "imagenet_r50_200ep.yaml"}
+                                         "imagenet_r50_200ep.yaml", "imagenet_sim_vitb16_1600ep.yaml"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
@@ -22,7 +22,13 @@ def test_preset_is_valid(path):
         parse_section(name, raw, path)
 
 
-PRETRAIN_PRESETS = [p for p in PRESETS if "pretrain" in read_params(p)]
+def _method(path: Path) -> str | None:
+    pre = read_params(path).get("pretrain")
+    return None if pre is None else pre.get("method", "slotcon")
+
+
+PRETRAIN_PRESETS = [p for p in PRESETS if _method(p) == "slotcon"]
+SIM_PRESETS = [p for p in PRESETS if _method(p) == "sim"]
 
 
 @pytest.mark.parametrize("path", PRETRAIN_PRESETS, ids=lambda p: p.stem)
@@ -43,3 +49,24 @@ def test_pretrain_preset_is_faithful(path):
     else:
         assert pre.num_prototypes == 2048 and common.epochs in (100, 200)
         assert sections["data"].source == "imagenet" and sections["data"].root  # no manual shard writing
+
+
+@pytest.mark.parametrize("path", SIM_PRESETS, ids=lambda p: p.stem)
+def test_sim_preset_is_the_released_vitb16_recipe(path):
+    """configs/pretrain/dist_sim_base_1600ep.sh of OpenGVLab/Siamese-Image-Modeling (+ main_pretrain.py defaults)."""
+    from components.sim.masking import num_masked_patches
+
+    sections = {name: parse_section(name, raw, path) for name, raw in read_params(path).items()}
+    common = sections["pretrain"]
+    sim = common.sim
+    assert sections["data"].source == "imagenet" and sections["data"].root
+    assert (common.method, sim.arch, common.image_size, common.batch_size, common.epochs, common.warmup_epochs) == (
+        "sim", "vit_b_16", 224, 4096, 1600, 40)
+    assert (sim.optimizer, sim.base_lr, sim.weight_decay, sim.beta2, sim.clip_grad, sim.min_lr) == (
+        "adamw", 6.25e-5, 0.05, 0.95, 1.0, 0.0)
+    assert sim.base_lr * common.batch_size / 256 == pytest.approx(1e-3)
+    assert num_masked_patches((14, 14), sim.mask_ratio) == 118 and sim.teacher_momentum == 0.995
+    assert (sim.decoder_dim, sim.decoder_heads, sim.projector_depth, sim.predictor_depth, sim.norm) == (
+        768, 16, 2, 4, "bn")
+    assert (sim.neg_weight, sim.global_weight, sim.dense_weight, sim.online_ln, sim.train_patch_embed) == (
+        0.02, 0.0, 1.0, False, False)

@@ -1,12 +1,19 @@
-"""``slotcon export``: the pretrained teacher backbone -> ``models/backbone.pt`` with torchvision ResNet key names.
+"""``slotcon export``: the pretrained method's trunk -> ``models/backbone.pt`` with torchvision key names.
 
-The teacher (EMA) encoder is what SlotCon transfers (the official ``convert_pretrain_to_*`` scripts take
-``encoder_k``). Its ``backbone`` is a torchvision ResNet without ``fc``, so the conversion is a prefix strip:
-``teacher_encoder.backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight``. The result loads with ``strict=True``
-into ``torchvision.models.<arch>()`` whose ``fc`` is replaced by ``nn.Identity()`` (checked before writing).
+Each pretraining method names the trunk it transfers (``backbone_prefix`` in ``last.pt``): SlotCon the teacher (EMA)
+ResNet (the official ``convert_pretrain_to_*`` scripts take ``encoder_k``), SIM the online ViT encoder (what the
+released fine-tuning loads). Both trunks are torchvision modules, so the conversion is a prefix strip
+(``teacher_encoder.backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight``,
+``student_encoder.encoder.layers.encoder_layer_0.ln_1.weight -> encoder.layers.encoder_layer_0.ln_1.weight``). The
+result loads with ``strict=True`` into ``torchvision.models.<arch>()`` with ``fc = Identity()`` (ResNets) or into
+``torchvision.models.VisionTransformer`` of the arch and the pretraining image size with ``heads = Identity()``
+(ViTs; the size is read back from the position embedding) -- checked before writing.
 
-Output: ``{"arch": "resnet18", "state_dict": {...}, "source": {...}}``; with ``export.register_model`` the backbone
-is also logged to MLflow as a model and registered as a new version of ``tracking.registered_model``.
+Output: ``{"arch": ..., "state_dict": {...}, "source": {...}}``; with ``export.register_model`` the backbone is also
+logged to MLflow as a model and registered: SlotCon's as a new version of ``tracking.registered_model``, another
+method's as a version of the sibling model ``<tracking.registered_model>-<method>`` (:func:`registered_model_name`:
+versions of one registered model should be interchangeable for whoever loads ``models:/name@alias``; a ViT that
+only takes its pretraining image size and a ResNet are not).
 """
 from __future__ import annotations
 
@@ -23,26 +30,36 @@ from components.stage import Arg, Stage
 PREFIX = "teacher_encoder.backbone."  # SlotCon's (files written before last.pt recorded its method's prefix)
 
 
-def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
-    """``torchvision.models.<arch>(weights=None)`` with ``fc = Identity`` (no download), optionally loaded strictly.
+def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = None,
+                   image_size: int | None = None) -> torch.nn.Module:
+    """The exported model of ``arch``, never downloading, optionally loaded strictly from ``state_dict``.
 
-    Forward: ``(B, 3, H, W) -> (B, C)`` pooled features (C = 512 for resnet18/34, 2048 for resnet50+).
+    ResNets: ``torchvision.models.<arch>(weights=None)`` with ``fc = Identity``; forward ``(B, 3, H, W) -> (B, C)``
+    pooled features (C = 512 for resnet18/34, 2048 for resnet50+). ViTs: ``torchvision.models.VisionTransformer``
+    with ``heads = Identity`` for ``image_size`` px (default: the size of ``state_dict``'s position embedding, else
+    224); forward ``(B, 3, S, S) -> (B, D)`` class-token features.
     """
-    from components.backbone import build_resnet
+    from components.backbone import build_resnet, build_vit, is_vit, vit_image_size
 
-    model = build_resnet(arch, head="identity")
+    if is_vit(arch):
+        if image_size is None:
+            image_size = vit_image_size(arch, state_dict) if state_dict is not None else 224
+        model = build_vit(arch, image_size, head="identity")
+    else:
+        model = build_resnet(arch, head="identity")
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
     return model
 
 
 def teacher_backbone_state(model_state: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
-    """Keys under ``prefix`` with the prefix removed (``module.`` from DDP dropped first); tensors cloned to CPU."""
+    """Keys under ``prefix`` with the prefix removed (``module.`` from DDP dropped first), minus a classifier
+    (``fc.*`` / ``heads.*``); tensors cloned to CPU. (The name is historical: the prefix picks the method's trunk.)"""
     from components.backbone import clean_keys
 
     sd = clean_keys(model_state)
     out = {k[len(prefix):]: v.detach().cpu().clone() for k, v in sd.items() if k.startswith(prefix)}
-    return {k: v for k, v in out.items() if not k.startswith("fc.")}
+    return {k: v for k, v in out.items() if not k.startswith(("fc.", "heads."))}
 
 
 def _arch_of(state: Mapping[str, Any]) -> str | None:
@@ -55,7 +72,8 @@ def _arch_of(state: Mapping[str, Any]) -> str | None:
 def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """Pretrain checkpoint -> ``(arch, torchvision state_dict, source info)``; UserError naming the file if bad.
 
-    The trunk is the one the checkpoint's method transfers (``backbone_prefix`` in ``last.pt``: SlotCon's teacher).
+    The trunk is the one the checkpoint's method transfers (``backbone_prefix`` in ``last.pt``: SlotCon's teacher,
+    SIM's online encoder); a ViT is checked at the image size it was pretrained for.
     """
     from components.backbone import ARCHS
     from components.train.checkpoint import load_checkpoint
@@ -78,6 +96,8 @@ def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Te
                         f"{arch}: {str(exc).splitlines()[0]}") from None
     source = {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step"),
               "method": state.get("method", "slotcon")}
+    if isinstance(state.get("model_kwargs"), dict) and state["model_kwargs"].get("image_size"):
+        source["image_size"] = int(state["model_kwargs"]["image_size"])
     return arch, sd, source
 
 
@@ -95,6 +115,22 @@ def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]
     if not isinstance(obj, dict) or obj.get("arch") not in ARCHS or not isinstance(obj.get("state_dict"), dict):
         raise UserError(f"{path}: expected {{'arch': one of {ARCHS}, 'state_dict': {{...}}}}; re-run `slotcon export`")
     return obj["arch"], obj["state_dict"]
+
+
+def registered_model_name(base: str, method: str) -> str:
+    """The registered model a method's backbone is a version of: ``base`` for SlotCon (what the registry always
+    held), ``<base>-<method>`` for the others (a sibling model: see the module docstring)."""
+    return base if method == "slotcon" else f"{base}-{method}"
+
+
+def checkpoint_method(path: str | os.PathLike) -> str:
+    """The method that wrote a pretrain checkpoint (``slotcon`` for files without one, or unreadable ones: the
+    export itself then reports what is wrong). Memory-maps the file: no tensor is read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:
+        return "slotcon"
+    return str(state.get("method", "slotcon")) if isinstance(state, dict) else "slotcon"
 
 
 def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, tracker=None,
@@ -186,8 +222,9 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, descri
 
 
 def _run_stage(ctx) -> None:
+    method = checkpoint_method(ctx.args.checkpoint)
     run_export(ctx.cfg, ctx.args.checkpoint, ctx.args.out, tracker=ctx.tracker,
-               registered_model=ctx.tracking_cfg.registered_model)
+               registered_model=registered_model_name(ctx.tracking_cfg.registered_model, method))
 
 
 STAGE = Stage(

@@ -1,4 +1,5 @@
-"""Stage ``detect``: Mask R-CNN R-FPN fine-tuning on the pretrained trunk; COCO AP^b / AP^m on val.
+"""Stage ``detect``: Mask R-CNN fine-tuning on the pretrained trunk (ResNet-FPN, or a ViT under ViTDet's simple
+feature pyramid); COCO AP^b / AP^m on val.
 
 The paper's headline transfer (SlotCon Table 1): Mask R-CNN R50-FPN, COCO 1x schedule, AP^b 41.0 / AP^m 37.0 after
 800 epochs of COCO pretraining. The official code runs detectron2 by hand; here it is one stage on torchvision and the
@@ -303,7 +304,10 @@ def train_one(cfg, label: str, arch: str, sd: dict | None, src: str, data: dict,
     method = DetectMethod(cfg, kwargs=kwargs, trunk_state=sd, trunk_source=src, train_urls=data["train_urls"],
                           cat_to_label=data["cat_to_label"], num_train_samples=data["num_train"])
     if dist.get_rank() == 0:
-        print(f"detect[{label}]: Mask R-CNN {arch}-FPN, {len(data['categories'])} classes, trunk from {src}, "
+        from components.backbone import is_vit
+
+        neck = "simple pyramid" if is_vit(arch) else "FPN"
+        print(f"detect[{label}]: Mask R-CNN {arch} + {neck}, {len(data['categories'])} classes, trunk from {src}, "
               f"norm={cfg.norm}, world={dist.get_world_size()}, {cfg.iters} iterations at batch {cfg.batch_size}",
               flush=True)
     spec = RunSpec(total_steps=cfg.iters, steps_per_epoch=None, log_every=1, save_every=cfg.save_every,

@@ -1,7 +1,9 @@
-"""Mask R-CNN with a ResNet-FPN backbone on a pretrained trunk: the model, its schedule and its optimiser groups.
+"""Mask R-CNN with a ResNet-FPN or ViT simple-pyramid backbone on a pretrained trunk: model, schedule, optimiser groups.
 
 - :func:`build_model`: ``torchvision.models.detection.MaskRCNN`` on ``_resnet_fpn_extractor`` of a torchvision ResNet
-  whose trunk is loaded *strictly* (:func:`components.backbone.load_trunk`: one error format for every stage).
+  whose trunk is loaded *strictly* (:func:`components.backbone.load_trunk`: one error format for every stage), or, for
+  a ViT arch, on ViTDet's simple feature pyramid from the stride-16 map (:mod:`components.transfer.vit_pyramid`),
+  same five levels and names, same heads.
   Normalisation as the SSL transfer protocols use it (MoCo/SlotCon detectron2 configs ``*_syncbn``): BN in train mode
   in the trunk, FPN and (``box_head: 4conv1fc``) the ROI heads, every layer fine-tuned; ``frozen`` is torchvision's
   supervised default (FrozenBN, stem + layer1 frozen, no norm in FPN/heads).
@@ -66,6 +68,7 @@ def build_model(
     detections_per_img: int = 100,
     trunk_state: Mapping[str, torch.Tensor] | None = None,
     trunk_source: str = "backbone",
+    trunk_size: int = 224,
 ) -> nn.Module:
     """Mask R-CNN, ResNet-FPN (P2-P6, 256 channels), ``num_classes`` foreground classes (+ background).
 
@@ -74,6 +77,8 @@ def build_model(
     into the trunk (:func:`components.backbone.load_trunk`); None keeps torchvision's random init. ``box_head="4conv1fc"`` uses the
     normalised heads of the SSL transfer configs (torchvision's ``maskrcnn_resnet50_fpn_v2`` layout). ``mask_head``
     are the widths of the mask head's 3x3 convs at 14x14 (COCO: four of 256; on a CPU it dominates the step).
+    A ViT ``arch`` gets the simple feature pyramid (LayerNorm in the pyramid whatever ``norm`` says, the trunk fully
+    trained); ``trunk_size`` is the image size its position table is built for (the pretrained one is resized).
     """
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -81,17 +86,24 @@ def build_model(
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
     from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 
-    from components.backbone import RESNET_ARCHS, build_resnet, check_arch, load_trunk
+    from components.backbone import ARCHS, build_resnet, check_arch, is_vit, load_trunk
 
-    check_arch(arch, trunk_source, RESNET_ARCHS)
-    trunk = build_resnet(arch, norm_layer=_norm_layer(norm), head="keep")
-    if trunk_state is not None:
-        load_trunk(trunk, trunk_state, arch=arch, source=trunk_source,
-                   fix=f"export a {arch} backbone with `slotcon export` or set detect.init: random")
+    check_arch(arch, trunk_source, ARCHS)
+    fix = f"export a {arch} backbone with `slotcon export` or set detect.init: random"
     frozen = norm == "frozen"
     head_norm = None if frozen else nn.BatchNorm2d
-    # SSL transfer fine-tunes every layer (detectron2 FREEZE_AT=0); the supervised/FrozenBN recipe freezes stem+res2
-    backbone = _resnet_fpn_extractor(trunk, trainable_layers=3 if frozen else 5, norm_layer=head_norm)
+    if is_vit(arch):
+        from components.transfer.vit_pyramid import build_vit_pyramid
+
+        backbone = build_vit_pyramid(arch, trunk_size=trunk_size, trunk_state=trunk_state, trunk_source=trunk_source,
+                                     fix=fix)
+    else:
+        trunk = build_resnet(arch, norm_layer=_norm_layer(norm), head="keep")
+        if trunk_state is not None:
+            load_trunk(trunk, trunk_state, arch=arch, source=trunk_source, fix=fix)
+        # SSL transfer fine-tunes every layer (detectron2 FREEZE_AT=0); the supervised/FrozenBN recipe freezes
+        # stem+res2
+        backbone = _resnet_fpn_extractor(trunk, trainable_layers=3 if frozen else 5, norm_layer=head_norm)
     kwargs: dict[str, Any] = {}
     if box_head == "4conv1fc":
         anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
@@ -126,11 +138,19 @@ def build_model(
 
 
 def model_kwargs_of(cfg, *, arch: str, num_classes: int) -> dict[str, Any]:
-    """The :func:`build_model` keyword arguments a :class:`DetectConfig` implies (stored in ``model.pt``)."""
-    return dict(arch=arch, num_classes=num_classes, norm=cfg.norm, box_head=cfg.box_head, min_size=list(cfg.min_size),
-                max_size=cfg.max_size, rpn_batch_size=cfg.rpn_batch_size, roi_batch_size=cfg.roi_batch_size,
-                proposals_train=cfg.proposals_train, proposals_test=cfg.proposals_test, mask_head=list(cfg.mask_head),
-                detections_per_img=cfg.detections_per_img)
+    """The :func:`build_model` keyword arguments a :class:`DetectConfig` implies (stored in ``model.pt``). A ViT's
+    position table is built for ``test_size`` (rounded up to a multiple of 32): pretrained and random inits get the
+    same shapes, and ``load_detector`` rebuilds them."""
+    from components.backbone import is_vit
+
+    kwargs = dict(arch=arch, num_classes=num_classes, norm=cfg.norm, box_head=cfg.box_head,
+                  min_size=list(cfg.min_size), max_size=cfg.max_size, rpn_batch_size=cfg.rpn_batch_size,
+                  roi_batch_size=cfg.roi_batch_size, proposals_train=cfg.proposals_train,
+                  proposals_test=cfg.proposals_test, mask_head=list(cfg.mask_head),
+                  detections_per_img=cfg.detections_per_img)
+    if is_vit(arch):
+        kwargs["trunk_size"] = -(-cfg.test_size // 32) * 32
+    return kwargs
 
 
 def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Semantic segmentation heads on a dilated pretrained trunk (mmsegmentation's ``fcn_r50-d8``/``-d16`` style).
+"""Semantic segmentation heads on a dilated pretrained trunk (mmsegmentation's ``fcn_r50-d8``/``-d16`` style), or on a
+plain ViT's stride-16 map.
 
 :class:`FCN`: a torchvision ResNet whose last stage(s) trade stride for dilation (output stride 8: layer3 and layer4
 dilated 2 and 4; 16: layer4 dilated 2; :func:`components.backbone.dilate_resnet_`), an FCN head (``num_convs`` 3x3
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.backbone import RESNET_ARCHS, build_resnet, check_arch, load_trunk, trunk_channels
+from components.backbone import RESNET_ARCHS, build_resnet, check_arch, is_vit, load_trunk, trunk_channels
 
 
 def build_trunk(arch: str, output_stride: int = 8) -> nn.Module:
@@ -90,6 +91,50 @@ class FCN(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class ViTFCN(nn.Module):
+    """ViT trunk (position table for ``image_size`` px, resized per input) + FCN head on the stride-16 map (+ an
+    auxiliary head on the middle block's tokens). ``(B,3,H,W) -> (B,C,H,W)`` logits."""
+
+    def __init__(self, *, arch: str, num_classes: int, image_size: int = 224, head_channels: int = 512,
+                 num_convs: int = 2, concat_input: bool = True, dropout: float = 0.1, aux: bool = True):
+        from components.backbone import build_vit
+
+        super().__init__()
+        self.arch = arch
+        self.backbone = build_vit(arch, -(-image_size // 16) * 16, head="none")
+        d = trunk_channels(arch)
+        self.aux_block = len(self.backbone.encoder.layers) // 2 - 1
+        self.head = FCNHead(in_channels=d, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
+                            concat_input=concat_input, dropout=dropout)
+        self.aux_head = (
+            FCNHead(in_channels=d, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
+                    concat_input=False, dropout=dropout)
+            if aux else None
+        )
+
+    def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stride-16 ``(B,C,H/16,W/16)`` main and auxiliary logits."""
+        from components.backbone import tokens_to_map, vit_embed
+
+        vit = self.backbone
+        grid = (x.shape[-2] // vit.patch_size, x.shape[-1] // vit.patch_size)
+        tokens, mid = vit_embed(vit, x), None
+        for i, block in enumerate(vit.encoder.layers):
+            tokens = block(tokens)
+            if i == self.aux_block:
+                mid = tokens
+        c16 = tokens_to_map(vit.encoder.ln(tokens)[:, 1:], grid)
+        use_aux = self.aux_head is not None and self.training
+        aux = self.aux_head(tokens_to_map(mid[:, 1:], grid)) if use_aux else None
+        return self.head(c16), aux
+
+    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
+        if train_logits:
+            return self.forward_logits(x)
+        logits, _ = self.forward_logits(x)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def load_trunk_(model: nn.Module, state_dict: dict, where: str) -> None:
     """Strict load of torchvision ResNet keys (minus ``fc.*``) into ``model.backbone``; a mismatch names the file."""
     load_trunk(model.backbone, state_dict, arch=getattr(model, "arch", "resnet"), source=where,
@@ -97,6 +142,10 @@ def load_trunk_(model: nn.Module, state_dict: dict, where: str) -> None:
 
 
 def build_segmenter(cfg, *, arch: str, num_classes: int) -> nn.Module:
-    """The model ``segment.head`` names, from a :class:`~components.config.SegmentConfig`."""
+    """The model ``segment.head`` names, from a :class:`~components.config.SegmentConfig` (a ViT arch: :class:`ViTFCN`,
+    its position table built for ``crop_size``)."""
+    if is_vit(arch):
+        return ViTFCN(arch=arch, num_classes=num_classes, image_size=cfg.crop_size, head_channels=cfg.head_channels,
+                      num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)
     return FCN(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, head_channels=cfg.head_channels,
                num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)

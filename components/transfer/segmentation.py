@@ -1,6 +1,7 @@
 """Stage ``segment``: semantic segmentation fine-tuning on the pretrained trunk (SlotCon's transfer protocol).
 
-Model (:mod:`components.transfer.seg_models`): FCN on a dilated trunk (os 8 or 16) + auxiliary head (weight 0.4),
+Model (:mod:`components.transfer.seg_models`): FCN on a dilated trunk (os 8 or 16; a ViT: its stride-16 map) +
+auxiliary head (weight 0.4),
 cross-entropy with ignore index 255. Optimiser: SGD (momentum 0.9, weight decay 5e-4) with mmseg's poly schedule
 ``lr_t = (lr - min_lr) (1 - t/T)^0.9 + min_lr`` (a pure function of the iteration). Augmentation per sample
 (:class:`SegAugment`, random numbers drawn from ``(seed, epoch, key)``, so a resumed run and any worker count draw
@@ -321,7 +322,7 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
     save_torch_atomic(
         {"arch": arch, "num_classes": val_src.num_classes, "class_names": val_src.class_names,
          "output_stride": cfg.output_stride, "head_channels": cfg.head_channels, "num_convs": cfg.num_convs,
-         "concat_input": cfg.concat_input, "state_dict": main_model.cpu().state_dict()},
+         "concat_input": cfg.concat_input, "crop_size": cfg.crop_size, "state_dict": main_model.cpu().state_dict()},
         Path(out_dir) / "model.pt",
     )
     if plots_dir is not None:
