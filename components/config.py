@@ -275,7 +275,8 @@ class SegmentConfig(Section):
     weight_decay: float = Field(default=5e-4, ge=0)
     crop_size: int = Field(default=96, ge=32)  # mmseg VOC: 512; ReCo VOC: 321
     scale_range: list[float] = Field(default_factory=lambda: [0.5, 2.0])  # random rescale ratio; mmseg: [0.5, 2.0]
-    head_channels: int = Field(default=128, ge=8)  # FCN head width; mmseg R50: 512
+    head_channels: int = Field(default=128, ge=8)  # FCN head width (mmseg R50: 512); DeepLabv3+'s ASPP and decoder
+    # width (ReCo: 256)
     num_convs: int = Field(default=2, ge=0)  # 3x3 conv-BN-ReLU in the head; mmseg: 2
     concat_input: bool = True  # concat the trunk output back before the classifier; mmseg FCN: true
     aux_weight: float = Field(default=0.4, ge=0)  # auxiliary FCN head on layer3; mmseg: 0.4 (0 = no aux head)

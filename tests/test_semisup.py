@@ -171,7 +171,7 @@ def test_labels_of_unlabeled_images_are_never_read(tmp_path, monkeypatch, method
     opened = []
     real = sd.decode_label
     monkeypatch.setattr(sd, "decode_label", lambda data, where="": opened.append(str(where)) or real(data, where))
-    cfg = SegmentConfig(method=method, labeled=3, **TINY)
+    cfg = SegmentConfig(method=method, labeled=3, **{**TINY, "iters": 2})
     runs = {}
     for name in ("clean", "poisoned"):
         root = scenes_folder(tmp_path / name)
@@ -189,7 +189,7 @@ def test_labels_of_unlabeled_images_are_never_read(tmp_path, monkeypatch, method
     assert info["labeled_images"] == 3 and info["unlabeled_images"] == 7
     assert (tmp_path / "out_poisoned" / "labeled.txt").read_text().split() == labeled.keys()
     assert not any(k in p for p in opened for k in unl), "an unlabelled image's label was decoded"
-    assert runs["clean"][0] == runs["poisoned"][0] and len(runs["clean"][0]) == 3
+    assert runs["clean"][0] == runs["poisoned"][0] and len(runs["clean"][0]) == 2
     for k, v in runs["clean"][1].items():
         assert torch.equal(v, runs["poisoned"][1][k]), k
 
@@ -225,7 +225,7 @@ def test_reco_run_end_to_end_with_supervised_baseline_and_picture(tmp_path):
     root = scenes_folder(tmp_path / "s")
     sd = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
     torch.save({"arch": "resnet18", "state_dict": sd}, tmp_path / "backbone.pt")
-    cfg = SegmentConfig(data_root=str(root), method="reco", labeled=0.3, num_vis=2, **TINY)
+    cfg = SegmentConfig(data_root=str(root), method="reco", labeled=0.3, num_vis=2, **{**TINY, "iters": 2})
     m = run_segment(cfg, None, tmp_path / "backbone.pt", tmp_path / "out", device="cpu", plots_dir=tmp_path / "p")
     assert m["method"] == "reco" and m["head"] == "deeplabv3plus"
     assert m["labeled_images"] == 3 and m["unlabeled_images"] == 7 and m["labeled_sha1"]
@@ -283,3 +283,51 @@ def test_reco_stop_and_resume_equals_a_straight_run(tmp_path):
     for m1, m2 in ((ta, tb), (sa, sb)):
         for (k, v), (_, w) in zip(m1.state_dict().items(), m2.state_dict().items()):
             torch.testing.assert_close(w, v, rtol=0, atol=1e-6, msg=k)
+
+
+def _ddp_reco_worker(rank, world, port, root, out):
+    import os
+
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from components.data.segdatasets import open_source
+        from components.transfer.segmentation import split_train, train_one
+        from components.tracking import Tracker
+
+        torch.set_num_threads(1)
+        cfg = SegmentConfig(method="reco", labeled=4, nproc_per_node=2, **{**TINY, "iters": 2, "batch_size": 4})
+        src = open_source(root, None, "auto", "train")
+        labeled, unlabeled, _ = split_train(cfg, src, None, Tracker())
+        teacher, result = train_one(cfg, init="random", arch="resnet18", state_dict=None, where="random",
+                                    train_src=labeled, checkpoints=None, tracker=None, prefix="", method="reco",
+                                    unlabeled_src=unlabeled, device="cpu")
+        torch.save({"teacher": dict(teacher.named_parameters()), "step": result.step,
+                    "student": dict(result.extra["model"].named_parameters())}, f"{out}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_reco_under_ddp_keeps_student_and_teacher_identical_on_every_rank(tmp_path):
+    """2 gloo ranks: the ReCo loss and the mixing run per rank (as the authors' one-GPU batch), gradients are
+    averaged by DDP, so the students' parameters (and the teachers' built from them) stay identical across ranks.
+    (BN running statistics are rank-local on CPU, where torch has no SyncBN: DDP re-broadcasts rank 0's before each
+    forward, and only rank 0's teacher is evaluated.)"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = scenes_folder(tmp_path / "s", n=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_reco_worker, args=(2, port, str(root), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert a["step"] == b["step"] == 2
+    for part in ("student", "teacher"):
+        for k, v in a[part].items():
+            torch.testing.assert_close(b[part][k], v, msg=f"{part}.{k}")

@@ -156,7 +156,8 @@ def build_segmenter(cfg, *, arch: str, num_classes: int, method: str | None = No
     :class:`~components.config.SegmentConfig`; only ReCo gets a representation head."""
     method = method or cfg.method
     if cfg.resolved_head == "deeplabv3plus":  # the run's head, also for the supervised baseline of a ReCo run
-        return DeepLabV3Plus(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride,
-                             rep_dim=cfg.reco.rep_dim if method == "reco" else 0)
+        width = cfg.head_channels  # ASPP and decoder width (paper: 256)
+        return DeepLabV3Plus(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, aspp_channels=width,
+                             decoder_channels=width, rep_dim=cfg.reco.rep_dim if method == "reco" else 0)
     return FCN(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, head_channels=cfg.head_channels,
                num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)

@@ -382,7 +382,8 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
         metrics[f"{prefix}train_img_per_s"] = result.img_per_s if result.steps_this_run else 0.0
         metrics[f"{prefix}train_s"] = round(train_s, 3)
         tracker.log_metrics({f"{prefix}{k}": m[k] for k in ("mIoU", "mAcc", "pixel_acc")})
-        models.append((f"{'random init, ' if init == 'random' and prefix else ''}{method}", model))
+        title = {"supervised": "supervised", "classmix": "ClassMix (teacher)", "reco": "ReCo+ClassMix (teacher)"}
+        models.append((("random init: " if prefix.startswith("random/") else "") + title[method], model))
         if prefix == "":
             metrics["init"] = init if not init.endswith(".pt") else "path"
             metrics["num_val_images"] = m["num_images"]

@@ -23,6 +23,9 @@ Data: the train split is cut once into a labelled and an unlabelled part (:func:
 at scale 1, no flip: what the teacher labels); the unlabelled part is read *without* labels (folder: label files never
 opened; shards: maps never decoded). An epoch is one pass over the unlabelled part.
 
+Under DDP each rank mixes, pseudo-labels and computes ReCo on its own batch (the authors' one-GPU batch; nothing is
+gathered), DDP averages the gradients, so every rank's student and teacher parameters stay equal.
+
 Not included (said where it matters): ReCo's random rescale of the pseudo-labelled batch before mixing, Gaussian blur
 and hue jitter; its class-balanced choice of the labelled images (it reads every label to choose them).
 """
