@@ -238,6 +238,26 @@ def test_reco_run_end_to_end_with_supervised_baseline_and_picture(tmp_path):
     json.dumps(m, allow_nan=False)
 
 
+def test_mean_teacher_runs_on_the_fcn_head_with_cutmix(tmp_path):
+    """FCN stays available to the semi-supervised methods (auxiliary loss on the labelled part only)."""
+    from components.data.segdatasets import open_source
+    from components.tracking import Tracker
+    from components.transfer.seg_models import FCN
+    from components.transfer.segmentation import split_train, train_one
+
+    cfg = SegmentConfig(method="classmix", labeled=3, head="fcn", semisup={"mix": "cutmix"}, **{**TINY, "iters": 1})
+    src = open_source(str(scenes_folder(tmp_path / "s", n=6)), None, "auto", "train")
+    labeled, unlabeled, _ = split_train(cfg, src, None, Tracker())
+    stats = {}
+    teacher, result = train_one(cfg, init="random", arch="resnet18", state_dict=None, where="random",
+                                train_src=labeled, checkpoints=None, tracker=None, prefix="", method="classmix",
+                                unlabeled_src=unlabeled, on_step=lambda s, st: stats.update(st))
+    assert isinstance(teacher, FCN) and teacher is not result.extra["model"] and not teacher.training
+    assert set(stats) >= {"loss", "sup", "unsup", "confident", "momentum"} and stats["momentum"] == 0.0
+    for k, v in teacher.state_dict().items():  # the first update copies the student
+        assert torch.equal(v, result.extra["model"].state_dict()[k]), k
+
+
 def test_semisup_config_errors_are_one_line():
     from components.config import ConfigError, parse_section
 

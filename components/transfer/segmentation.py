@@ -408,7 +408,7 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
         tracker.log_artifact(Path(plots_dir) / "loss.png", "plots")
         if cfg.num_vis:
             _draw(models, val_src, cfg, Path(plots_dir) / "predictions.png", tracker)
-    metrics["skipped_samples"] = sum(getattr(s, "skipped", 0) for s in (labeled_src, unlabeled_src, val_src) if s)
+    metrics["skipped_samples"] = sum(s.skipped for s in (labeled_src, unlabeled_src, val_src) if s is not None)
     return metrics
 
 
