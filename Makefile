@@ -14,7 +14,7 @@ export PREFECT_UI_ENABLED ?= false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast bench clean-outputs
+.PHONY: setup demo test test-fast bench gpu-check clean-outputs baseline compare promote
 
 setup: $(STAMP)
 
@@ -44,5 +44,25 @@ bench: setup
 	$(BIN)/python benchmarks/shard_throughput.py
 	$(BIN)/python benchmarks/pretrain_throughput.py
 
+# On a machine with a CUDA GPU: pytest -m gpu, pretraining/detection/segmentation throughput, nvJPEG; one JSON + table
+# (<= 8 minutes on one H100/H200). `python benchmarks/gpu_check.py --dry-run` rehearses it on a CPU.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --json gpu_check.json
+
 clean-outputs:
 	rm -rf data/scenes data/raw data/shards models metrics plots
+
+# Commit the current results as the baseline that `dvc metrics diff` and `dvc exp show` compare with (after `make
+# demo` or a `dvc repro`): dvc.lock, params.yaml and the git-tracked metrics and plots (cache: false outputs).
+baseline:
+	git add dvc.lock params.yaml metrics plots
+	git commit -m "baseline: pipeline results of $$(git rev-parse --short HEAD)" -- dvc.lock params.yaml metrics plots
+	@echo "baseline committed: compare variants with 'make compare' (dvc exp show) and 'dvc metrics diff'"
+
+# The readable experiments table: headline metrics and the params that differ, one row per experiment.
+compare: setup
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor' --md
+
+# Move @champion to the newest exported backbone (@candidate) if its downstream figures beat the champion's.
+promote: setup
+	$(BIN)/python -m pipelines.registry promote

@@ -58,7 +58,9 @@ def write_synthetic_shards(root: Path, num: int, height: int, width: int, per_sh
                 meta = {"image": {"id": i, "file_name": f"{i:012d}.jpg", "height": height, "width": width},
                         "annotations": []}
                 tar.write({"__key__": f"{i:012d}", "jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
-    index = {"source": "synthetic", "splits": {split: {"num_samples": num, "shards": shards}}, "pretrain": [split],
+    counts = [min(num, s + per_shard) - s for s in range(0, num, per_shard)]
+    index = {"source": "synthetic", "splits": {split: {"num_samples": num, "shards": shards, "shard_samples": counts}},
+             "pretrain": [split],
              "train": split, "val": split, "categories": [], "semantic_classes": None}
     (root / "index.json").write_text(json.dumps(index))
     return root

@@ -11,8 +11,9 @@ is given in the field's description where it differs.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
 from components.constants import RESNET_ARCHS
@@ -53,10 +54,16 @@ class ScenesConfig(Section):
     image_size: int = Field(default=128, ge=32, le=1024)  # square images; COCO's are ~640x480
     min_objects: int = Field(default=2, ge=1)  # scene-centric: several objects per image, as in COCO (~7 on average)
     max_objects: int = Field(default=5, ge=1, le=98)  # annotation id = image_id * 100 + k stays < 2**31
-    num_thing_classes: int = Field(default=6, ge=1, le=12)  # "things": shape + texture define a class
-    num_stuff_classes: int = Field(default=3, ge=1, le=8)  # "stuff" backgrounds, labelled in the semantic maps
+    num_thing_classes: int = Field(default=6, ge=1, le=24)  # "things": shape + texture define a class; 13-24: the
+    # "more classes" variant (new shapes and textures; the first 12 are the demo's)
+    num_stuff_classes: int = Field(default=3, ge=1, le=16)  # "stuff" backgrounds, labelled in the semantic maps; 9-16:
+    # the "more classes" variant
     min_object_frac: float = Field(default=0.15, gt=0.0, le=1.0)  # object size as a fraction of the image side
     max_object_frac: float = Field(default=0.45, gt=0.0, le=1.0)
+    clutter_shapes: int = Field(default=0, ge=0, le=64)  # "harder" variant: unannotated distractor blobs/sticks per
+    # image at random depths (occluding objects), labelled as a "clutter" stuff class in the semantic maps; 0 = off
+    object_spread: float = Field(default=1.0, gt=0.0, le=1.0)  # "harder" variant: object centres spread over this
+    # fraction of the image around a per-image focus point (< 1: objects pile up, heavy occlusion); 1 = off
     jpeg_quality: int = Field(default=90, ge=50, le=100)
     workers: int = Field(default=1, ge=1)  # processes drawing images; same bytes for any value (demo: 1 is fastest)
 
@@ -75,14 +82,38 @@ class ScenesConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["scenes", "coco", "cocoplus"] = "scenes"  # scenes = generated offline default
+    """``data``: which source ``prepare`` reads and how it treats images. ``imagenet``/``folder`` read ``root``;
+    ``include``/``exclude`` are globs on paths relative to it (``**`` = any folders), applied to both."""
+
+    source: Literal["scenes", "coco", "cocoplus", "imagenet", "folder"] = "scenes"  # scenes = generated offline default
     coco_root: str = ""  # a COCO root as COCO ships it (train2017/, val2017/, annotations/, unlabeled2017/)
+    root: str = ""  # imagenet: the folder holding train/<wnid>/ and val/; folder: any tree of images
+    include: list[str] = Field(default_factory=lambda: ["**"])  # e.g. ["train/n01*/**"] (a class subset)
+    exclude: list[str] = Field(default_factory=list)  # e.g. ["**/thumbnails/**", "**/*_mask.png"]
+    # Images that are not JPEG (PNG, WebP, BMP, TIFF, GIF; 16-bit/palette/alpha PNGs). transcode: decoded once at
+    # shard time and stored as JPEG (transcode_quality, 4:4:4, EXIF orientation applied): one lossy generation, but
+    # every training path (libjpeg-turbo on CPU, nvJPEG batch decode on GPU) then reads every sample at full speed.
+    # skip: such files are counted (reason not_jpeg) and left out, for collections where they are noise (masks, plots).
+    # Keeping their own bytes is not offered: nvJPEG can't decode them and the CPU fallback would be ~5x slower.
+    # JPEGs that decoders would show differently (EXIF orientation != 1, CMYK/YCCK) are transcoded under both.
+    non_jpeg: Literal["transcode", "skip"] = "transcode"
+    transcode_quality: int = Field(default=95, ge=70, le=100)  # JPEG quality of transcoded images
+    duplicates: Literal["skip", "keep"] = "skip"  # images with the same bytes as an earlier one in the split: skip
+    # (counted, reason duplicate) or keep; either way every pair is listed in the manifest metadata
     workers: int = Field(default=2, ge=1)  # processes that hash/decode-check images in `prepare`
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         if self.source in ("coco", "cocoplus") and not self.coco_root:
             raise ValueError(f"source={self.source!r} needs data.coco_root (the folder holding train2017/ and annotations/)")
+        if self.source in ("imagenet", "folder") and not self.root:
+            raise ValueError(f"source={self.source!r} needs data.root (the folder to read images from)")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                if not pattern or pattern.startswith("/"):
+                    raise ValueError(f"{name} pattern {pattern!r} must be a non-empty glob relative to data.root")
+        if not self.include:
+            raise ValueError("include=[] selects nothing; use ['**'] for every file")
         return self
 
 
@@ -141,6 +172,9 @@ class PretrainConfig(Section):
     save_every_steps: int = Field(default=50, ge=1)  # atomic checkpoint cadence (plus every epoch end)
     log_every_steps: int = Field(default=5, ge=1)  # host looks at the step stats (MLflow, non-finite check)
     samples_per_epoch: int = Field(default=0, ge=0)  # 0 = the number of images in the pretraining shards
+    # stop (one line, every rank) when more than this share of the shards' samples is lost (damaged tar, corrupt
+    # JPEG ...; counted against index.json); 0 = any loss stops
+    max_lost_fraction: float = Field(default=0.001, ge=0.0, le=1.0)
     slotcon: SlotConParams = Field(default_factory=SlotConParams)
 
     @model_validator(mode="after")
@@ -377,20 +411,70 @@ def _format_error(path: Path, section: str, raw: dict[str, Any], err: Validation
     return f"{path}: {section}.{loc}={value!r} is invalid: {msg}"
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes for params files: ``1e-6`` is a float (YAML 1.2, as DVC's ruamel reads it;
+    YAML 1.1 needs a dot and a signed exponent and would give the string ``'1e-6'``), and a key given twice in one
+    mapping is an error instead of silently keeping the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    first = seen[key]
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, path: str | os.PathLike) -> Any:
+    """``text`` as YAML with :class:`_ParamsLoader`; a syntax error is one line ``path:LINE:COL: what is wrong``."""
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(filter(None, [exc.context, exc.problem])) or "invalid YAML"
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            raise ConfigError(f"{where}: {what}") from None
+        raise ConfigError(f"{where}: YAML syntax error: {what} (check indentation, ':' after each key, quotes)") \
+            from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
 def read_params(path: str | os.PathLike = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The whole params file as a dict of sections (known section names only; sections not validated here)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root, or pass --params)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    data = parse_yaml(path.read_text(), path)
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; it needs the sections {', '.join(SECTIONS)} "
+                          "(restore it with `git checkout -- params.yaml`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(SECTIONS))
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown} (allowed: {', '.join(SECTIONS)})")
     return data
+
+
+def _missing(path: Path, names: list[str]) -> ConfigError:
+    which = ", ".join(names)
+    return ConfigError(f"{path}: section(s) {which} missing: each stage reads its own section and never falls back "
+                       "to built-in defaults; add them (defaults: `git show HEAD:params.yaml`, paper recipes: "
+                       "docs/presets/)")
 
 
 def parse_section(section: str, raw: dict[str, Any] | None, path: str | os.PathLike = DEFAULT_PARAMS) -> Section:
@@ -406,11 +490,20 @@ def parse_section(section: str, raw: dict[str, Any] | None, path: str | os.PathL
 
 
 def load_section(section: str, path: str | os.PathLike = DEFAULT_PARAMS):
-    """Load and validate one section of ``params.yaml``; raises :class:`ConfigError` with a one-line message."""
-    return parse_section(section, read_params(path).get(section), path)
-
-
-def load_all(path: str | os.PathLike = DEFAULT_PARAMS) -> dict[str, Section]:
-    """Validate every section (used by ``slotcon check`` and the Prefect flow before any stage runs)."""
+    """Load and validate one section of ``params.yaml``; raises :class:`ConfigError` with a one-line message (also
+    when the section is absent: a stage never runs on silent built-in defaults)."""
     data = read_params(path)
-    return {name: parse_section(name, data.get(name), path) for name in SECTIONS}
+    if section in SECTIONS and section not in data:
+        raise _missing(Path(path), [section])
+    return parse_section(section, data.get(section), path)
+
+
+def load_all(path: str | os.PathLike = DEFAULT_PARAMS, required: Iterable[str] | None = None) -> dict[str, Section]:
+    """Validate every section present, and require ``required`` (default: all) to be present; used by ``slotcon
+    check`` and the Prefect flow before any stage runs. Returns the validated sections, by name."""
+    data = read_params(path)
+    need = list(SECTIONS) if required is None else [s for s in SECTIONS if s in set(required)]
+    missing = [s for s in need if s not in data]
+    if missing:
+        raise _missing(Path(path), missing)
+    return {name: parse_section(name, data.get(name), path) for name in SECTIONS if name in data or name in need}

@@ -4,16 +4,19 @@ A stage module declares one :class:`Stage` (its name, params section, command-li
 whether it may run on several processes) and a ``run(ctx) -> metrics`` function that holds only its own work. The
 runtime (:func:`run_stage`) then, in this order:
 
-1. loads and validates the params section (and ``tracking``): a bad value is a one-line error before any work;
+1. loads and validates the params section (and ``tracking``): a bad value, or a missing section, is a one-line error
+   before any work; so is an unusable MLflow store (:func:`components.tracking.open_store`);
 2. launches ``python -m torch.distributed.run ... -m components <stage> <same arguments>`` when the section asks for
    more than one process (``nproc_per_node * nnodes > 1``) and we are not already under torchrun -- the one torchrun
    self-launch of the project -- after creating the MLflow experiment (several ranks migrating a fresh SQLite store
    at once race);
 3. removes the stage's own metrics files left by an earlier run, so a stage that fails leaves no stale figures;
-4. joins the process group (distributed stages), opens the MLflow stage run (child of the pipeline's parent run),
-   calls ``run(ctx)``;
-5. writes the metrics atomically on rank 0: the headline keys to ``--metrics`` (what DVC compares), everything to
-   ``--details`` when given; logs the full dict as an MLflow artifact; prints the stage's one-line summary.
+4. joins the process group (distributed stages), opens the MLflow stage run (child of the pipeline's parent run;
+   system metrics on for :data:`TRAINING_STAGES`), logs the input data as MLflow datasets, calls ``run(ctx)`` with
+   log lines routed through ``tqdm.write`` (never glued onto a progress bar);
+5. writes the metrics atomically on rank 0: the headline keys to ``--metrics`` (what DVC compares and the pipeline's
+   parent run shows), everything to ``--details`` when given; logs every figure on the stage run and the full dict as
+   an artifact; tags the registered backbone version it evaluated with its headline; prints its one-line summary.
 
 ``main(args)`` of a stage module is ``STAGE.main``; ``add_arguments(parser)`` is ``STAGE.add_arguments``; the CLI router
 (:mod:`components.cli`) finds both on the module.
@@ -166,8 +169,29 @@ def _check_devices(stage: Stage, cfg: Any, params: str) -> None:
 # metrics files
 # --------------------------------------------------------------------------------------------------------------------
 def split_metrics(metrics: Mapping[str, Any], headline: tuple[str, ...]) -> dict[str, Any]:
-    """The headline subset of ``metrics`` (in ``headline`` order; missing keys are left out)."""
-    return {k: metrics[k] for k in headline if k in metrics} if headline else dict(metrics)
+    """The headline subset of ``metrics`` in ``headline`` order; a dotted key (``train.images``) picks a nested value
+    and keeps its nesting, so DVC shows the same column name either way. Missing keys are left out."""
+    if not headline:
+        return dict(metrics)
+    out: dict[str, Any] = {}
+    for key in headline:
+        if key in metrics:
+            out[key] = metrics[key]
+            continue
+        node: Any = metrics
+        parts = key.split(".")
+        for part in parts:
+            node = node.get(part, _MISSING) if isinstance(node, Mapping) else _MISSING
+        if node is _MISSING:
+            continue
+        dst = out
+        for part in parts[:-1]:
+            dst = dst.setdefault(part, {})
+        dst[parts[-1]] = node
+    return out
+
+
+_MISSING = object()
 
 
 def write_metrics(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any]) -> None:
@@ -211,12 +235,14 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
     if stage.aside is not None and getattr(args, stage.aside[0], False):
         stage.aside[1](cfg, args)
         return 0
+    if stage.track and os.environ.get("RANK", "0") == "0":
+        # an unusable MLflow store is a one-line error now, before any work; and the experiment exists before
+        # torchrun starts the ranks (several processes migrating a fresh SQLite store at once race)
+        tracking.ensure_experiment(tcfg)
     world = world_size_of(cfg) if stage.distributed else 1
     if world > 1 and not under_torchrun():
         _check_devices(stage, cfg, params)
         cmd = launch_command(stage, args, cfg)
-        if stage.track:
-            tracking.ensure_experiment(tcfg)  # before the ranks start (concurrent SQLite migrations race)
         print(f"slotcon {stage.name}: launching " + " ".join(cmd), file=sys.stderr, flush=True)
         return subprocess.call(cmd)
 
@@ -226,23 +252,106 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
         if rank == 0:
             remove_stale_outputs(stage, args)
         if stage.track:
-            ctx_manager = tracking.stage_run(stage.name, cfg, tcfg)
+            metrics_files = [args.metrics] if getattr(args, "metrics", None) else []
+            ctx_manager = tracking.stage_run(stage.name, cfg, tcfg, metrics_files=metrics_files,
+                                             system_metrics=stage.name in TRAINING_STAGES)
         else:
             import contextlib
 
             ctx_manager = contextlib.nullcontext(tracking.Tracker())
-        with ctx_manager as tracker:
+        with console(), ctx_manager as tracker:
+            if rank == 0:
+                print(f"slotcon {stage.name}: started ({stage.section} params from {params}"
+                      + (f", {dist.get_world_size()} processes" if dist.get_world_size() > 1 else "") + ")",
+                      flush=True)  # stdout: stderr stays the one-line error channel
+                _log_inputs(stage, args, tracker)
             ctx = StageContext(stage, cfg, tcfg, args, tracker, rank=rank, world_size=dist.get_world_size())
             metrics = stage.run(ctx)
             if rank == 0 and metrics is not None:
                 write_metrics(stage, args, metrics)
-                tracker.log_dict(_jsonable(metrics), f"{stage.name}.json")
+                _record(stage, args, metrics, tracker, tcfg)
         if rank == 0 and metrics is not None and stage.summary is not None:
             print(f"slotcon {stage.name}: {stage.summary(metrics)}", flush=True)
     finally:
         if own_group:
             dist.destroy()
     return 0
+
+
+# stages that train: MLflow system metrics (CPU, memory, GPU) are recorded for them
+TRAINING_STAGES = frozenset({"pretrain", "detect", "segment"})
+
+
+def _warn(what: str, exc: BaseException) -> None:
+    print(f"slotcon: warning: {what} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+          file=sys.stderr, flush=True)
+
+
+def _log_inputs(stage: Stage, args: argparse.Namespace, tracker: Any) -> None:
+    """The data this stage reads, as MLflow datasets (lineage); a problem here is a warning, not a failure."""
+    if not tracker.active:
+        return
+    try:
+        from components.lineage import datasets_for
+
+        tracker.log_inputs(datasets_for(stage.name, args))
+    except Exception as exc:  # noqa: BLE001
+        _warn("input datasets not logged to MLflow", exc)
+
+
+def _record(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any], tracker: Any, tcfg: Any) -> None:
+    """Rank 0, after the metrics files: every figure on the stage's MLflow run (the ones the stage did not log
+    itself), the full dict as an artifact, and the headline figures as tags of the registered backbone evaluated."""
+    from components.tracking import numeric_items
+
+    if not tracker.active:
+        return
+    full = _jsonable(metrics)
+    tracker.log_dict(full, f"{stage.name}.json")
+    figures = numeric_items(full)
+    tracker.log_metrics({k: v for k, v in figures.items() if k not in tracker.last_metrics})
+    if stage.name == "export":
+        return
+    headline = numeric_items(split_metrics(full, stage.headline))
+    try:
+        from components.lineage import tag_model_versions
+
+        tag_model_versions(stage.name, args, headline, tcfg, tracker._client)
+    except Exception as exc:  # noqa: BLE001 - the registry is a record, never a reason to fail a stage
+        _warn("registered backbone version not tagged with this stage's figures", exc)
+
+
+def console():
+    """Log lines through ``tqdm.write`` while the stage runs, so they never glue onto a progress bar's line."""
+    import contextlib
+    import logging
+
+    from tqdm import tqdm
+
+    class _TqdmHandler(logging.StreamHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:  # noqa: BLE001
+                self.handleError(record)
+
+    root = logging.getLogger()
+
+    @contextlib.contextmanager
+    def scope():
+        handler = None
+        if not root.handlers:  # a caller (tests, a notebook) that set up logging keeps its own handlers
+            handler = _TqdmHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)
+        try:
+            yield
+        finally:
+            if handler is not None:
+                root.removeHandler(handler)
+
+    return scope()
 
 
 def _jsonable(obj: Any) -> Any:

@@ -24,7 +24,6 @@ Run it: ``python -m pipelines.flow [--targets pretrain ...] [--force] [-S pretra
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -68,7 +67,9 @@ class StageInfo:
 
 
 def load_stages(root: str | os.PathLike = ".") -> list[StageInfo]:
-    """Every pipeline stage of the DVC repo at ``root``, in a topological order (ties: dvc.yaml order)."""
+    """Every pipeline stage of the DVC repo at ``root``, in a topological order of DVC's own graph (networkx; ties
+    broken by dvc.yaml order, so the order is deterministic and reads like the file)."""
+    import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
@@ -76,48 +77,37 @@ def load_stages(root: str | os.PathLike = ".") -> list[StageInfo]:
     # DVC names stages relative to the working directory ("dvc.yaml:a" elsewhere): read the index from the root
     with contextlib.chdir(root), Repo(str(root)) as repo:
         stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
-        graph = repo.index.graph  # edges: stage -> the stages it depends on
-        order = {s.addressing: i for i, s in enumerate(stages)}
-        infos = {}
-        for s in stages:
-            ups = sorted(
-                {d.addressing for d in graph.successors(s) if isinstance(d, PipelineStage)}, key=order.__getitem__
-            )
+        order = {s: i for i, s in enumerate(stages)}
+        # DVC's edges point from a stage to the stages it depends on: reversed, they run in execution order
+        graph = repo.index.graph.subgraph(stages).reverse(copy=True)
 
-            def rel(out) -> str:
-                return os.path.relpath(out.fs_path, root)
+        def rel(out) -> str:
+            return os.path.relpath(out.fs_path, root)
 
-            infos[s.addressing] = StageInfo(
+        return [
+            StageInfo(
                 name=s.addressing,
-                upstream=tuple(ups),
+                upstream=tuple(u.addressing for u in sorted(graph.predecessors(s), key=order.__getitem__)),
                 metrics=tuple(rel(o) for o in s.outs if o.metric),
                 plots=tuple(rel(o) for o in s.outs if o.plot),
             )
-    # Kahn's algorithm, always taking the earliest ready stage in dvc.yaml order -> deterministic, readable order
-    done: list[str] = []
-    pending = list(infos)
-    while pending:
-        ready = next(n for n in pending if all(u in done for u in infos[n].upstream))
-        done.append(ready)
-        pending.remove(ready)
-    return [infos[n] for n in done]
+            for s in nx.lexicographical_topological_sort(graph, key=order.__getitem__)
+        ]
 
 
 def select_stages(stages: Sequence[StageInfo], targets: Sequence[str] | None) -> list[StageInfo]:
     """The targets and everything upstream of them (what ``dvc repro <targets>`` would consider), in DAG order."""
+    import networkx as nx
+
     if not targets:
         return list(stages)
     by_name = {s.name: s for s in stages}
     unknown = [t for t in targets if t not in by_name]
     if unknown:
         raise ValueError(f"dvc.yaml: no stage(s) {unknown}; stages are: {', '.join(by_name)}")
-    keep: set[str] = set()
-    todo = list(targets)
-    while todo:
-        n = todo.pop()
-        if n not in keep:
-            keep.add(n)
-            todo.extend(by_name[n].upstream)
+    graph = nx.DiGraph([(u, s.name) for s in stages for u in s.upstream])
+    graph.add_nodes_from(by_name)
+    keep = set(targets).union(*(nx.ancestors(graph, t) for t in targets))
     return [s for s in stages if s.name in keep]
 
 
@@ -292,17 +282,98 @@ def _flow_run_info() -> tuple[str | None, str]:
     return (str(fid) if fid else None), (flow_run.get_name() or "local")
 
 
-def _load_params_dict(path: Path) -> dict[str, Any]:
-    import yaml
+def validate_request(root: Path, targets: Sequence[str] | None, overrides: list[str],
+                     params_file: str = "params.yaml") -> list[StageInfo]:
+    """Targets exist in dvc.yaml and the (overridden) params are valid: one-line ``ValueError`` / ``ConfigError``
+    before Prefect starts anything. Returns the stages to run."""
+    import shutil
+    import tempfile
 
+    from components.check import required_sections
+    from components.config import load_all
+
+    stages = select_stages(load_stages(root), targets)
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / Path(params_file).name
+        shutil.copy2(root / params_file, copy)
+        if overrides:
+            from dvc.utils.cli_parse import to_path_overrides
+            from dvc.utils.hydra import apply_overrides
+
+            for rel, ovs in to_path_overrides(overrides).items():
+                if Path(rel).name != Path(params_file).name:
+                    raise ValueError(f"-S {ovs[0]!r}: only {params_file} can be overridden here")
+                try:
+                    apply_overrides(str(copy), ovs)
+                except Exception as exc:  # DVC wraps hydra's (multi-line) reason: keep its first line
+                    why = str(exc.__cause__ or exc).strip() or type(exc).__name__
+                    if why.startswith("Could not override"):
+                        raise ValueError(f"-S {' '.join(ovs)}: {why.splitlines()[0].removeprefix('Could not override ').rstrip('.')}"
+                                         f" is not a key of {params_file} (a typo? keys: `slotcon check`)") from None
+                    raise ValueError(f"-S {' '.join(ovs)}: not a valid override ({why.splitlines()[0]}); "
+                                     "the form is section.key=value, e.g. -S pretrain.epochs=5") from None
+        (Path(d) / "dvc.yaml").write_bytes((root / "dvc.yaml").read_bytes())
+        load_all(copy, required=required_sections(copy))
+    return stages
+
+
+def mlflow_run_url(tcfg: Any, run_id: str | None) -> str | None:
+    """The parent run's page in the MLflow UI (``$SLOTCON_MLFLOW_UI``, default http://127.0.0.1:5000)."""
+    if not run_id:
+        return None
+    base = os.environ.get("SLOTCON_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        from pipelines.mlflow_runs import _client
+
+        exp_id = _client(tcfg).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a convenience
+        return None
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
 
 
-@flow(name="slotcon-pipeline", log_prints=True, persist_result=False)
+def summary_markdown(results: Mapping[str, Any], seconds: float, headline: Mapping[str, float], url: str | None,
+                     parent_id: str | None, exp_name: str | None, noop: bool) -> str:
+    table = "\n".join(f"| `{n}` | {r['status']} | {r.get('seconds', '')} |" for n, r in results.items())
+    figures = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in headline.items())
+    if noop:
+        mlflow_line = "Nothing ran (every stage up to date): no MLflow run kept."
+    elif url:
+        mlflow_line = f"MLflow parent run: [{parent_id}]({url})"
+    else:
+        mlflow_line = f"MLflow parent run: `{parent_id}`" if parent_id else "MLflow: tracking disabled"
+    return (f"## slotcon-pipeline in {seconds:.1f} s\n\n| stage | status | seconds |\n|---|---|---|\n{table}\n\n"
+            + (f"### Headline metrics\n\n| metric | value |\n|---|---|\n{figures}\n\n" if figures else "")
+            + mlflow_line + (f"; DVC experiment: `{exp_name}`" if exp_name else "") + "\n")
+
+
+def record_failure(flow, flow_run, state) -> None:
+    """Flow hook (on_failure, on_crashed): a clear failure record a person or a script finds without the UI: a line
+    in ``<repo>/.slotcon/failures.jsonl`` (time, flow run, state, message) and a ``slotcon-pipeline-failure``
+    markdown artifact. Notifications (mail, Slack) are a Prefect automation: README "When a run fails"."""
+    import datetime
+
+    params = getattr(flow_run, "parameters", None) or {}
+    root = Path(params.get("repo_dir") or os.getcwd())
+    message = (state.message or "").strip()
+    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "flow_run": str(flow_run.id), "flow_run_name": flow_run.name, "state": state.name,
+              "deployment_id": str(flow_run.deployment_id) if flow_run.deployment_id else None,
+              "message": message[:2000]}
+    try:
+        out = root / ".slotcon" / "failures.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    except OSError:
+        pass
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(
+            markdown=f"## slotcon-pipeline {state.name}: `{flow_run.name}`\n\n```\n{message[-3000:]}\n```\n",
+            key="slotcon-pipeline-failure", description="why this pipeline run failed")
+
+
+@flow(name="slotcon-pipeline", log_prints=True, persist_result=False, on_failure=[record_failure],
+      on_crashed=[record_failure])
 def slotcon_pipeline(
     targets: list[str] | None = None,
     force: bool = False,
@@ -323,29 +394,34 @@ def slotcon_pipeline(
         retry_delay_seconds: pause between attempts.
         repo_dir: the DVC/git repository (deployments set it through their working directory).
         params_file: the params file that ``slotcon check`` validates and the MLflow parent run records.
-    Returns ``{"stages": {name: result}, "parent_run_id", "experiment", "seconds"}``; a failed stage fails the flow.
+    Returns ``{"stages": {name: result}, "parent_run_id", "experiment", "seconds", "headline"}``; a failed stage fails
+    the flow. A run in which every stage was up to date keeps no MLflow run (see ``discard_noop_run``).
     """
     from components.config import load_section
+    from components.pipeline_run import run_name
     from pipelines import mlflow_runs
 
     logger = get_run_logger()
     t0 = time.perf_counter()
     root = Path(repo_dir or os.getcwd()).resolve()
     overrides = normalize_overrides(params_overrides)
-    stages = select_stages(load_stages(root), targets)
+    stages = validate_request(root, targets, overrides, params_file)
     logger.info("repo %s; stages in order: %s", root, " -> ".join(s.name for s in stages))
     flow_run_id, flow_run_name = _flow_run_info()
+    exp_name = exp_name_for(flow_run_name) if overrides else None
 
     with workspace_lock(root, logger), overridden_params(root, overrides):
         if overrides:
-            logger.info("params overrides (DVC experiment): %s", " ".join(overrides))
+            logger.info("params overrides (DVC experiment %s): %s", exp_name, " ".join(overrides))
         check_params(str(root), params_file)
         tcfg = mlflow_runs.resolve_store(load_section("tracking", root / params_file), root)
+        suffix = f"[{','.join(targets)}]" if targets else ""
         parent_id = mlflow_runs.open_parent_run(
-            tcfg, root, run_name=f"pipeline {flow_run_name}", flow_run_id=flow_run_id,
-            params=_load_params_dict(root / params_file),
+            tcfg, root, run_name=run_name(root, params_file, exp_name=exp_name, suffix=suffix),
+            flow_run_id=flow_run_id, params_file=params_file,
             tags={"slotcon.targets": ",".join(targets or []) or "all", "slotcon.force": force,
-                  "slotcon.params_overrides": " ".join(overrides)},
+                  "slotcon.params_overrides": " ".join(overrides), "prefect.flow_run_name": flow_run_name,
+                  **({"dvc.experiment": exp_name} if exp_name else {})},
         )
         env = {"SLOTCON_FLOW_RUN_ID": flow_run_id or ""}
         if parent_id:
@@ -356,7 +432,7 @@ def slotcon_pipeline(
         results: dict[str, Any] = {}
         failed: dict[str, str] = {}  # stage -> why (failed itself, or not run because of an upstream failure)
         runner = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-        exp_name = None
+        saved_exp = None
         try:
             for s in stages:
                 bad_up = [u for u in s.upstream if u in failed]
@@ -380,34 +456,36 @@ def slotcon_pipeline(
                     results[s.name] = {"stage": s.name, "status": "failed", "error": msg}
                     logger.error("stage %s failed after %d attempt(s): %s", s.name, retries + 1, msg)
             if overrides and not failed:
-                exp_name = exp_name_for(flow_run_name)
                 # only the stages this run brought up to date: with targets, the others may have no outs yet
                 save_targets = [s.name for s in stages] if targets else []
-                # metrics/plots are git-ignored in this repo: include them, or `dvc exp show` has no numbers
                 include = [a for s in stages for p in (*s.metrics, *s.plots) if (root / p).exists() for a in ("-I", p)]
                 rc, lines = run_streamed(["dvc", "exp", "save", "--force", "-n", exp_name, *include, *save_targets],
                                          cwd=root, env=stage_env(), logger=logger)
                 if rc != 0:
                     failed["exp save"] = "failed"
                     results["exp save"] = {"status": "failed", "error": "\n".join(lines[-10:])}
+                else:
+                    saved_exp = exp_name
         finally:
-            final = mlflow_runs.read_metrics_files(root, {s.name: s.metrics for s in stages})
+            headline = mlflow_runs.read_metrics_files(root, {s.name: s.metrics for s in stages})
+            noop = not failed and all(r.get("status") == "up to date" for r in results.values()) \
+                and len(results) == len(stages)
             mlflow_runs.close_parent_run(
-                tcfg, parent_id, root, metrics=final, failed=bool(failed) or len(results) < len(stages),
-                tags={"dvc.experiment": exp_name} if exp_name else None,
+                tcfg, parent_id, root, metrics=headline, failed=bool(failed) or len(results) < len(stages),
+                tags={"dvc.experiment": saved_exp} if saved_exp else None,
             )
+            if noop:
+                mlflow_runs.discard_noop_run(tcfg, parent_id)
 
     seconds = time.perf_counter() - t0
-    summary = {"stages": results, "parent_run_id": parent_id, "experiment": exp_name, "seconds": round(seconds, 1),
-               "tracking_uri": tcfg.tracking_uri if parent_id else None}
-    table = "\n".join(
-        f"| `{n}` | {r['status']} | {r.get('seconds', '')} |" for n, r in results.items()
-    )
+    url = None if noop else mlflow_run_url(tcfg, parent_id)
+    summary = {"stages": results, "parent_run_id": None if noop else parent_id, "experiment": saved_exp,
+               "seconds": round(seconds, 1), "tracking_uri": tcfg.tracking_uri if parent_id else None,
+               "headline": headline, "mlflow_url": url, "noop": noop}
     create_markdown_artifact(
-        markdown=f"## slotcon-pipeline in {seconds:.1f} s\n\n| stage | status | seconds |\n|---|---|---|\n{table}\n\n"
-        f"MLflow parent run: `{parent_id}`" + (f"; DVC experiment: `{exp_name}`" if exp_name else ""),
+        markdown=summary_markdown(results, seconds, headline, url, parent_id, saved_exp, noop),
         key="slotcon-pipeline-summary",
-        description="stage states of this pipeline run",
+        description="stage states and headline metrics of this pipeline run",
     )
     if failed:
         first = next(n for n, why in failed.items() if why == "failed")
@@ -418,29 +496,16 @@ def slotcon_pipeline(
 # --------------------------------------------------------------------------------------------------------------------
 # command line (``make demo``)
 # --------------------------------------------------------------------------------------------------------------------
-def print_metrics(root: Path, max_rows_per_file: int = 12) -> None:
-    """``dvc metrics show``, one row per metric (DVC's own table is one very wide row per file)."""
-    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=root, env=stage_env(), capture_output=True,
-                         text=True)
-    try:
-        data = json.loads(out.stdout)
-    except ValueError:
-        print(out.stdout + out.stderr)
-        return
-    from components.tracking import flatten
-
-    print("\ndvc metrics show (workspace):")
-    for rev in data.values():
-        for path, entry in sorted((rev.get("data") or {}).items()):
-            flat = {k: v for k, v in flatten(entry.get("data") or {}).items() if isinstance(v, (int, float))}
-            print(f"  {path}")
-            for k in sorted(flat)[:max_rows_per_file]:
-                print(f"    {k:<40} {flat[k]:.6g}")
-            if len(flat) > max_rows_per_file:
-                print(f"    ... {len(flat) - max_rows_per_file} more (dvc metrics show {path})")
+def print_metrics(root: Path, headline: Mapping[str, float]) -> None:
+    """The headline metrics, one per line (``dvc metrics show`` prints the same figures, one wide row per file)."""
+    print("\nheadline metrics (dvc metrics show; every figure: metrics/details/*.json):")
+    for k, v in headline.items():
+        print(f"  {k:<32} {v:.6g}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from components.errors import UserError
+
     p = argparse.ArgumentParser(prog="python -m pipelines.flow", description=__doc__.split("\n")[0])
     p.add_argument("--targets", nargs="*", default=None, help="stages (plus upstream); default: all")
     p.add_argument("--force", action="store_true", help="re-run even if up to date")
@@ -449,17 +514,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     p.add_argument("--repo-dir", default=None)
     args = p.parse_args(argv)
+    root = Path(args.repo_dir or os.getcwd()).resolve()
+    try:  # bad targets or overrides: one line now, not a traceback after Prefect's start-up
+        validate_request(root, args.targets, normalize_overrides(args.overrides))
+    except (UserError, ValueError) as exc:
+        print(f"python -m pipelines.flow: error: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     state = slotcon_pipeline(targets=args.targets, force=args.force, params_overrides=args.overrides or None,
                              retries=args.retries, repo_dir=args.repo_dir, return_state=True)
     wall = time.perf_counter() - t0
-    root = Path(args.repo_dir or os.getcwd()).resolve()
     print(f"\nslotcon-pipeline: {state.name} in {wall:.1f} s (wall, incl. Prefect start-up)")
     if state.is_completed():
         summary = state.result()
         for name, r in summary["stages"].items():
             print(f"  {name:<12} {r['status']:<11} {r.get('seconds', 0):>7.1f} s")
-        print_metrics(root)
+        print_metrics(root, summary.get("headline") or {})
         if summary.get("parent_run_id"):
             from components.config import TrackingConfig
             from pipelines import mlflow_runs
@@ -467,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = TrackingConfig(tracking_uri=summary["tracking_uri"])
             print("\nMLflow run tree (" + summary["tracking_uri"] + "):")
             print(mlflow_runs.run_tree(cfg, summary["parent_run_id"]))
+            if summary.get("mlflow_url"):
+                print(f"(with `mlflow server` running: {summary['mlflow_url']})")
+        elif summary.get("noop"):
+            print("nothing to do: every stage up to date (no MLflow run kept)")
         return 0
     print(state.message or "", file=sys.stderr)
     return 1

@@ -1,10 +1,9 @@
-"""The MLflow parent run of one pipeline run (a Prefect flow run): open it, hand its id to the stages, close it.
+"""The Prefect flow's side of the MLflow parent run: resolve the store, open the parent, hand its id on, close it.
 
-One pipeline run = one parent run (tag ``slotcon.pipeline=1``) in the ``tracking.experiment`` experiment; every stage's
-:func:`components.tracking.stage_run` becomes its child because the flow exports ``SLOTCON_PARENT_RUN_ID`` (and
-``SLOTCON_FLOW_RUN_ID``) to the stage subprocesses. The parent carries what a user compares side by side in the UI:
-the whole (overridden) ``params.yaml`` as params, and at the end the final metrics of every stage, flattened and
-prefixed by the stage (``detect.bbox_ap``), copied from the stages' DVC metrics files.
+The parent itself is written by :mod:`components.pipeline_run` (the same code a plain ``dvc repro`` uses). Every
+stage's :func:`components.tracking.stage_run` becomes its child because the flow exports ``SLOTCON_PARENT_RUN_ID``
+(and ``SLOTCON_FLOW_RUN_ID``) to the stage subprocesses. The parent carries the whole (overridden) ``params.yaml`` as
+params and, at the end, the headline metrics of every stage (``detect.bbox_AP``) read from the DVC metrics files.
 
 Relative store paths (``sqlite:///mlflow.db``, ``mlartifacts``) are resolved against the repository root here, and the
 absolute URI is exported to the stages, so the flow process and the stages write to the same store whatever the
@@ -12,13 +11,11 @@ flow's working directory is.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from components import tracking
+from components import pipeline_run, tracking
 from components.config import TrackingConfig
 
 
@@ -40,70 +37,45 @@ def _client(cfg: TrackingConfig):
     return mlflow.MlflowClient(cfg.tracking_uri)
 
 
+def _store(cfg: TrackingConfig):
+    """``(client, experiment id)`` through :func:`components.tracking.open_store` with ``cfg``'s URI."""
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri  # tracking_uri() reads the variable first
+    try:
+        return tracking.open_store(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 def open_parent_run(
     cfg: TrackingConfig,
     root: str | os.PathLike,
     *,
     run_name: str,
     flow_run_id: str | None,
-    params: Mapping[str, Any] | None = None,
+    params_file: str = "params.yaml",
     tags: Mapping[str, Any] | None = None,
 ) -> str | None:
-    """Create the experiment if needed (before any stage: SQLite migration races otherwise), open the parent run.
-
-    ``cfg`` must come from :func:`resolve_store`. Returns the run id, or None when tracking is disabled.
-    """
+    """Check the store (one-line error if unusable), create the experiment before any stage (SQLite migrations race
+    otherwise), open the parent run (:func:`components.pipeline_run.open_parent`). ``cfg`` must come from
+    :func:`resolve_store`. Returns the run id, or None when tracking is disabled."""
     if not cfg.enabled:
         return None
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # tracking.ensure_experiment reads MLFLOW_TRACKING_URI first: make it agree with cfg for this call
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-    try:
-        exp_id = tracking.ensure_experiment(cfg)
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-    root = Path(root)
-    all_tags = {
-        "slotcon.pipeline": "1",
-        "mlflow.runName": run_name,
-        "git.commit": tracking.git_commit(cwd=root),
-        "dvc.lock.md5": tracking.dvc_lock_hash(root / "dvc.lock"),
-        "mlflow.source.name": "pipelines/flow.py:slotcon_pipeline",
-    }
+    client, exp_id = _store(cfg)
+    all_tags = {"mlflow.source.name": "pipelines/flow.py:slotcon_pipeline", "slotcon.driver": "prefect"}
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = flow_run_id
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    client = _client(cfg)
-    run = client.create_run(exp_id, tags=all_tags, run_name=run_name)
-    if params:
-        tracking.Tracker(run.info.run_id, client).log_params(params)
-    return run.info.run_id
+    return pipeline_run.open_parent(client, exp_id, root, name=run_name, tags=all_tags, params_file=params_file,
+                                    uri=cfg.tracking_uri)
 
 
 def read_metrics_files(root: str | os.PathLike, stage_metrics: Mapping[str, Iterable[str]]) -> dict[str, float]:
-    """``{stage: [metrics files]}`` -> flat ``{"<stage>.<key>": number}`` of every file that exists and parses."""
-    out: dict[str, float] = {}
-    for stage, files in stage_metrics.items():
-        for rel in files:
-            p = Path(root) / rel
-            if not p.is_file():
-                continue
-            try:
-                data = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(data, Mapping):
-                continue
-            for k, v in tracking.flatten(data, f"{stage.split(':')[-1]}.").items():
-                if isinstance(v, bool):
-                    v = int(v)
-                if isinstance(v, (int, float)):
-                    out[k] = float(v)
-    return out
+    """``{stage: [metrics files]}`` -> flat ``{"<stage>.<key>": number}`` (the headline files DVC compares)."""
+    return pipeline_run.headline_metrics(root, stage_metrics)
 
 
 def close_parent_run(
@@ -115,16 +87,21 @@ def close_parent_run(
     failed: bool,
     tags: Mapping[str, Any] | None = None,
 ) -> None:
-    """Copy the final stage metrics onto the parent, tag the final ``dvc.lock`` hash, end it FINISHED or FAILED."""
+    """Headline metrics onto the parent, ``dvc.lock`` artifact and hash, end it FINISHED or FAILED."""
+    if run_id is None:
+        return
+    pipeline_run.close_parent(_client(cfg), run_id, root, metrics=metrics, status="FAILED" if failed else "FINISHED",
+                              tags=tags, uri=cfg.tracking_uri)
+
+
+def discard_noop_run(cfg: TrackingConfig, run_id: str | None) -> None:
+    """A pipeline run in which no stage ran (all up to date): tag it and move it to MLflow's deleted runs, so the
+    runs table lists only runs that did something (``mlflow gc`` or the UI's "deleted" filter still show it)."""
     if run_id is None:
         return
     client = _client(cfg)
-    tracker = tracking.Tracker(run_id, client)
-    tracker.log_metrics(dict(metrics))
-    final_tags = {"dvc.lock.md5.final": tracking.dvc_lock_hash(Path(root) / "dvc.lock")}
-    final_tags.update(tags or {})
-    tracker.set_tags(final_tags)
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED", end_time=int(time.time() * 1000))
+    client.set_tag(run_id, "slotcon.noop", "1")
+    client.delete_run(run_id)
 
 
 def run_tree(cfg: TrackingConfig, parent_id: str, metric_keys: int = 4) -> str:

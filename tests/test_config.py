@@ -49,11 +49,35 @@ def test_unknown_section_and_missing_file(tmp_path):
         load_section("pretrain", tmp_path / "nope.yaml")
 
 
-def test_cli_reports_bad_params_in_one_line(tmp_path, capsys):
+def test_cli_reports_bad_params_in_one_line(tmp_path, capsys, repo_root):
     from components.cli import main
 
     p = tmp_path / "params.yaml"
-    p.write_text("pretrain:\n  epochs: 0\n")
+    p.write_text((repo_root / "params.yaml").read_text().replace("  epochs: 3 ", "  epochs: 0 "))
     assert main(["check", "--params", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pretrain.epochs=0 is invalid" in err
+
+
+def test_check_requires_the_sections_dvc_yaml_uses(tmp_path, capsys):
+    """`slotcon check` beside a dvc.yaml requires tracking + the sections its stages list under params."""
+    from components.check import required_sections
+    from components.cli import main
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    params: [scenes.seed]\n")
+    p = tmp_path / "params.yaml"
+    p.write_text("tracking: {}\nscenes:\n  seed: 1\n")
+    assert required_sections(p) == ["tracking", "scenes"]
+    assert main(["check", "--params", str(p), "--out", str(tmp_path / "ok.txt")]) == 0
+    assert (tmp_path / "ok.txt").is_file()
+    p.write_text("tracking: {}\n")
+    assert main(["check", "--params", str(p)]) == 2
+    assert "section(s) scenes missing" in capsys.readouterr().err
+
+
+def test_params_yaml_numbers_follow_yaml_1_2(tmp_path):
+    from components.config import parse_yaml
+
+    data = parse_yaml("a: 1e-6\nb: -2E+3\nc: 10\nd: 1.5\ne: 1e5x\nf: '1e-6'\n", "p.yaml")
+    assert data == {"a": 1e-6, "b": -2000.0, "c": 10, "d": 1.5, "e": "1e5x", "f": "1e-6"}
+    assert isinstance(data["a"], float) and isinstance(data["c"], int)

@@ -6,6 +6,9 @@
 3. ``dvc exp run -S pretrain.epochs=2 pretrain`` runs a variant; ``dvc exp show`` lists it, ``dvc metrics diff``
    compares it with the committed baseline.
 4. ``dvc plots show`` renders offline: ``--json`` (the data, no HTML) and an HTML page whose pictures are local files.
+Plus what a seasoned user checks (issue 16): headline-only parents, no COCO −1 values, every picture a DVC output,
+the experiment opens on its runs, lineage (datasets, registry alias and tags), system metrics, a params typo that
+leaves the outputs in place, and workspace damage to a shard repaired from the cache.
 """
 from __future__ import annotations
 
@@ -117,10 +120,21 @@ def test_real_pipeline_end_to_end(tmp_path):
     assert any(k.startswith("pretrain.") for k in parent.data.metrics)
     versions = client.search_model_versions(f"name = '{params['tracking']['registered_model']}'")
     assert versions and versions[0].run_id in {k.info.run_id for k in kids}
+    _check_issue16_records(root, client, exp, parent, kids, params, stages)
 
     # 2. nothing to do the second time
     again = _run(["dvc", "repro"], root, env)
     assert "Running stage" not in again and "up to date" in again, again[-3000:]
+
+    # a params typo: a plain `dvc repro` stops at the check stage, before DVC deletes pretrain's outputs
+    good = (root / "params.yaml").read_text()
+    last = root / "models" / "pretrain" / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    (root / "params.yaml").write_text(good.replace("  epochs: 1\n", "  epochs: 1\n  epochz: 2\n", 1))
+    bad = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "unknown key pretrain.epochz" in bad.stdout + bad.stderr
+    assert last.is_file() and last.stat().st_mtime_ns == stamp and (root / "metrics" / "pretrain.json").is_file()
+    (root / "params.yaml").write_text(good)
 
     # 3. a DVC experiment with a params override, compared with the committed baseline
     _run(["git", "add", "-A", "-f", "dvc.lock", "metrics"], root, env)
@@ -132,8 +146,50 @@ def test_real_pipeline_end_to_end(tmp_path):
     assert (root / "params.yaml").read_text().count("epochs: 2") == 1  # dvc exp run leaves the variant applied
 
     # 4. plots without the internet: the data as JSON, and an HTML page whose images are local files
+    # workspace damage to a shard never reaches the cache: `dvc checkout` restores shards that --verify accepts
+    shard = sorted((root / "data" / "shards").rglob("*.tar"))[0]
+    os.chmod(shard, 0o644)
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    _run(["dvc", "checkout", "--force", "data/shards"], root, env)
+    _run(["slotcon", "shard", "--out", "data/shards", "--verify", "--no-progress"], root, env)
+
     plots_json = _json(["dvc", "plots", "show", "--json"], root, env)
     assert "plots/pretrain/loss.csv" in json.dumps(plots_json)
     _run(["dvc", "plots", "show", "-o", str(tmp_path / "dvc_plots")], root, env)
     html = (tmp_path / "dvc_plots" / "index.html").read_text()
     assert "<img" in html and "loss.png" in html  # pictures are local files: they render offline
+
+
+def _check_issue16_records(root, client, exp, parent, kids, params, stages) -> None:
+    from pipelines.mlflow_runs import read_metrics_files
+
+    # headline only on the parent, named <stage>.<key> from the DVC metrics files (one source of truth)
+    headline = read_metrics_files(root, {s.name: s.metrics for s in stages})
+    assert set(parent.data.metrics) == set(headline), set(parent.data.metrics) ^ set(headline)
+    assert all(parent.data.metrics[k] == v for k, v in headline.items())
+    assert parent.data.metrics["pretrain.loss"] == json.loads((root / "metrics/pretrain.json").read_text())["loss"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"params.yaml", "dvc.lock"}
+    # COCO's -1 ("no objects of that size") is never logged as a value
+    for run in [parent, *kids]:
+        assert not [k for k, v in run.data.metrics.items() if v == -1.0], run.info.run_name
+    # the experiment opens on its runs, not on MLflow 3's GenAI overview
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    by_stage = {k.data.tags["slotcon.stage"]: k for k in kids}
+    pre = by_stage["pretrain"]
+    inputs = {(d.dataset.name, t.value) for d in pre.inputs.dataset_inputs for t in d.tags}
+    assert ("shards/train2017", "training") in inputs, inputs
+    assert any(k.startswith("system/cpu") for k in pre.data.metrics), sorted(pre.data.metrics)[:20]
+    # the registry: a described version with @candidate, found by downstream stages through its md5 tags
+    name = params["tracking"]["registered_model"]
+    version = client.get_model_version_by_alias(name, "candidate")
+    assert version.description and version.tags["slotcon.backbone_md5"] and "unsup_seg.mIoU" in version.tags
+    # every picture a stage writes is a declared DVC output (or inside one)
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        outs = [Path(o.fs_path) for st in repo.index.stages for o in st.outs]
+    pictures = list((root / "plots").rglob("*.png"))
+    assert pictures
+    stray = [p for p in pictures if not any(p == o or o in p.parents for o in outs)]
+    assert not stray, f"pictures that DVC does not track: {stray}"

@@ -1,4 +1,5 @@
-"""``dvc repro scenes`` in a temporary git+DVC copy of the repo: runs the stage, logs to MLflow, then is a no-op."""
+"""``dvc repro scenes`` in a temporary git+DVC copy of the repo: runs the stage (after the params check stage), logs
+to MLflow, then is a no-op; a params typo then stops ``dvc repro`` before DVC deletes the stage's outputs."""
 from __future__ import annotations
 
 import os
@@ -41,9 +42,12 @@ def test_dvc_repro_scenes_then_nothing_to_reproduce(tmp_path, repo_root):
     for name in (".dvcignore", ".gitignore"):
         if (repo_root / name).exists():
             shutil.copy2(repo_root / name, repo / name)
-    # the repo's own `scenes` stage, verbatim (the other stages' deps don't exist in this copy)
+    # the repo's own `check` and `scenes` stages (the other stages' deps don't exist in this copy; check's params
+    # narrowed to the sections this copy has)
     stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"scenes": stages["scenes"]}}, sort_keys=False))
+    check = {**stages["check"], "params": ["tracking", "scenes"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"check": check, "scenes": stages["scenes"]}},
+                                                  sort_keys=False))
     (repo / "params.yaml").write_text(TINY_PARAMS.format(artifacts=tmp_path / "artifacts"))
     db = tmp_path / "mlflow.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLOTCON_", "MLFLOW_", "GIT_"))}
@@ -70,6 +74,10 @@ def test_dvc_repro_scenes_then_nothing_to_reproduce(tmp_path, repo_root):
     assert len(list((out / "train2017").glob("*.jpg"))) == 4
     assert len(list((out / "stuffthingmaps_trainval2017" / "val2017").glob("*.png"))) == 2
     assert (repo / "metrics" / "scenes.json").is_file() and (repo / "dvc.lock").is_file()
+    # headline in the DVC metrics file, every figure in the details file (a DVC out)
+    assert set(yaml.safe_load((repo / "metrics" / "scenes.json").read_text())) == {"train.images", "val.images"}
+    details = yaml.safe_load((repo / "metrics" / "details" / "scenes.json").read_text())
+    assert {"train.images", "train.annotations", "bytes"} <= set(details)
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
     second = _run([str(dvc), "repro", "scenes"], repo, env)
@@ -93,3 +101,12 @@ def test_dvc_repro_scenes_then_nothing_to_reproduce(tmp_path, repo_root):
     assert run.data.metrics["train.images"] == 4 and run.data.metrics["val.images"] == 2
     assert {a.path for a in client.list_artifacts(run.info.run_id, "scenes")} >= {"scenes/preview.png",
                                                                                   "scenes/classes.json"}
+
+    # a params typo: `dvc repro` stops at the check stage, before DVC deletes data/scenes or the metrics
+    (repo / "params.yaml").write_text(TINY_PARAMS.format(artifacts=tmp_path / "artifacts") + "  num_trian: 5\n")
+    bad = subprocess.run([str(dvc), "repro", "scenes"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "unknown key scenes.num_trian" in bad.stdout + bad.stderr
+    assert "Running stage 'scenes'" not in bad.stdout + bad.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamp
+    assert (repo / "metrics" / "scenes.json").is_file()

@@ -66,22 +66,23 @@ class Toy(Method):
 
 def _fit(method, tmp, total=8, steps_per_epoch=3, **kw):
     spec = RunSpec(total_steps=total, steps_per_epoch=steps_per_epoch, log_every=kw.pop("log_every", 1),
-                   save_every=kw.pop("save_every", 2), progress=False)
+                   save_every=kw.pop("save_every", 2), progress=False, prefetch=kw.pop("prefetch", None))
     return fit(method, spec, ckpt_dir=tmp, fingerprint={"toy": 1}, **kw)
 
 
 @pytest.mark.parametrize("steps_per_epoch", [3, None])  # a resampled loader (known) / one pass of unknown length
-def test_exact_resume_equals_straight_run(tmp_path, steps_per_epoch):
+@pytest.mark.parametrize("prefetch", [False, True])  # True: the next batch is prepared during the step (CUDA's path)
+def test_exact_resume_equals_straight_run(tmp_path, steps_per_epoch, prefetch):
     straight: dict[int, float] = {}
-    a = _fit(Toy(), tmp_path / "a", steps_per_epoch=steps_per_epoch,
+    a = _fit(Toy(), tmp_path / "a", steps_per_epoch=steps_per_epoch, prefetch=False,
              on_step=lambda s, st: straight.setdefault(s, st["loss"]))
     resumed: dict[int, float] = {}
-    first = _fit(Toy(), tmp_path / "b", steps_per_epoch=steps_per_epoch, stop_after_step=4,
+    first = _fit(Toy(), tmp_path / "b", steps_per_epoch=steps_per_epoch, stop_after_step=4, prefetch=prefetch,
                  on_step=lambda s, st: resumed.setdefault(s, st["loss"]))
     assert first.stopped and first.step == 4
     torch.manual_seed(999)  # the process's RNG moved on: the resume restores what it needs
     method = Toy()
-    b = _fit(method, tmp_path / "b", steps_per_epoch=steps_per_epoch,
+    b = _fit(method, tmp_path / "b", steps_per_epoch=steps_per_epoch, prefetch=prefetch,
              on_step=lambda s, st: resumed.setdefault(s, st["loss"]))
     assert b.resumed_from is not None and b.steps_this_run == 4 and method.seen == 8
     assert sorted(straight) == sorted(resumed) == list(range(1, 9))

@@ -112,12 +112,21 @@ def test_flow_runs_stages_in_order_then_nothing(prefect_server, tiny):
     assert all(c.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for c in children)
     assert len(client.get_metric_history(children[0].info.run_id, "loss")) == 3
 
-    # a second run re-executes nothing: DVC reports every stage up to date
+    assert parent.info.run_name.startswith("HEAD ")  # nothing varied against the committed params
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"params.yaml", "dvc.lock"}
+    assert result["headline"]["d.value"] == parent.data.metrics["d.value"]
+    assert result["mlflow_url"].endswith(f"/runs/{parent.info.run_id}")
+
+    # a second run re-executes nothing: DVC reports every stage up to date, and no MLflow run is kept for it
     state2 = slotcon_pipeline(repo_dir=str(tiny), retries=0, return_state=True)
     assert state2.is_completed()
-    assert {n: r["status"] for n, r in state2.result()["stages"].items()} == dict.fromkeys("abcd", "up to date")
+    result2 = state2.result()
+    assert {n: r["status"] for n, r in result2["stages"].items()} == dict.fromkeys("abcd", "up to date")
     assert all((tiny / "attempts" / n).read_text() == "x" for n in "abcd")
     assert "didn't change, skipping" in _logs(state2.state_details.flow_run_id)
+    assert result2["noop"] and result2["parent_run_id"] is None
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id], "tags.`slotcon.pipeline` = '1'")] == [
+        parent.info.run_id]  # the no-op parent went to MLflow's deleted runs
 
 
 @pytest.mark.slow
@@ -144,6 +153,10 @@ def test_failing_stage_retries_then_stops_downstream(prefect_server, tiny):
     exp = client.get_experiment_by_name("tiny")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`slotcon.pipeline` = '1'")
     assert parent.info.status == "FAILED"
+    # the failure hook left a record a script (or a person) finds without the UI
+    (record,) = [json.loads(ln) for ln in (tiny / ".slotcon" / "failures.jsonl").read_text().splitlines()]
+    assert record["state"] == "Failed" and record["flow_run"] == str(state.state_details.flow_run_id)
+    assert "stage b" in record["message"]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     statuses = sorted((c.data.tags["slotcon.stage"], c.info.status) for c in children)
     assert statuses == [("a", "FINISHED")] + [("b", "FAILED")] * 2 + [("c", "FINISHED")]
@@ -175,6 +188,13 @@ def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
 
     exp = find(json.loads(shown))
     assert exp is not None, shown[:2000]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tiny / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                                   "tags.`slotcon.pipeline` = '1'")
+    assert parent.info.run_name == f"{result['experiment']}: scenes.seed=7 [b]"  # named after what varied
+    assert parent.data.tags["dvc.experiment"] == result["experiment"]
     assert '"seed": 7' in json.dumps(exp), json.dumps(exp)[:2000]
     assert "metrics/a.json" in json.dumps(exp)  # git-ignored metrics are saved with the experiment
 
@@ -183,7 +203,9 @@ def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
     from pipelines.flow import load_stages, select_stages
 
     stages = load_stages(make_tiny_project(tmp_path / "p"))
+    assert [s.name for s in stages] == ["a", "b", "c", "d"]  # DAG order, ties in dvc.yaml order
     assert [s.name for s in select_stages(stages, ["d"])] == ["a", "b", "d"]
+    assert [s.name for s in select_stages(stages, ["c", "b"])] == ["a", "b", "c"]
     assert [s.metrics for s in stages][0] == ("metrics/a.json",)
     with pytest.raises(ValueError, match="no stage"):
         select_stages(stages, ["nope"])
@@ -205,11 +227,13 @@ def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
 
     stages = load_stages(repo_root)
     names = [s.name for s in stages]
-    assert names[0] == "scenes"
+    assert names[:2] == ["check", "scenes"]
     pos = {n: i for i, n in enumerate(names)}
     for s in stages:
         assert all(pos[u] < pos[s.name] for u in s.upstream)
-    expected = ["scenes", "prepare", "shard", "pretrain", "export", "detect", "segment", "unsup_seg", "viz"]
+    # the params check is upstream of every stage: a typo stops `dvc repro` before any stage deletes its outs
+    assert all("check" in s.upstream for s in stages[1:])
+    expected = ["check", "scenes", "prepare", "shard", "pretrain", "export", "detect", "segment", "unsup_seg", "viz"]
     assert [n for n in names if n in expected] == [n for n in expected if n in names]
     # every stage but the first depends on some other stage's outs
     assert all(s.upstream for s in stages[1:])
@@ -270,3 +294,23 @@ def test_dvc_yaml_wiring(repo_root):
             if f"--metrics {path}" not in st["cmd"]:
                 problems.append(f"{name}: metrics {path} is not passed to the command")
     assert not problems, "\n".join(problems)
+
+
+def test_bad_targets_and_overrides_fail_in_one_line_before_prefect(tmp_path, capsys):
+    """`python -m pipelines.flow` checks its arguments before Prefect starts: one line, exit status 2."""
+    import time
+
+    from pipelines.flow import main
+
+    root = make_tiny_project(tmp_path / "p")
+    cases = [(["--targets", "nosuchstage"], "no stage(s) ['nosuchstage']"),
+             (["-S", "scenes.seed"], "must look like 'section.key=value'"),
+             (["-S", "scenes.sed=4"], "'scenes.sed' is not a key of params.yaml"),
+             (["-S", "scenes.seed=[1"], "not a valid override")]
+    for args, needle in cases:
+        t0 = time.perf_counter()
+        assert main([*args, "--repo-dir", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err, err
+        assert time.perf_counter() - t0 < 60
+    assert not (root / "mlflow.db").exists() and not (root / "attempts").exists()

@@ -251,3 +251,28 @@ def test_rank_without_queries_still_gathers():
     assert results[0].item() == 0.0
     full = slot_contrastive_loss(q, kk, ss, ts)
     assert abs(results[1].item() - full.item()) < 1e-5  # all full-batch queries live on rank 1
+
+
+@pytest.mark.parametrize("pad_to", [None, 3])
+def test_unequal_rank_batches_gather_with_or_without_padding(pad_to):
+    """Ranks holding 3 and 2 images (one dropped at decode): padding to the configured per-rank batch (no size
+    exchange, no host sync) gives the same keys, hence the same per-rank losses, as exchanging sizes first."""
+    b, k, d, h, w, tau = 5, 8, 5, 2, 3, 0.2
+    q, kk, ss, ts = _slot_inputs(b, k, d, h, w, seed=31)
+    full = slot_contrastive_loss(q, kk, ss, ts, temperature=tau)
+    group, results = ThreadGather(2), {}
+    parts = [slice(0, 3), slice(3, 5)]
+
+    def run(rank):
+        sl = parts[rank]
+        results[rank] = slot_contrastive_loss(q[sl], kk[sl], ss[sl], ts[sl], temperature=tau,
+                                              gather=group.for_rank(rank), pad_to=pad_to)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    kept = torch.stack([(slot_keep_mask(ss[sl]) & slot_keep_mask(ts[sl])).sum() for sl in parts]).float()
+    combined = (results[0] * kept[0] + results[1] * kept[1]) / kept.sum()
+    assert abs(combined.item() - full.item()) < 1e-5
+    with pytest.raises(ValueError, match="exceed pad_to"):
+        slot_contrastive_loss(q, kk, ss, ts, gather=lambda t: t, pad_to=2)

@@ -115,3 +115,32 @@ def test_bf16_autocast_forward_backward(views):
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def _force_one_slot(model: SlotCon, student_proto: int, teacher_proto: int) -> None:
+    """Every pixel of every image projects to the same unit vector c (last projector conv: weight 0, bias c), and c
+    is the student's prototype ``student_proto`` and the teacher's ``teacher_proto`` (the other prototypes are
+    orthogonal to it): each image keeps exactly one slot per view, and a query survives only if the two agree."""
+    k, d = model.student_prototypes.shape
+    eye = torch.eye(d)
+    with torch.no_grad():
+        for enc in (model.student_encoder, model.teacher_encoder):
+            enc.projector.mlp[-1].weight.zero_()
+            enc.projector.mlp[-1].bias.copy_(eye[0])
+        for protos, chosen in ((model.student_prototypes, student_proto), (model.teacher_prototypes, teacher_proto)):
+            protos.copy_(eye[1 : k + 1])
+            protos[chosen] = eye[0]
+
+
+@pytest.mark.parametrize("batch,agree,queries", [(1, True, 1), (2, False, 0)])
+def test_fewer_than_two_kept_queries_train_without_crash(batch, agree, queries):
+    """Issue 11.2: one kept query (batch 1) made the predictor's BatchNorm1d raise in training; now the slot loss is
+    zero there (and with none), and every trainable parameter still gets a gradient (DDP needs them all)."""
+    torch.manual_seed(0)
+    model = SlotCon(**TINY).train()
+    _force_one_slot(model, 3, 3 if agree else 5)
+    out = model(**_views(batch=batch, seed=batch))
+    assert out["num_slots"].item() == pytest.approx(queries / batch)
+    assert out["loss_slot"].item() == 0.0 and out["loss_group"].item() > 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -42,3 +42,4 @@ def test_pretrain_preset_is_faithful(path):
         assert sections["data"].source == ("cocoplus" if "plus" in path.stem else "coco")
     else:
         assert pre.num_prototypes == 2048 and common.epochs in (100, 200)
+        assert sections["data"].source == "imagenet" and sections["data"].root  # no manual shard writing

@@ -259,3 +259,92 @@ def test_ids_stay_int32_for_the_largest_allowed_config():
     last_val = sc.SPLIT_ID_OFFSET["val2017"] + big.num_val
     assert last_val > big.num_train  # no collision with train ids
     assert last_val * sc.ANN_PER_IMAGE + big.max_objects + 1 < 2**31
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the demo's pixels are pinned; the two variants
+# --------------------------------------------------------------------------------------------------------------------
+def test_default_scenes_are_pinned():
+    """The params defaults draw exactly what they drew before the variants existed (digest taken with the code of
+    that time): pixels, semantic maps, masks and encodings of a few train/val images. numpy's Generator streams are
+    stable by policy, so only a change to the drawing code moves this."""
+    cfg = ScenesConfig()
+    h = hashlib.sha256()
+    for image_id in (1, 2, 3, 10_000_001):
+        s = sc.render_scene(cfg, image_id)
+        h.update(s.image.tobytes())
+        h.update(s.semantic.tobytes())
+        for inst in s.instances:
+            h.update(inst.mask.tobytes())
+            h.update(repr(inst.segmentation).encode())
+    assert h.hexdigest() == "97b079faf8e4f293867ebcb11baf533574e0c6b8f6f9bab78caa70f90b6fa744"
+
+
+HARD = dict(seed=1, num_train=12, num_val=4, image_size=96, min_objects=4, max_objects=10, clutter_shapes=8,
+            object_spread=0.5, min_object_frac=0.08, max_object_frac=0.6)
+
+
+def _hidden_fraction(cfg: ScenesConfig) -> float:
+    """Of all thing pixels as drawn in full, the fraction hidden behind later objects or clutter."""
+    from components.data import scenes_draw as sd
+
+    hidden = full = 0
+    for image_id in sc.image_ids(cfg, "train2017"):
+        rng = sd.image_rng(cfg.seed, image_id)
+        sd._draw_background(cfg, rng)
+        objects = sd._layout(cfg, rng)
+        for obj in objects:
+            sd._full_masks(obj, cfg.image_size)
+        for obj in sd._visible(objects, cfg.image_size):
+            if not obj["clutter"] and not obj["crowd"]:
+                hidden += int((obj["full"] & ~obj["visible"]).sum())
+                full += int(obj["full"].sum())
+    return hidden / full
+
+
+def test_harder_variant_clutter_is_unannotated_stuff_and_occludes(tmp_path):
+    cfg = ScenesConfig(**HARD)
+    out = tmp_path / "hard"
+    stats = sc.generate_scenes(cfg, out)
+    T, S = cfg.num_thing_classes, cfg.num_stuff_classes
+    classes = json.loads((out / "annotations" / "semantic_classes.json").read_text())
+    assert classes[-1] == {"id": T + S, "name": "clutter", "isthing": 0} and len(classes) == T + S + 1
+    coco = COCO(str(out / "annotations" / "instances_train2017.json"))
+    clutter_px = 0
+    for img in coco.dataset["images"]:
+        with Image.open(out / "stuffthingmaps_trainval2017" / "train2017" / img["file_name"].replace(".jpg", ".png")) as im:
+            sem = np.array(im)
+        anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]], iscrowd=None)), key=lambda a: a["id"])
+        drawn = sc.render_scene(cfg, img["id"]).instances
+        assert len(anns) == len(drawn)
+        union = np.zeros(sem.shape, bool)
+        for ann, inst in zip(anns, drawn):
+            mask = coco.annToMask(ann).astype(bool)
+            assert np.array_equal(mask, inst.mask)  # masks still round-trip exactly through pycocotools
+            union |= mask
+        assert not np.any(union & (sem == T + S))  # clutter is never inside an annotated region
+        assert np.all((sem[~union] >= T) & (sem[~union] <= T + S))  # outside: stuff or clutter
+        clutter_px += int((sem == T + S).sum())
+    assert clutter_px > 0
+    # more objects per image than the demo, and much more of each object hidden
+    demo = ScenesConfig(seed=1, num_train=12, num_val=4, image_size=96)
+    assert stats["train.objects_per_image"] > sc.generate_scenes(demo, tmp_path / "demo")["train.objects_per_image"] + 1.5
+    assert _hidden_fraction(cfg) > 2 * _hidden_fraction(demo)
+
+
+def test_more_classes_variant_uses_24_things_and_16_stuff(tmp_path):
+    cfg = ScenesConfig(seed=2, num_train=40, num_val=4, image_size=64, num_thing_classes=24, num_stuff_classes=16,
+                       min_objects=4, max_objects=8)
+    assert [c["id"] for c in sc.categories(cfg)] == list(range(1, 25))
+    sem_ids = [c["id"] for c in sc.semantic_classes(cfg)]
+    assert sem_ids == list(range(40)) and max(sem_ids) < sc.IGNORE
+    cats: set[int] = set()
+    stuff: set[int] = set()
+    for image_id in sc.image_ids(cfg, "train2017"):
+        s = sc.render_scene(cfg, image_id)
+        cats |= {inst.category_id for inst in s.instances}
+        stuff |= set(s.stuff)
+        assert set(np.unique(s.semantic).tolist()) <= set(range(40)) | {sc.IGNORE}
+    assert cats == set(range(1, 25)) and len(stuff) >= 14
+    with pytest.raises(ConfigError, match="num_thing_classes"):
+        parse_section("scenes", {"num_thing_classes": 25})

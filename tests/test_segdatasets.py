@@ -182,7 +182,7 @@ def test_shard_source_reads_seg_png_members(tmp_path):
     assert len(samples) == 2 and all(s["label"].shape == s["image"].shape[1:] for s in samples)
     assert set(torch.cat([s["label"].flatten() for s in samples]).tolist()) <= {0, 1, 2, 3}
     train = open_source("", tmp_path / "shards", "auto", "train")
-    batch = next(train.epoch_batches(0, batch_size=2, map_fn=lambda s: s, collate_fn=list, seed=0))
+    batch = next(iter(train.epoch_batches(0, batch_size=2, map_fn=lambda s: s, collate_fn=list, seed=0)))
     assert len(batch) == 2 and {"key", "image", "label"} <= set(batch[0])
 
 

@@ -130,7 +130,7 @@ def test_changed_image_after_prepare_is_an_error(raw, tmp_path):
         run_shard(ShardConfig(max_count=4, workers=2), raw_dir, tmp_path / "shards", progress=False)
     with pytest.raises(UserError, match="index.json: not found"):
         verify_shards(tmp_path / "shards", progress=False)
-    assert not list((tmp_path / "shards").rglob("*.tmp"))  # a Python-level failure cleans its temp file
+    assert not list(tmp_path.rglob("*.tar.tmp"))  # a Python-level failure cleans its temp file
 
 
 def test_missing_prepare_output_is_one_line_error(tmp_path):
@@ -153,29 +153,42 @@ run_shard(ShardConfig(max_count=4, workers=1), sys.argv[1], sys.argv[2], progres
 """
 
 
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow  # a fresh interpreter imports the stage (~3-5 s on a busy 2-core machine)
-def test_killed_writer_leaves_nothing_verify_accepts(raw, tmp_path):
+def test_killed_writer_resumes_to_byte_identical_shards(raw, tmp_path):
+    """kill -9 mid-shard: nothing --verify accepts; the re-run keeps the finished shard (same inode: not rewritten)
+    and the result is byte-identical to an uninterrupted run."""
     _, raw_dir = raw
     out = tmp_path / "shards"
+    work = tmp_path / ".shards.work.tmp"
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(raw_dir), str(out)], cwd=REPO, timeout=120)
     assert proc.returncode == -9
-    assert not (out / "index.json").exists()
-    tars = sorted((out / "train2017").glob("*.tar"))
-    tmps = sorted((out / "train2017").glob(".*.tmp"))
-    assert [p.name for p in tars] == ["train2017-000000.tar"] and [p.name for p in tmps] == [".train2017-000001.tar.tmp"]
-    assert len(_tar_members(tars[0])) == 4 * 3  # the renamed shard is complete
+    assert not (out / "index.json").exists() and not list(out.rglob("*.tar"))
+    names = sorted(p.name for p in (work / "train2017").iterdir())
+    assert names == [".train2017-000001.tar.tmp", "train2017-000000.tar", "train2017-000000.tar.done.json"]
+    assert len(_tar_members(work / "train2017" / "train2017-000000.tar")) == 4 * 3  # the renamed shard is complete
+    inode = (work / "train2017" / "train2017-000000.tar").stat().st_ino
     with pytest.raises(UserError) as exc:
         verify_shards(out, progress=False)
     assert "not completed" in str(exc.value)
-    # re-running cleans up and completes
-    run_shard(ShardConfig(max_count=4, workers=1), raw_dir, out, progress=False)
-    assert not list(out.rglob("*.tmp")) and verify_shards(out, progress=False)["samples"] == 19
+    # the re-run resumes: the finished shard is kept, the rest written; then everything is byte-identical
+    m = run_shard(ShardConfig(max_count=4, workers=1), raw_dir, out, progress=False)
+    assert m["shards_reused"] == 1 and m["verified_samples"] == 19
+    assert (out / "train2017" / "train2017-000000.tar").stat().st_ino == inode
+    assert not work.exists() and not list(out.rglob("*.tmp"))
+    straight = tmp_path / "straight"
+    run_shard(ShardConfig(max_count=4, workers=2), raw_dir, straight, progress=False)
+    assert _tree_bytes(out) == _tree_bytes(straight)
 
 
 def test_exception_mid_shard_leaves_no_complete_looking_shard(raw, tmp_path):
     _, raw_dir = raw
     out = tmp_path / "shards"
     run_shard(ShardConfig(max_count=4, workers=1), raw_dir, out, progress=False)  # a complete earlier run
+    before = _tree_bytes(out)
 
     def boom(i, calls=[0]):
         calls[0] += 1
@@ -183,12 +196,16 @@ def test_exception_mid_shard_leaves_no_complete_looking_shard(raw, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_shard(ShardConfig(max_count=4, workers=1), raw_dir, out, progress=False, on_sample=boom)
-    # the old index went first, so the half-replaced set of shards can't pass as complete
+        run_shard(ShardConfig(max_count=4, seed=1, workers=1), raw_dir, out, progress=False, on_sample=boom)
+    # the old index went first, so the old shards can't pass as complete; new work waits in the work folder
     assert not (out / "index.json").exists() and not list(out.rglob("*.tmp"))
-    assert [p.name for p in (out / "train2017").glob("*.tar")] == ["train2017-000000.tar"]
+    assert {k: v for k, v in before.items() if k != "index.json"} == _tree_bytes(out)
+    work = tmp_path / ".shards.work.tmp" / "train2017"
+    assert sorted(p.name for p in work.iterdir()) == ["train2017-000000.tar", "train2017-000000.tar.done.json"]
     with pytest.raises(UserError):
         verify_shards(out, progress=False)
+    m = run_shard(ShardConfig(max_count=4, seed=1, workers=1), raw_dir, out, progress=False)
+    assert m["shards_reused"] == 1 and m["verified_samples"] == 19
 
 
 def test_shard_bytes_hash_matches_manifest_metadata(raw, tmp_path):

@@ -71,17 +71,18 @@ def test_parent_child_linkage(mlflow_store, tmp_path, monkeypatch):
     from pipelines import mlflow_runs
 
     cfg = mlflow_runs.resolve_store(mlflow_store, tmp_path)
-    parent = mlflow_runs.open_parent_run(cfg, tmp_path, run_name="pipeline t", flow_run_id="flow-123",
-                                         params={"pretrain": {"epochs": 2}})
+    (tmp_path / "params.yaml").write_text("pretrain:\n  epochs: 2\n")
+    parent = mlflow_runs.open_parent_run(cfg, tmp_path, run_name="pipeline t", flow_run_id="flow-123")
     monkeypatch.setenv(PARENT_ENV, parent)
     monkeypatch.setenv(FLOW_RUN_ENV, "flow-123")
     for stage in ("pretrain", "export"):
         with stage_run(stage, {"k": stage}, mlflow_store, rank=0) as tracker:
             tracker.log_metrics({"loss": 0.5})
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "export.json").write_text(json.dumps({"ap": {"bbox": 0.5}, "name": "x", "ok": True}))
+    (tmp_path / "metrics" / "export.json").write_text(json.dumps({"ap": {"bbox": 0.5}, "name": "x", "ok": True,
+                                                                  "bbox_APl": -1.0, "nan": float("nan")}))
     final = mlflow_runs.read_metrics_files(tmp_path, {"export": ["metrics/export.json", "metrics/missing.json"]})
-    assert final == {"export.ap.bbox": 0.5, "export.ok": 1.0}
+    assert final == {"export.ap.bbox": 0.5, "export.ok": 1.0}  # no strings, no COCO -1 sentinel, no NaN
     mlflow_runs.close_parent_run(cfg, parent, tmp_path, metrics=final, failed=False)
 
     client = _client()
@@ -89,6 +90,8 @@ def test_parent_child_linkage(mlflow_store, tmp_path, monkeypatch):
     assert p.info.status == "FINISHED" and p.data.tags["slotcon.pipeline"] == "1"
     assert p.data.tags["prefect.flow_run_id"] == "flow-123" and p.data.params["pretrain.epochs"] == "2"
     assert p.data.metrics == {"export.ap.bbox": 0.5, "export.ok": 1.0}
+    arts = {a.path for a in client.list_artifacts(parent)}
+    assert "params.yaml" in arts  # dvc.lock too when there is one (none in this folder)
     children = _runs(client, mlflow_store, f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(c.data.tags["slotcon.stage"] for c in children) == ["export", "pretrain"]
     assert {c.data.tags["prefect.flow_run_id"] for c in children} == {"flow-123"}
@@ -133,3 +136,45 @@ def test_plain_dvc_repro_groups_stages_under_one_parent(tmp_path, monkeypatch):
     assert sorted(k.data.tags["slotcon.stage"] for k in kids) == ["a", "b"]
     kids2 = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")
     assert [k.data.tags["slotcon.stage"] for k in kids2] == ["c"]
+
+
+def test_promotion_decision_compares_with_the_champion():
+    from pipelines.registry import decide
+
+    assert decide({"detect.bbox_AP": "0.3"}, None, None)[0] is True
+    ok, why, used = decide({"detect.bbox_AP": "0.3"}, {"detect.bbox_AP": "0.4"}, None)
+    assert not ok and used == "detect.bbox_AP" and "< champion's 0.4" in why
+    assert decide({"segment.mIoU": "0.5"}, {"segment.mIoU": "0.4", "detect.bbox_AP": "1"}, None)[:1] == (True,)
+    assert decide({"unsup_seg.mIoU": "0.5"}, {"detect.bbox_AP": "0.4"}, None)[0] is False  # nothing in common
+
+
+def test_numeric_items_drop_sentinels_strings_and_nan():
+    from components.tracking import is_sentinel, numeric_items
+
+    assert is_sentinel("pretrained/bbox_APl", -1.0) and is_sentinel("segm_ARs", -1.0)
+    assert not is_sentinel("gain/loss", -1.0) and not is_sentinel("bbox_APl", 0.0)
+    assert numeric_items({"a": {"bbox_APm": -1.0, "x": 2}, "s": "txt", "n": float("nan"), "ok": True}) == {
+        "a.x": 2.0, "ok": 1.0}
+
+
+def test_split_metrics_keeps_headline_and_nesting():
+    from components.stage import split_metrics
+
+    m = {"loss": 1.0, "train.images": 4, "splits": {"val": {"n": 2}}, "x": 3}
+    assert split_metrics(m, ("loss", "train.images", "splits.val.n", "missing")) == {
+        "loss": 1.0, "train.images": 4, "splits": {"val": {"n": 2}}}
+    assert split_metrics(m, ()) == m
+
+
+def test_every_stage_declares_a_headline(repo_root):
+    """Headline keys are what DVC compares and what every parent run shows: a stage with a metrics file names them."""
+    import importlib
+
+    from components.cli import STAGES
+
+    missing = []
+    for name, (module, _) in STAGES.items():
+        spec = getattr(importlib.import_module(module), "STAGE", None)
+        if spec is not None and spec.metrics is not None and not spec.headline:
+            missing.append(name)
+    assert not missing, f"stages with a metrics file but no headline: {missing}"

@@ -1,4 +1,4 @@
-"""Stage ``prepare``: discover and check a source (generated scenes, COCO or COCO+), write per-split Parquet manifests.
+"""Stage ``prepare``: discover and check a source, write per-split Parquet manifests.
 
 Sources (``params.yaml: data.source``):
 
@@ -8,6 +8,8 @@ Sources (``params.yaml: data.source``):
   (COCO-Stuff semantic maps).
 - ``cocoplus``: COCO+ = COCO plus ``unlabeled2017/`` (123k images without annotations; SlotCon pretrains on
   train2017 + unlabeled2017). ``annotations/image_info_unlabeled2017.json`` is used for ids when present.
+- ``imagenet`` / ``folder``: ImageNet-1K layouts or any tree of images (root: ``data.root``); streamed, checked in
+  parallel and resumable: see :mod:`components.data.prepare_tree` (this module only dispatches to it).
 
 Output, under ``--out`` (``data/raw``):
 
@@ -25,20 +27,23 @@ Raw images stay where they are: the shards are the versioned artifact (the manif
 ``shard`` when an image changes). A whole unusable source (missing folder or annotation file, unreadable JSON) is a
 one-line :class:`~components.errors.UserError` that names what is missing and where COCO puts it; a bad single image
 (zero bytes, not a JPEG, truncated, undecodable, duplicate id, size different from its record, named by the
-annotations but absent) is skipped and counted in the manifest metadata and ``metrics/prepare.json``.
+annotations but absent) is skipped and counted in the manifest metadata and ``metrics/prepare.json``. Images with
+the same bytes under two ids are reported (``duplicate_content``) and kept: each id has its own annotations.
+
+COCO's annotations are in stored-pixel coordinates (COCO ignores EXIF orientation), so the COCO and scenes paths keep
+every JPEG's bytes and never rotate: every decoder in the pipeline ignores the orientation tag too, so all paths agree.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from components.errors import UserError
 from components.stage import Arg, Stage
@@ -65,7 +70,6 @@ COCO_ZIPS = {
     "stuff": "stuffthingmaps_trainval2017.zip",
 }
 SEG_DIR = "stuffthingmaps_trainval2017"
-JPEG_MAGIC = b"\xff\xd8\xff"
 MAX_LISTED = 10_000  # failures listed one by one in the manifest metadata (counts are always complete)
 
 # COCO-Stuff labels 1..182 (things 1-91 incl. the 11 removed from COCO, stuff 92-182). In stuffthingmaps PNGs the
@@ -299,75 +303,7 @@ def semantic_classes(root: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# checking one image (runs in worker processes)
-# --------------------------------------------------------------------------------------------------------------------
-def check_image(path: str, seg_path: str | None = None) -> dict[str, Any]:
-    """Read, hash and fully decode one image (and its semantic map). Never raises: problems become ``reason``.
-
-    Reasons: ``unreadable`` (OS error), ``empty`` (0 bytes), ``not_jpeg`` (no JPEG SOI marker, e.g. a PNG named .jpg),
-    ``truncated`` (the entropy-coded data ends early), ``decode_error`` (anything else the decoder rejects).
-    """
-    from PIL import Image, ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail here, not decode as grey
-    out: dict[str, Any] = {"reason": None, "detail": "", "seg_error": None}
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return {**out, "reason": "unreadable", "detail": str(exc)}
-    out["bytes"] = len(data)
-    out["sha1"] = hashlib.sha1(data).hexdigest()
-    if not data:
-        return {**out, "reason": "empty", "detail": "zero bytes"}
-    if not data.startswith(JPEG_MAGIC):
-        kind = "PNG" if data.startswith(b"\x89PNG") else "GIF" if data.startswith(b"GIF8") else "unknown format"
-        return {**out, "reason": "not_jpeg", "detail": f"no JPEG SOI marker ({kind})"}
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            out["width"], out["height"], out["mode"] = im.width, im.height, im.mode
-            # draft() lets libjpeg decode at 1/8 scale: every entropy-coded byte is still read (so truncation and
-            # corruption are still caught), at a fraction of the cost of a full-size decode.
-            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-    except OSError as exc:
-        msg = str(exc)
-        return {**out, "reason": "truncated" if "truncated" in msg else "decode_error", "detail": msg[:200]}
-    except Exception as exc:  # PIL raises assorted types on garbage (SyntaxError, ValueError, ...)
-        return {**out, "reason": "decode_error", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
-    if seg_path is not None:
-        try:
-            with Image.open(seg_path) as seg:
-                seg.load()
-                if seg.mode not in ("L", "P"):
-                    out["seg_error"] = f"mode {seg.mode}, expected single-channel L/P"
-                elif seg.size != (out["width"], out["height"]):
-                    out["seg_error"] = f"size {seg.size} != image size {(out['width'], out['height'])}"
-        except Exception as exc:
-            out["seg_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    return out
-
-
-def _check_star(args: tuple[str, str | None]) -> dict[str, Any]:
-    return check_image(*args)
-
-
-def _map_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> Iterable:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    try:
-        if workers <= 1 or len(items) < 2 * workers:
-            for it in items:
-                yield fn(it)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for r in pool.map(fn, items, chunksize=max(1, min(64, len(items) // (8 * workers)))):
-                    yield r
-                    bar.update()
-    finally:
-        bar.close()
+from components.data.images import _check_star, _map_parallel, check_image  # noqa: E402,F401  (COCO's checks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,81 +344,115 @@ def run_prepare(
     """Discover and check ``cfg.source``; write ``<out>/<source>/<split>/manifest.parquet`` and ``<out>/index.json``.
 
     ``cfg`` is a :class:`components.config.DataConfig`. Returns the metrics (counts per split and per skip reason).
+    ``imagenet`` and ``folder`` go to :func:`components.data.prepare_tree.run_prepare_tree` (streaming, resumable).
     """
+    if cfg.source in ("imagenet", "folder"):
+        from components.data.prepare_tree import run_prepare_tree
+
+        return run_prepare_tree(cfg, out_dir, tracker=tracker, progress=progress)
+    from components.data.workers import hold_output
+
+    with hold_output(out_dir, "slotcon prepare") as work:
+        metrics = _run_prepare_coco(cfg, scenes_root, out_dir, tracker=tracker, progress=progress)
+        shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def _check_rows(cfg, plan: SplitPlan, root: Path, progress: bool) -> tuple[list[dict], list[dict], Counter]:
+    """Check every candidate of ``plan`` in parallel: (usable rows sorted by key, failures, notes)."""
+    tasks = [
+        (str(plan.image_dir / c.file_name), str(root / c.seg_file) if c.seg_file else None)
+        for c in plan.candidates
+    ]
+    rows: list[dict[str, Any]] = []
+    failures = list(plan.failures)
+    notes = Counter(plan.notes)
+    for cand, res in zip(plan.candidates, _map_parallel(_check_star, tasks, cfg.workers, f"prepare {plan.name}", progress)):
+        if res["reason"] is None and cand.width is not None and (cand.width, cand.height) != (res["width"], res["height"]):
+            res["reason"] = "size_mismatch"  # annotations (boxes, masks) would not line up with the pixels
+            res["detail"] = f"record says {cand.width}x{cand.height}, file is {res['width']}x{res['height']}"
+        if res["reason"] is not None:
+            failures.append({"file": cand.file_name, "id": cand.id, "reason": res["reason"], "detail": res["detail"]})
+            continue
+        seg_file = cand.seg_file
+        if seg_file is not None and res["seg_error"]:
+            notes["bad_seg"] += 1  # the image is fine; only its semantic map is dropped (and counted)
+            failures.append({"file": seg_file, "id": cand.id, "reason": "bad_seg", "detail": res["seg_error"], "image_kept": True})
+            seg_file = None
+        rows.append({
+            "key": cand.key, "id": cand.id, "file_name": cand.file_name, "width": res["width"],
+            "height": res["height"], "mode": res["mode"], "bytes": res["bytes"], "sha1": res["sha1"],
+            "num_annotations": cand.num_annotations, "seg_file": seg_file,
+        })
+    rows.sort(key=lambda r: r["key"])
+    first: dict[str, str] = {}
+    for r in rows:  # the same bytes under two ids: reported, kept (each id has its own annotations)
+        if r["sha1"] in first:
+            notes["duplicate_content"] += 1
+            failures.append({"file": r["file_name"], "id": r["id"], "reason": "duplicate_content",
+                             "detail": f"same bytes as {first[r['sha1']]}", "image_kept": True})
+        else:
+            first[r["sha1"]] = r["file_name"]
+    return rows, failures, notes
+
+
+def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bool) -> tuple[dict, dict]:
+    """Check one split and write its manifest: (split metrics, index entry)."""
+    rows, failures, notes = _check_rows(cfg, plan, root, progress)
+    skipped = [f for f in failures if not f.get("image_kept")]
+    by_reason = dict(sorted(Counter(f["reason"] for f in skipped).items()))
+    if not rows:
+        raise UserError(
+            f"{plan.image_dir}: none of the {len(plan.candidates) + len(plan.failures)} images of {plan.name} is "
+            f"usable ({by_reason}); {_hint(cfg.source, plan.name)}"
+        )
+    split_metrics = {
+        "images": len(rows),
+        "skipped": len(skipped),
+        "skipped_by_reason": by_reason,
+        "annotations": sum(r["num_annotations"] for r in rows),
+        "with_seg": sum(r["seg_file"] is not None for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+        **{k: notes.get(k, 0) for k in ("orphan_annotations", "unlisted_files", "missing_seg", "bad_seg",
+                                        "duplicate_content")},
+    }
+    meta = {
+        "source": cfg.source, "split": plan.name, "labeled": plan.labeled, "counts": split_metrics,
+        "failures": sorted(failures, key=lambda f: (f["reason"], str(f["file"])))[:MAX_LISTED],
+    }
+    _write_manifest(out_dir / cfg.source / plan.name / "manifest.parquet", rows, meta)
+    for f in failures[:20]:
+        print(f"prepare: {plan.name}: skipped {f['file']}: {f['reason']} ({f['detail']})")
+    if len(failures) > 20:
+        print(f"prepare: {plan.name}: ... {len(failures) - 20} more, see the manifest metadata")
+    entry = {
+        "labeled": plan.labeled,
+        "manifest": f"{cfg.source}/{plan.name}/manifest.parquet",
+        "image_dir": plan.image_dir.relative_to(root).as_posix(),
+        "annotations": plan.annotations_file.relative_to(root).as_posix() if plan.annotations_file else None,
+        "annotations_sha1": plan.annotations_sha1,
+        "num_images": len(rows),
+        "num_skipped": len(skipped),
+    }
+    return split_metrics, entry
+
+
+def _run_prepare_coco(cfg, scenes_root, out_dir, *, tracker, progress) -> dict[str, Any]:
+    from components.io import write_json_atomic
+
     t0 = time.perf_counter()
     root = Path(scenes_root if cfg.source == "scenes" else cfg.coco_root)
     out_dir = Path(out_dir)
     plans = discover(cfg.source, root)  # all layout errors raise here, before any image is read
     classes = semantic_classes(root)
     categories = next((p.categories for p in plans if p.categories is not None), [])
-
     metrics: dict[str, Any] = {"source": cfg.source, "splits": {}}
     index_splits: dict[str, Any] = {}
-    total_ok = total_skipped = total_bytes = 0
     for plan in plans:
-        tasks = [
-            (str(plan.image_dir / c.file_name), str(root / c.seg_file) if c.seg_file else None)
-            for c in plan.candidates
-        ]
-        rows: list[dict[str, Any]] = []
-        failures = list(plan.failures)
-        notes = Counter(plan.notes)
-        for cand, res in zip(plan.candidates, _map_parallel(_check_star, tasks, cfg.workers, f"prepare {plan.name}", progress)):
-            if res["reason"] is None and cand.width is not None and (cand.width, cand.height) != (res["width"], res["height"]):
-                res["reason"] = "size_mismatch"  # annotations (boxes, masks) would not line up with the pixels
-                res["detail"] = f"record says {cand.width}x{cand.height}, file is {res['width']}x{res['height']}"
-            if res["reason"] is not None:
-                failures.append({"file": cand.file_name, "id": cand.id, "reason": res["reason"], "detail": res["detail"]})
-                continue
-            seg_file = cand.seg_file
-            if seg_file is not None and res["seg_error"]:
-                notes["bad_seg"] += 1  # the image is fine; only its semantic map is dropped (and counted)
-                failures.append({"file": seg_file, "id": cand.id, "reason": "bad_seg", "detail": res["seg_error"], "image_kept": True})
-                seg_file = None
-            rows.append({
-                "key": cand.key, "id": cand.id, "file_name": cand.file_name, "width": res["width"],
-                "height": res["height"], "mode": res["mode"], "bytes": res["bytes"], "sha1": res["sha1"],
-                "num_annotations": cand.num_annotations, "seg_file": seg_file,
-            })
-        rows.sort(key=lambda r: r["key"])
-        skipped = [f for f in failures if not f.get("image_kept")]
-        by_reason = dict(sorted(Counter(f["reason"] for f in skipped).items()))
-        if not rows:
-            raise UserError(
-                f"{plan.image_dir}: none of the {len(plan.candidates) + len(plan.failures)} images of {plan.name} is "
-                f"usable ({by_reason}); {_hint(cfg.source, plan.name)}"
-            )
-        split_metrics = {
-            "images": len(rows),
-            "skipped": len(skipped),
-            "skipped_by_reason": by_reason,
-            "annotations": sum(r["num_annotations"] for r in rows),
-            "with_seg": sum(r["seg_file"] is not None for r in rows),
-            "bytes": sum(r["bytes"] for r in rows),
-            **{k: notes.get(k, 0) for k in ("orphan_annotations", "unlisted_files", "missing_seg", "bad_seg")},
-        }
-        meta = {
-            "source": cfg.source, "split": plan.name, "labeled": plan.labeled, "counts": split_metrics,
-            "failures": sorted(failures, key=lambda f: (f["reason"], str(f["file"])))[:MAX_LISTED],
-        }
-        _write_manifest(out_dir / cfg.source / plan.name / "manifest.parquet", rows, meta)
-        for f in failures[:20]:
-            print(f"prepare: {plan.name}: skipped {f['file']}: {f['reason']} ({f['detail']})")
-        if len(failures) > 20:
-            print(f"prepare: {plan.name}: ... {len(failures) - 20} more, see the manifest metadata")
-        index_splits[plan.name] = {
-            "labeled": plan.labeled,
-            "manifest": f"{cfg.source}/{plan.name}/manifest.parquet",
-            "image_dir": plan.image_dir.relative_to(root).as_posix(),
-            "annotations": plan.annotations_file.relative_to(root).as_posix() if plan.annotations_file else None,
-            "annotations_sha1": plan.annotations_sha1,
-            "num_images": len(rows),
-            "num_skipped": len(skipped),
-        }
-        metrics["splits"][plan.name] = split_metrics
-        total_ok += len(rows)
-        total_skipped += len(skipped)
-        total_bytes += split_metrics["bytes"]
+        metrics["splits"][plan.name], index_splits[plan.name] = _prepare_split(cfg, plan, root, out_dir, progress)
+    total_ok = sum(m["images"] for m in metrics["splits"].values())
+    total_skipped = sum(m["skipped"] for m in metrics["splits"].values())
+    total_bytes = sum(m["bytes"] for m in metrics["splits"].values())
 
     # a relative root is stored relative to out_dir, so the index doesn't depend on where the repo is checked out
     root_ref = str(root) if root.is_absolute() else os.path.relpath(root.resolve(), out_dir.resolve())
@@ -491,8 +461,6 @@ def run_prepare(
         "pretrain": PRETRAIN_SPLITS[cfg.source], "train": "train2017", "val": "val2017",
         "categories": categories, "semantic_classes": classes,
     }
-    from components.io import write_json_atomic
-
     write_json_atomic(out_dir / "index.json", index)
     seconds = time.perf_counter() - t0
     metrics.update(images=total_ok, skipped=total_skipped, bytes=total_bytes, seconds=round(seconds, 3),
@@ -516,7 +484,7 @@ def _run_stage(ctx) -> dict[str, Any]:
 
 
 STAGE = Stage(
-    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json",
+    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json", headline=("images", "skipped"),
     args=(Arg("scenes", "data/scenes", "root of the generated scenes (source: scenes)"),
           Arg("out", "data/raw", "output folder for manifests and index.json"),
           Arg("no_progress", False, "no progress bar", flag=True)),

@@ -1,129 +1,55 @@
-"""Stage ``shard``: WebDataset tar shards with the original JPEG bytes, a Parquet manifest, and ``--verify``.
+"""Stage ``shard``: WebDataset tar shards with the original image bytes, a Parquet manifest, and ``--verify``.
 
 Input: what ``prepare`` wrote under ``--raw`` (``index.json`` + ``<source>/<split>/manifest.parquet``); the images and
 annotation files are read from the source root it recorded. Output under ``--out`` (``data/shards``)::
 
-    <split>/<split>-000000.tar ...   samples: <key>.jpg (original bytes), <key>.json, <key>.seg.png (if a map exists)
+    <split>/<split>-000000.tar ...   samples: <key>.jpg, <key>.json, <key>.seg.png (if a map exists)
     <split>/manifest.parquet         key -> shard, index in shard, byte offset, sizes and sha1 of every member
     index.json                       written last: its presence marks a complete run (see read_index / split_urls)
 
-Determinism (DVC hashes must not change on a re-run): samples are shuffled once by ``shard.seed`` (so a shard
-holds a random mix and the loader's small shuffle buffer suffices), shards are cut at ``max_count`` samples or
-``max_bytes`` bytes, members are written in sorted order with a fixed mtime, owner and mode, and JSON is dumped with
-sorted keys. Each shard is written to ``.<name>.tmp`` and renamed when complete, so an interrupted run never leaves a
-file that looks like a finished shard, and ``index.json`` is only written once every shard and manifest exists.
-Shards are written in parallel (``shard.workers`` processes, one whole shard per task).
+``<key>.jpg`` holds the image file's own bytes; only images ``prepare`` marked ``transcode`` (not JPEG, EXIF-rotated
+or CMYK; ImageNet/folder sources, see :mod:`components.data.images`) hold a JPEG made from them once, here.
+
+Determinism (DVC hashes must not change on a re-run): samples are sorted by key and shuffled once by ``shard.seed``
+(so a shard holds a random mix and the loader's small shuffle buffer suffices), shards are cut at ``max_count``
+samples or ``max_bytes`` bytes (counted with the source files' sizes, so the cut is known before any transcode),
+members are written in sorted order with a fixed mtime, owner and mode, and JSON is dumped with sorted keys.
+
+Scale and safety: one process per output folder (a second ``slotcon shard`` stops at once: "held by PID ..."); shards
+are written in parallel (``shard.workers``; the workers die with the main process) from a stream of tasks (one
+shard's sample list at a time: a 1.28M-image manifest stays columnar Arrow, never 1.28M Python records). Shards are
+written into the work folder beside the output (``data/.shards.work.tmp``), each renamed when complete and followed
+by a done-record; a run killed at any point (kill -9 included) resumes without rewriting finished shards, also under
+``dvc repro`` (DVC deletes ``data/shards`` before a run, not the work folder), and the result is byte-identical to
+an uninterrupted run. At the end the shards move into ``--out``, then the manifests, then ``index.json``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tarfile
+import shutil
 import time
 import zlib
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterator
 
+from components.data.shard_index import (  # noqa: F401  (re-exported: the readers' API)
+    INDEX_NAME, expected_counts, read_index, split_urls, verify_shards,
+)
+from components.data.shard_write import (  # noqa: F401
+    BLOCK, FIXED_MTIME, TAR_MODE, TAR_USER, done_name, dump_meta, find_finished, member_span, read_records,
+    shard_name, tmp_name, write_shard,
+)
+from components.data.workers import Meter, hold_output, run_bounded, worker_pool
 from components.errors import UserError
 from components.stage import Arg, Stage
 
-FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; the current time would change every shard's bytes
-TAR_USER = "slotcon"
-TAR_MODE = 0o444
-BLOCK = 512  # tar block size: every member is a 512-byte header plus its data padded to 512
-INDEX_NAME = "index.json"
-
-
-def shard_name(split: str, i: int) -> str:
-    return f"{split}-{i:06d}.tar"
-
-
-def tmp_name(name: str) -> str:
-    return f".{name}.tmp"
-
-
-def _member_span(size: int) -> int:
-    """Bytes a member occupies in a USTAR archive: header + data rounded up to the block size."""
-    return BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
-
-
-def dump_meta(obj: Any) -> bytes:
-    """Canonical JSON for the ``json`` member: sorted keys, no whitespace -> the same bytes on every run."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-class _HashingFile:
-    """Write-through file wrapper that hashes and counts what the tar writer emits (no second read of the shard)."""
-
-    def __init__(self, f):
-        self.f, self.sha1, self.size = f, hashlib.sha1(), 0
-
-    def write(self, b) -> int:
-        self.sha1.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# writing one shard (runs in a worker process)
-# --------------------------------------------------------------------------------------------------------------------
-def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Write one shard: ``task = {"path", "samples": [{"key", "image", "sha1", "meta", "seg"}]}``.
-
-    Members are ``<key>.jpg`` (the file's bytes, checked against the sha1 ``prepare`` recorded), ``<key>.json``
-    (``meta`` bytes) and ``<key>.seg.png``. Written to ``.<name>.tmp``, fsynced, then renamed. Returns the shard's
-    size, sha1 and one manifest record per sample. ``on_sample(i)`` is a test hook called before sample ``i``.
-    """
-    path = Path(task["path"])
-    tmp = path.parent / tmp_name(path.name)
-    try:
-        hf, records = _write_tar(tmp, task["samples"], path.name, on_sample)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a Python-level failure cleans up; a SIGKILL leaves a .tmp that --verify rejects
-        raise
-    os.replace(tmp, path)
-    return {"name": path.name, "num_samples": len(records), "bytes": hf.size, "sha1": hf.sha1.hexdigest(),
-            "records": records}
-
-
-def _write_tar(tmp: Path, samples: list[dict[str, Any]], name: str, on_sample) -> tuple[_HashingFile, list[dict]]:
-    import webdataset as wds
-
-    records: list[dict[str, Any]] = []
-    offset = 0
-    with open(tmp, "wb") as raw:
-        hf = _HashingFile(raw)
-        # TarWriter writes a sample's members in sorted key order (jpg < json < seg.png); fixed mtime/owner/mode
-        with wds.TarWriter(hf, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False, mtime=FIXED_MTIME) as tw:
-            for i, s in enumerate(samples):
-                if on_sample is not None:
-                    on_sample(i)
-                jpg = Path(s["image"]).read_bytes()
-                if hashlib.sha1(jpg).hexdigest() != s["sha1"]:
-                    raise UserError(f"{s['image']}: content changed since `slotcon prepare` (sha1 differs); re-run prepare")
-                sample = {"__key__": s["key"], "jpg": jpg, "json": s["meta"]}
-                seg = Path(s["seg"]).read_bytes() if s.get("seg") else None
-                if seg is not None:
-                    sample["seg.png"] = seg
-                tw.write(sample)
-                rec = {
-                    "key": s["key"], "id": s["id"], "shard": name, "index": i, "offset": offset,
-                    "bytes": len(jpg), "sha1": s["sha1"], "json_bytes": len(s["meta"]),
-                    "json_sha1": hashlib.sha1(s["meta"]).hexdigest(),
-                    "seg_bytes": len(seg) if seg is not None else None,
-                    "seg_sha1": hashlib.sha1(seg).hexdigest() if seg is not None else None,
-                    "num_annotations": s["num_annotations"], "width": s["width"], "height": s["height"],
-                }
-                offset += sum(_member_span(len(v)) for k, v in sample.items() if k != "__key__")
-                records.append(rec)
-        raw.flush()
-        os.fsync(raw.fileno())
-    return hf, records
+_member_span = member_span  # the old private name (tests, benchmarks)
+SHARD_VERSION = 2  # part of every shard's fingerprint: bump when the same input would give different bytes
+TAR_END = 2 * 10240  # end-of-archive blocks + record padding
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,23 +59,25 @@ def _split_seed(seed: int, split: str) -> list[int]:
     return [seed, zlib.crc32(split.encode())]
 
 
+def cut_shards(sizes, max_count: int, max_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each shard over a stream of sample sizes: at most ``max_count`` samples and ``max_bytes``
+    bytes (a shard holds at least one sample even if that one is larger). Depends on nothing but the sizes, so every
+    shard can be written by an independent process and the cut never depends on the number of workers."""
+    start = n = 0
+    cur = TAR_END
+    for i, size in enumerate(sizes):
+        if n and (n >= max_count or cur + size > max_bytes):
+            yield start, i
+            start, n, cur = i, 0, TAR_END
+        n += 1
+        cur += size
+    if n:
+        yield start, start + n
+
+
 def plan_shards(items: list[dict[str, Any]], max_count: int, max_bytes: int) -> list[list[dict[str, Any]]]:
-    """Cut an ordered list of samples into shards of at most ``max_count`` samples and ``max_bytes`` bytes (a shard
-    holds at least one sample even if that one is larger). Sizes are known up front, so every shard can be written by
-    an independent process and the cut never depends on the number of workers."""
-    shards: list[list[dict[str, Any]]] = []
-    cur: list[dict[str, Any]] = []
-    cur_bytes = 2 * 10240  # end-of-archive blocks + record padding
-    for it in items:
-        size = it["size"]
-        if cur and (len(cur) >= max_count or cur_bytes + size > max_bytes):
-            shards.append(cur)
-            cur, cur_bytes = [], 2 * 10240
-        cur.append(it)
-        cur_bytes += size
-    if cur:
-        shards.append(cur)
-    return shards
+    """:func:`cut_shards` over a list of ``{"size": ...}`` items -> the items of each shard."""
+    return [items[a:b] for a, b in cut_shards((it["size"] for it in items), max_count, max_bytes)]
 
 
 def _group_annotations(path: Path) -> tuple[dict[int, dict], dict[int, list[dict]]]:
@@ -165,18 +93,215 @@ def _group_annotations(path: Path) -> tuple[dict[int, dict], dict[int, list[dict
     return images, anns
 
 
-def _clean_out(out_dir: Path, splits: Iterable[str]) -> None:
-    """Remove what a previous (possibly interrupted) run left: index.json first, so nothing looks complete."""
-    (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    for split in splits:
-        d = out_dir / split
-        if not d.is_dir():
-            continue
-        for p in d.iterdir():
-            if p.name == "manifest.parquet" or (p.name.startswith(f"{split}-") and p.name.endswith(".tar")) or (
-                p.name.startswith(f".{split}-") and p.name.endswith(".tmp")
-            ):
-                p.unlink()
+@dataclass
+class SplitPlan:
+    """One split, planned: its manifest rows in write order (Arrow), where each shard starts and ends, and what
+    turns a row into a sample (annotations, folders, transcode quality)."""
+
+    split: str
+    labeled: bool
+    table: Any  # pyarrow.Table, rows sorted by key then permuted by the seed
+    image_dir: Path
+    root: Path
+    quality: int
+    images: dict[int, dict] = field(default_factory=dict)
+    anns: dict[int, list[dict]] = field(default_factory=dict)
+    cuts: list[tuple[int, int]] = field(default_factory=list)
+
+    def meta(self, r: dict[str, Any]) -> bytes:
+        record = self.images.get(r["id"]) or {
+            "id": r["id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"],
+        }
+        if r.get("label") is not None:  # ImageNet: the class, for later probes (pretraining never reads it)
+            record = {**record, "label": r["label"], "label_name": r["label_name"]}
+        return dump_meta({"image": record, "annotations": self.anns.get(r["id"], [])})
+
+    def samples(self, a: int, b: int) -> list[dict[str, Any]]:
+        out = []
+        for r in self.table.slice(a, b - a).to_pylist():
+            out.append({
+                "key": r["key"], "id": r["id"], "image": str(self.image_dir / r["file_name"]), "sha1": r["sha1"],
+                "meta": self.meta(r), "seg": str(self.root / r["seg_file"]) if r["seg_file"] else None,
+                "num_annotations": r["num_annotations"], "width": r["width"], "height": r["height"],
+                "transcode": bool(r.get("transcode")),
+            })
+        return out
+
+    def sizes(self) -> Iterator[int]:
+        """Each row's bytes in the tar (source file size for the image), streamed in record batches."""
+        for batch in self.table.to_batches(max_chunksize=4096):
+            for r in batch.to_pylist():
+                seg = member_span(os.path.getsize(self.root / r["seg_file"])) if r["seg_file"] else 0
+                yield member_span(r["bytes"]) + member_span(len(self.meta(r))) + seg
+
+
+def plan_split(cfg, raw_dir: Path, raw_index: dict[str, Any], root: Path, split: str) -> SplitPlan:
+    """Read one split's manifest (and annotations), order it, cut it into shards. Input problems are UserErrors."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from components.data.coco import _sha1_file
+
+    info = raw_index["splits"][split]
+    mpath = raw_dir / info["manifest"]
+    if not mpath.is_file():
+        raise UserError(f"{mpath}: not found; re-run `slotcon prepare`")
+    table = pq.read_table(mpath)
+    quality = int((raw_index.get("image_policy") or {}).get("transcode_quality", 95))
+    plan = SplitPlan(split, bool(info["labeled"]), table, root / info["image_dir"], root, quality)
+    if info.get("annotations"):
+        ann_path = root / info["annotations"]
+        if not ann_path.is_file():
+            raise UserError(f"{ann_path}: not found (prepare saw it); re-run `slotcon prepare`")
+        if info.get("annotations_sha1") and _sha1_file(ann_path) != info["annotations_sha1"]:
+            raise UserError(f"{ann_path}: changed since `slotcon prepare` (sha1 differs); re-run prepare")
+        plan.images, plan.anns = _group_annotations(ann_path)
+    # sorted by key, then shuffled once at write time, seeded per split: shards are random mixes, order reproducible
+    order = pc.sort_indices(table, sort_keys=[("key", "ascending")]).to_numpy()
+    perm = np.random.default_rng(_split_seed(cfg.seed, split)).permutation(len(order))
+    plan.table = table.take(order[perm])
+    plan.cuts = list(cut_shards(plan.sizes(), cfg.max_count, cfg.max_bytes))
+    return plan
+
+
+def _fingerprint(name: str, quality: int, samples: list[dict[str, Any]]) -> str:
+    """What decides a shard's bytes: its name, the transcode quality and each sample's key, id, image sha1, JSON
+    and semantic map (path and size; prepare checked its content)."""
+    desc = [SHARD_VERSION, name, quality] + [
+        [s["key"], s["id"], s["sha1"], hashlib.sha1(s["meta"]).hexdigest(), s["transcode"],
+         [os.path.basename(s["seg"]), os.path.getsize(s["seg"])] if s["seg"] else None] for s in samples
+    ]
+    return hashlib.sha1(json.dumps(desc).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# writing (parallel, resumable) and putting in place
+# --------------------------------------------------------------------------------------------------------------------
+def _tasks(plans: list[SplitPlan], work: Path, out_dir: Path, summaries: dict, meter: Meter) -> Iterator[dict]:
+    """One write task per shard still to write, built when the pool asks for it; finished ones are only recorded."""
+    for plan in plans:
+        (work / plan.split).mkdir(parents=True, exist_ok=True)
+        for i, (a, b) in enumerate(plan.cuts):
+            name = shard_name(plan.split, i)
+            samples = plan.samples(a, b)
+            fp = _fingerprint(name, plan.quality, samples)
+            done = work / plan.split / done_name(name)
+            found = find_finished(done, fp, [work / plan.split / name, out_dir / plan.split / name])
+            if found is not None:  # written by an earlier run that was killed: keep it
+                summaries[(plan.split, i)] = {**found, "reused": True}
+                meter.update(found["num_samples"], found["bytes"])
+                continue
+            yield {"path": str(work / plan.split / name), "samples": samples, "quality": plan.quality,
+                   "fingerprint": fp, "done": str(done), "split": plan.split, "index": i}
+
+
+def _write_all(cfg, plans: list[SplitPlan], work: Path, out_dir: Path, progress: bool,
+               on_sample: Callable[[int], None] | None) -> tuple[dict, dict[str, float]]:
+    total = sum(p.table.num_rows for p in plans)
+    meter = Meter("shard", total, progress=progress)
+    summaries: dict[tuple[str, int], dict[str, Any]] = {}
+    fn = partial(write_shard, on_sample=on_sample) if on_sample is not None else write_shard
+    stats = {"samples": 0, "bytes": 0, "seconds": 0.0}
+    t = time.perf_counter()
+    try:
+        with worker_pool(1 if on_sample is not None else cfg.workers) as pool:
+            for s in run_bounded(pool, fn, _tasks(plans, work, out_dir, summaries, meter), 2 * cfg.workers):
+                summaries[(s["split"], s["index"])] = {**s, "path": str(work / s["split"] / s["name"]),
+                                                       "reused": False}
+                meter.update(s["num_samples"], s["bytes"])
+                stats["samples"] += s["num_samples"]
+                stats["bytes"] += s["bytes"]
+    finally:
+        meter.close()
+    stats["seconds"] = time.perf_counter() - t
+    return summaries, stats
+
+
+SHARD_MANIFEST_COLUMNS = (
+    "key", "id", "shard", "index", "offset", "bytes", "sha1", "source_sha1", "transcoded", "json_bytes", "json_sha1",
+    "seg_bytes", "seg_sha1", "num_annotations", "width", "height",
+)
+
+
+def _shard_manifest_schema(meta: dict[str, Any]):
+    import pyarrow as pa
+
+    return pa.schema(
+        [("key", pa.string()), ("id", pa.int64()), ("shard", pa.string()), ("index", pa.int32()),
+         ("offset", pa.int64()), ("bytes", pa.int64()), ("sha1", pa.string()), ("source_sha1", pa.string()),
+         ("transcoded", pa.bool_()), ("json_bytes", pa.int64()), ("json_sha1", pa.string()),
+         ("seg_bytes", pa.int64()), ("seg_sha1", pa.string()), ("num_annotations", pa.int32()),
+         ("width", pa.int32()), ("height", pa.int32())],
+        metadata={"slotcon": json.dumps(meta, sort_keys=True)},
+    )
+
+
+def _write_shard_manifest(path: Path, shards: list[dict[str, Any]], work_split: Path, meta: dict[str, Any]) -> None:
+    """The split's manifest, streamed shard by shard from the done-records (rows of a shard are contiguous)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.io import atomic_open
+
+    schema = _shard_manifest_schema(meta)
+    with atomic_open(path, "wb") as f:
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for s in shards:
+                records = read_records(work_split / done_name(s["name"]))
+                writer.write_table(pa.Table.from_pylist(records, schema=schema))
+
+
+def _move_into_place(split: str, shards: list[dict[str, Any]], work: Path, out_dir: Path) -> None:
+    """Replace ``out/<split>``'s shards and manifest with the new ones (renames; stale files of the split go)."""
+    d = out_dir / split
+    d.mkdir(parents=True, exist_ok=True)
+    names = {s["name"] for s in shards}
+    for p in d.iterdir():
+        stale_tar = p.name.startswith(f"{split}-") and p.name.endswith(".tar") and p.name not in names
+        if p.name == "manifest.parquet" or stale_tar or (p.name.startswith(f".{split}-") and p.name.endswith(".tmp")):
+            p.unlink()
+    for s in shards:
+        if Path(s["path"]) != d / s["name"]:
+            os.replace(s["path"], d / s["name"])
+    os.replace(work / split / "manifest.parquet", d / "manifest.parquet")
+
+
+def _finalize(plans: list[SplitPlan], summaries: dict, work: Path, out_dir: Path,
+              raw_index: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Manifests (in the work folder), then every rename into ``out``, then ``index.json`` (last)."""
+    from components.io import write_json_atomic
+
+    index_splits: dict[str, Any] = {}
+    split_metrics: dict[str, Any] = {}
+    per_split = {p.split: [summaries[(p.split, i)] for i in range(len(p.cuts))] for p in plans}
+    for plan in plans:
+        shards = per_split[plan.split]
+        shards_meta = [{k: s[k] for k in ("name", "num_samples", "bytes", "sha1")} for s in shards]
+        n = sum(s["num_samples"] for s in shards)
+        _write_shard_manifest(work / plan.split / "manifest.parquet", shards, work / plan.split, {
+            "split": plan.split, "source": raw_index["source"], "labeled": plan.labeled, "num_samples": n,
+            "shards": shards_meta,
+        })
+        nbytes = sum(s["bytes"] for s in shards)
+        index_splits[plan.split] = {
+            "num_samples": n,
+            "shards": [f"{plan.split}/{s['name']}" for s in shards],
+            "shard_samples": [s["num_samples"] for s in shards],  # what a reader must find in each shard
+            "labeled": plan.labeled,
+            "with_seg": plan.table.num_rows - plan.table["seg_file"].null_count,
+            "bytes": nbytes,
+        }
+        split_metrics[plan.split] = {"samples": n, "shards": len(shards), "bytes": nbytes}
+    for plan in plans:  # renames only from here on: a crash here resumes without rewriting anything
+        _move_into_place(plan.split, per_split[plan.split], work, out_dir)
+    index = {
+        "source": raw_index["source"], "splits": index_splits, "pretrain": raw_index["pretrain"],
+        "train": raw_index["train"], "val": raw_index["val"], "categories": raw_index["categories"],
+        "semantic_classes": raw_index["semantic_classes"], "classes": raw_index.get("classes"),
+    }
+    write_json_atomic(out_dir / INDEX_NAME, index)
+    return index, split_metrics
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -196,11 +321,7 @@ def run_shard(
     ``cfg`` is a :class:`components.config.ShardConfig`. ``on_sample`` is a test hook (interruption tests) passed
     to :func:`write_shard`; with it set, shards are written in this process.
     """
-    import numpy as np
-    from tqdm import tqdm
-
-    from components.data.coco import read_manifest, resolve_root
-    from components.io import write_json_atomic
+    from components.data.coco import resolve_root
 
     t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
@@ -209,114 +330,27 @@ def run_shard(
         raise UserError(f"{raw_index_path}: not found; run `slotcon prepare` (or `dvc repro prepare`) first")
     raw_index = json.loads(raw_index_path.read_text())
     root = resolve_root(raw_dir, raw_index)
-    splits = list(raw_index["splits"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clean_out(out_dir, splits)
-
-    # ---- plan every split (cheap: manifests, annotation JSON, file sizes) ----
-    tasks: list[dict[str, Any]] = []
-    split_tasks: dict[str, list[int]] = {}
-    for split in splits:
-        info = raw_index["splits"][split]
-        mpath = raw_dir / info["manifest"]
-        if not mpath.is_file():
-            raise UserError(f"{mpath}: not found; re-run `slotcon prepare`")
-        rows, _ = read_manifest(mpath)
-        images: dict[int, dict] = {}
-        anns: dict[int, list[dict]] = {}
-        if info.get("annotations"):
-            ann_path = root / info["annotations"]
-            if not ann_path.is_file():
-                raise UserError(f"{ann_path}: not found (prepare saw it); re-run `slotcon prepare`")
-            from components.data.coco import _sha1_file
-
-            if info.get("annotations_sha1") and _sha1_file(ann_path) != info["annotations_sha1"]:
-                raise UserError(f"{ann_path}: changed since `slotcon prepare` (sha1 differs); re-run prepare")
-            images, anns = _group_annotations(ann_path)
-        image_dir = root / info["image_dir"]
-        items = []
-        for r in sorted(rows, key=lambda r: r["key"]):
-            record = images.get(r["id"]) or {
-                "id": r["id"], "file_name": r["file_name"], "width": r["width"], "height": r["height"],
-            }
-            meta = dump_meta({"image": record, "annotations": anns.get(r["id"], [])})
-            seg = str(root / r["seg_file"]) if r["seg_file"] else None
-            seg_size = os.path.getsize(seg) if seg else 0
-            items.append({
-                "key": r["key"], "id": r["id"], "image": str(image_dir / r["file_name"]), "sha1": r["sha1"],
-                "meta": meta, "seg": seg, "num_annotations": r["num_annotations"], "width": r["width"],
-                "height": r["height"],
-                "size": _member_span(r["bytes"]) + _member_span(len(meta)) + (_member_span(seg_size) if seg else 0),
-            })
-        # shuffled once at write time, seeded per split: shards are random mixes and the order is reproducible
-        perm = np.random.default_rng(_split_seed(cfg.seed, split)).permutation(len(items))
-        items = [items[i] for i in perm]
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        split_tasks[split] = []
-        for i, shard in enumerate(plan_shards(items, cfg.max_count, cfg.max_bytes)):
-            split_tasks[split].append(len(tasks))
-            tasks.append({"path": str(out_dir / split / shard_name(split, i)), "samples": shard})
-
-    # ---- write (parallel across shards) ----
-    total = sum(len(t["samples"]) for t in tasks)
-    results: dict[int, dict[str, Any]] = {}
-    bar = tqdm(total=total, desc="shard", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    t_write = time.perf_counter()
-    try:
-        if cfg.workers <= 1 or len(tasks) == 1 or on_sample is not None:
-            for i, t in enumerate(tasks):
-                results[i] = write_shard(t, on_sample)
-                bar.update(results[i]["num_samples"])
-        else:
-            with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
-                futs = {pool.submit(write_shard, t): i for i, t in enumerate(tasks)}
-                pending = set(futs)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        results[futs[f]] = f.result()  # re-raises a worker's error (e.g. a changed image)
-                        bar.update(results[futs[f]]["num_samples"])
-    finally:
-        bar.close()
-    write_s = time.perf_counter() - t_write
-
-    # ---- manifests, then index.json (last: it marks the run complete) ----
-    index_splits: dict[str, Any] = {}
-    metrics: dict[str, Any] = {"source": raw_index["source"], "splits": {}}
-    total_bytes = 0
-    for split in splits:
-        shard_results = [results[i] for i in split_tasks[split]]
-        records = [rec for r in shard_results for rec in r["records"]]
-        shards_meta = [{k: r[k] for k in ("name", "num_samples", "bytes", "sha1")} for r in shard_results]
-        _write_shard_manifest(out_dir / split / "manifest.parquet", records, {
-            "split": split, "source": raw_index["source"], "labeled": raw_index["splits"][split]["labeled"],
-            "num_samples": len(records), "shards": shards_meta,
-        })
-        nbytes = sum(s["bytes"] for s in shards_meta)
-        total_bytes += nbytes
-        index_splits[split] = {
-            "num_samples": len(records),
-            "shards": [f"{split}/{s['name']}" for s in shards_meta],
-            "shard_samples": [s["num_samples"] for s in shards_meta],  # what a reader must find in each shard
-            "labeled": raw_index["splits"][split]["labeled"],
-            "with_seg": sum(r["seg_sha1"] is not None for r in records),
-            "bytes": nbytes,
-        }
-        metrics["splits"][split] = {"samples": len(records), "shards": len(shards_meta), "bytes": nbytes}
-    index = {
-        "source": raw_index["source"], "splits": index_splits, "pretrain": raw_index["pretrain"],
-        "train": raw_index["train"], "val": raw_index["val"], "categories": raw_index["categories"],
-        "semantic_classes": raw_index["semantic_classes"],
-    }
-    write_json_atomic(out_dir / INDEX_NAME, index)
-
-    seconds = time.perf_counter() - t0
+    with hold_output(out_dir, "slotcon shard") as work:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / INDEX_NAME).unlink(missing_ok=True)  # nothing looks complete while this run works
+        plans = [plan_split(cfg, raw_dir, raw_index, root, split) for split in raw_index["splits"]]
+        summaries, written = _write_all(cfg, plans, work, out_dir, progress, on_sample)
+        index, split_metrics = _finalize(plans, summaries, work, out_dir, raw_index)
+        shutil.rmtree(work, ignore_errors=True)  # done-records (and the lock file, still held: see hold_output)
+    reused = [s for s in summaries.values() if s["reused"]]
+    total = sum(m["samples"] for m in split_metrics.values())
+    total_bytes = sum(m["bytes"] for m in split_metrics.values())
+    write_s = max(written["seconds"], 1e-9)
+    metrics: dict[str, Any] = {"source": raw_index["source"], "splits": split_metrics}
     metrics.update(
-        samples=total, shards=len(tasks), bytes=total_bytes, seconds=round(seconds, 3),
-        img_per_s=round(total / max(write_s, 1e-9), 1), mb_per_s=round(total_bytes / 1e6 / max(write_s, 1e-9), 2),
+        samples=total, shards=len(summaries), bytes=total_bytes, seconds=round(time.perf_counter() - t0, 3),
+        img_per_s=round(written["samples"] / write_s, 1), mb_per_s=round(written["bytes"] / 1e6 / write_s, 2),
+        shards_reused=len(reused), transcoded=sum(s["transcoded"] for s in summaries.values()),
     )
-    print(f"shard: {total} samples -> {len(tasks)} shards ({total_bytes / 1e6:.1f} MB) in {write_s:.2f} s: "
-          f"{metrics['img_per_s']:.0f} img/s, {metrics['mb_per_s']:.1f} MB/s ({cfg.workers} workers)")
+    print(f"shard: {total} samples -> {len(summaries)} shards ({total_bytes / 1e6:.1f} MB); wrote "
+          f"{written['samples']} samples in {written['seconds']:.2f} s: {metrics['img_per_s']:.0f} img/s, "
+          f"{metrics['mb_per_s']:.1f} MB/s ({cfg.workers} workers)"
+          + (f"; {len(reused)} shards kept from an interrupted run" if reused else ""))
     if cfg.verify:
         v = verify_shards(out_dir, workers=cfg.workers, progress=progress)
         metrics["verified_samples"] = v["samples"]
@@ -326,170 +360,12 @@ def run_shard(
     return metrics
 
 
-SHARD_MANIFEST_COLUMNS = (
-    "key", "id", "shard", "index", "offset", "bytes", "sha1", "json_bytes", "json_sha1", "seg_bytes", "seg_sha1",
-    "num_annotations", "width", "height",
-)
-
-
-def _write_shard_manifest(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from components.io import atomic_open
-
-    schema = pa.schema(
-        [("key", pa.string()), ("id", pa.int64()), ("shard", pa.string()), ("index", pa.int32()),
-         ("offset", pa.int64()), ("bytes", pa.int64()), ("sha1", pa.string()), ("json_bytes", pa.int64()),
-         ("json_sha1", pa.string()), ("seg_bytes", pa.int64()), ("seg_sha1", pa.string()),
-         ("num_annotations", pa.int32()), ("width", pa.int32()), ("height", pa.int32())],
-        metadata={"slotcon": json.dumps(meta, sort_keys=True)},
-    )
-    with atomic_open(path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(records, schema=schema), f, compression="zstd")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# reading the index, verifying
-# --------------------------------------------------------------------------------------------------------------------
-def read_index(shards_root: str | os.PathLike) -> dict[str, Any]:
-    """``<shards_root>/index.json`` (see the module docstring); a missing one is a one-line UserError."""
-    path = Path(shards_root) / INDEX_NAME
-    if not path.is_file():
-        raise UserError(f"{path}: not found: the shard stage has not completed; run `slotcon shard` (or `dvc repro shard`)")
-    return json.loads(path.read_text())
-
-
-def split_urls(shards_root: str | os.PathLike, split: str) -> list[str]:
-    """Paths of ``split``'s shards (local paths: the loader also takes brace patterns, ``pipe:`` and fsspec URLs)."""
-    index = read_index(shards_root)
-    if split not in index["splits"]:
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
-    return [str(Path(shards_root) / s) for s in index["splits"][split]["shards"]]
-
-
-def expected_counts(shards_root: str | os.PathLike, split: str) -> dict[str, int]:
-    """``{shard path: number of samples written}`` of ``split`` (from index.json): a reader that finds fewer in a shard
-    lost the rest (Python's tarfile ends silently at a damaged header), so the loader counts the difference."""
-    index = read_index(shards_root)
-    info = index["splits"].get(split)
-    if info is None:
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
-    counts = info.get("shard_samples")
-    if counts is None or len(counts) != len(info["shards"]):
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no per-shard sample counts (written by an older "
-                        "`slotcon shard`); re-run `slotcon shard`")
-    return {str(Path(shards_root) / s): int(n) for s, n in zip(info["shards"], counts)}
-
-
-def _verify_one(args: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> str | None:
-    """Re-read one shard and compare it with its manifest rows; returns a one-line problem or None."""
-    path, smeta, rows = args
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        return f"{p}: cannot read ({exc})"
-    if len(data) != smeta["bytes"] or hashlib.sha1(data).hexdigest() != smeta["sha1"]:
-        return f"{p}: size/sha1 differ from manifest.parquet (shard damaged or rewritten); re-run `slotcon shard`"
-    import io
-
-    members: list[tuple[str, int, bytes]] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-            for ti in tf:
-                members.append((ti.name, ti.offset, tf.extractfile(ti).read()))
-    except (tarfile.TarError, OSError) as exc:
-        return f"{p}: not a readable tar ({exc}); re-run `slotcon shard`"
-    by_key: dict[str, dict[str, tuple[int, bytes]]] = {}
-    order: list[str] = []
-    for name, off, payload in members:
-        key, _, ext = name.partition(".")
-        if key not in by_key:
-            by_key[key] = {}
-            order.append(key)
-        by_key[key][ext] = (off, payload)
-    rows = sorted(rows, key=lambda r: r["index"])
-    if order != [r["key"] for r in rows]:
-        return f"{p}: keys/order differ from manifest.parquet ({len(order)} in tar, {len(rows)} in manifest)"
-    for r in rows:
-        m = by_key[r["key"]]
-        checks = [("jpg", r["bytes"], r["sha1"]), ("json", r["json_bytes"], r["json_sha1"])]
-        if r["seg_sha1"] is not None:
-            checks.append(("seg.png", r["seg_bytes"], r["seg_sha1"]))
-        if set(m) != {c[0] for c in checks}:
-            return f"{p}: sample {r['key']!r} has members {sorted(m)}, manifest expects {sorted(c[0] for c in checks)}"
-        for ext, nbytes, sha in checks:
-            payload = m[ext][1]
-            if len(payload) != nbytes or hashlib.sha1(payload).hexdigest() != sha:
-                return f"{p}: sample {r['key']!r} member {ext} differs from manifest.parquet; re-run `slotcon shard`"
-        if m["jpg"][0] != r["offset"]:
-            return f"{p}: sample {r['key']!r} at byte {m['jpg'][0]}, manifest says {r['offset']}"
-    return None
-
-
-def verify_shards(shards_root: str | os.PathLike, *, workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Re-read every shard and check it against ``index.json`` and the split manifests.
-
-    Checks: index present (the run completed), no leftover temporary files, exactly the listed shard files, each
-    shard's size and sha1, member keys, order, offsets, sizes and sha1s. Raises a one-line UserError on the first
-    mismatch; returns counts when everything agrees.
-    """
-    from tqdm import tqdm
-
-    from components.data.coco import read_manifest
-
-    root = Path(shards_root)
-    index = read_index(root)
-    jobs: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = []
-    for split, info in index["splits"].items():
-        d = root / split
-        mpath = d / "manifest.parquet"
-        if not mpath.is_file():
-            raise UserError(f"{mpath}: not found; the shard stage did not complete; re-run `slotcon shard`")
-        rows, meta = read_manifest(mpath)
-        leftovers = sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
-        if leftovers:
-            raise UserError(f"{d / leftovers[0]}: leftover temporary file of an interrupted write; re-run `slotcon shard`")
-        listed = [Path(s).name for s in info["shards"]]
-        present = sorted(p.name for p in d.glob(f"{split}-*.tar"))
-        if sorted(listed) != present or [s["name"] for s in meta.get("shards", [])] != listed:
-            extra, missing = sorted(set(present) - set(listed)), sorted(set(listed) - set(present))
-            raise UserError(f"{d}: shard files differ from index.json (missing {missing[:3]}, extra {extra[:3]}); re-run `slotcon shard`")
-        if len(rows) != info["num_samples"]:
-            raise UserError(f"{mpath}: {len(rows)} rows but index.json says {info['num_samples']} samples")
-        by_shard: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_shard.setdefault(r["shard"], []).append(r)
-        for smeta in meta["shards"]:
-            jobs.append((str(d / smeta["name"]), smeta, by_shard.get(smeta["name"], [])))
-    bar = tqdm(total=len(jobs), desc="verify", unit="shard", disable=not progress, dynamic_ncols=True, leave=False)
-    try:
-        if workers <= 1 or len(jobs) < 2:
-            results = (_verify_one(j) for j in jobs)
-            for problem in results:
-                bar.update()
-                if problem:
-                    raise UserError(problem)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for problem in pool.map(_verify_one, jobs):
-                    bar.update()
-                    if problem:
-                        raise UserError(problem)
-    finally:
-        bar.close()
-    n = sum(len(j[2]) for j in jobs)
-    print(f"shard --verify: {len(jobs)} shards, {n} samples match their manifests")
-    return {"shards": len(jobs), "samples": n}
-
-
 def _run_stage(ctx) -> dict[str, Any]:
     return run_shard(ctx.cfg, ctx.args.raw, ctx.args.out, tracker=ctx.tracker, progress=not ctx.args.no_progress)
 
 
 STAGE = Stage(
-    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json",
+    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json", headline=("samples", "shards"),
     args=(Arg("raw", "data/raw", "output of `slotcon prepare`"),
           Arg("out", "data/shards", "shard folder"),
           Arg("verify", False, "only re-read the shards under --out and check them", flag=True),

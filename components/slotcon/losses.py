@@ -79,6 +79,7 @@ def slot_contrastive_loss(
     temperature: float = 0.2,
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     gather: Collective | None = None,
+    pad_to: int | None = None,
 ) -> torch.Tensor:
     """Slot-level InfoNCE, one direction (paper Eq. 4-5), times 2τ as the official code.
 
@@ -90,7 +91,13 @@ def slot_contrastive_loss(
     ``loss = 2τ · mean_q [ logsumexp_{kept keys j} (q·k_j / τ) − q·k_pos / τ ]``.
     The positive logit is computed locally (it is also one of the gathered keys), so no rank offset is needed.
 
-    The predictor (BatchNorm1d inside) runs on the kept queries only, as the official code.
+    The predictor (BatchNorm1d inside) runs on the kept queries only, as the official code. Where its batch
+    statistics would come from fewer than 2 queries (this rank's with plain BN, all ranks' with SyncBN), training-mode
+    BN normalises every query to its β: the query no longer depends on the student's slot and the loss gives the
+    encoder no gradient. The official code crashes there ("Expected more than 1 value per channel"); this one treats it
+    as "nothing to contrast" (a zero loss that still reaches every trainable input, so DDP's gradient all-reduce sees
+    the same parameters on every rank, and every rank takes the same branch where SyncBN's collectives are involved).
+    Ranks may hold different batch sizes (images dropped at decode): the gather pads to the largest.
 
     Args:
         student_slots: (B, K, D) student slots of view a (with gradient).
@@ -99,38 +106,87 @@ def slot_contrastive_loss(
         teacher_scores: (B, K, h, w) un-aligned teacher scores of view b.
         temperature: τ (0.2 in the paper).
         predictor: maps (N, D) → (N, D); None = identity.
-        gather: concatenates (B·K, …) tensors over ranks along dim 0; None = one process.
+        gather: concatenates (N, …) tensors over ranks along dim 0 (same shape on every rank); None = one process.
+        pad_to: the per-rank batch size every rank pads to before the gather (the configured one); None: the ranks
+            exchange their sizes first (one more collective and a host sync).
     Returns:
         () float32 loss (mean over the kept queries of this rank).
     """
     b, k, d = student_slots.shape
     key_mask = slot_keep_mask(teacher_scores).reshape(-1)  # (B*K,)
     query_mask = slot_keep_mask(student_scores).reshape(-1) & key_mask
-    query_idx = query_mask.nonzero().squeeze(1)
 
     keys_local = F.normalize(teacher_slots.detach().float().reshape(b * k, d), dim=1)
-    # every rank gathers, even one with nothing to contrast (all_gather is collective)
-    keys_all, mask_all = keys_local, key_mask.float()
+    # one gather of the keys with their key and query masks as two more columns; every rank gathers, even one with
+    # nothing to contrast (all_gather is collective). Rows are padded to ``pad_to`` images (the configured per-rank
+    # batch), so ranks whose batch lost an image at decode still gather equal shapes without exchanging sizes first.
+    rows = torch.cat([keys_local, key_mask.float()[:, None], query_mask.float()[:, None]], dim=1)
     if gather is not None:
-        keys_all = gather(keys_local)
-        mask_all = gather(mask_all)
-    keys_all = keys_all[mask_all > 0.5].float()  # (Nk, D) kept keys of every rank, rank order
-    if query_idx.numel() == 0:
+        rows = _gather_rows(rows, gather, None if pad_to is None else pad_to * k)
+    # the one host sync of this loss: where the kept keys (all ranks) and this rank's kept queries are, in one
+    # nonzero over both masks (the kept counts decide the shapes of everything below)
+    n_rows = rows.shape[0]
+    where = torch.cat([rows[:, d] > 0.5, query_mask]).nonzero().squeeze(1)
+    split = int(torch.searchsorted(where, torch.tensor(n_rows, device=where.device)))
+    key_idx, query_idx = where[:split], where[split:] - n_rows
+    keys_all = rows.index_select(0, key_idx)[:, :d]  # (Nk, D) kept keys of every rank, rank order
+    run, join = _predictor_plan(predictor, query_idx.numel(), lambda: int((rows[:, d + 1] > 0.5).sum()),
+                                synced=gather is not None)
+    if not run:
         # nothing to contrast on this rank: a zero that still reaches every trainable input (DDP needs the grads)
         zero = student_slots.sum() * 0.0
         if isinstance(predictor, torch.nn.Module):
-            if any(isinstance(m, torch.nn.SyncBatchNorm) for m in predictor.modules()):
-                # SyncBN's collectives must run on every rank; it accepts an empty input (plain BN would not)
+            if join:  # SyncBN's collectives run on every rank; it accepts an empty input (plain BN would not)
                 zero = zero + predictor(student_slots.reshape(b * k, d)[:0]).sum() * 0.0
             zero = zero + sum(p.sum() * 0.0 for p in predictor.parameters() if p.requires_grad)
         return zero.float()
 
-    queries = student_slots.reshape(b * k, d)[query_idx]
+    queries = student_slots.reshape(b * k, d).index_select(0, query_idx)
     if predictor is not None:
         queries = predictor(queries)
     queries = F.normalize(queries.float(), dim=1)  # (Nq, D)
 
     with torch.autocast(queries.device.type, enabled=False):  # logits / τ in fp32 even under bf16 autocast
         logits = queries @ keys_all.t() / temperature  # (Nq, Nk)
-        positive = (queries * keys_local[query_idx]).sum(dim=1) / temperature  # (Nq,)
+        positive = (queries * keys_local.index_select(0, query_idx)).sum(dim=1) / temperature  # (Nq,)
         return (torch.logsumexp(logits, dim=1) - positive).mean() * (2.0 * temperature)
+
+
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+def _predictor_plan(predictor, local: int, everywhere: Callable[[], int], synced: bool) -> tuple[bool, bool]:
+    """``(run the predictor on this rank's queries, call it on an empty batch to join SyncBN's collectives)``.
+
+    A predictor without batch statistics (none, a Linear, BN in eval mode) runs on any non-empty batch. Training-mode
+    BN needs at least 2 rows: this rank's (plain BN), or every rank's together (SyncBN across ranks, where all ranks
+    must make the same choice, so it is taken on ``everywhere()``, the same number on every rank: only then is that
+    count read, a host sync plain BN does not pay).
+    """
+    norms = [m for m in predictor.modules() if isinstance(m, _BATCH_NORMS) and m.training] \
+        if isinstance(predictor, torch.nn.Module) else []
+    if not norms:
+        return local > 0, False
+    if synced and any(isinstance(m, torch.nn.SyncBatchNorm) for m in norms) and torch.distributed.is_available() \
+            and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        total = everywhere()
+        return local > 0 and total >= 2, local == 0 and total >= 2
+    return local >= 2, False
+
+
+def _gather_rows(rows: torch.Tensor, gather: Collective, pad_rows: int | None) -> torch.Tensor:
+    """``gather`` for (N_r, C) tensors whose N_r may differ by rank (images dropped at decode). With ``pad_rows``
+    (every rank's known upper bound) each rank pads to it and no sizes are exchanged: padded rows carry zero masks,
+    so they are never a key or a query. Without it the sizes go first and the padding is cut off after."""
+    if pad_rows is not None:
+        if rows.shape[0] > pad_rows:
+            raise ValueError(f"{rows.shape[0]} slot rows exceed pad_to's {pad_rows}")
+        if rows.shape[0] < pad_rows:
+            rows = torch.cat([rows, rows.new_zeros(pad_rows - rows.shape[0], rows.shape[1])])
+        return gather(rows)
+    sizes = gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
+    most = max(sizes)
+    if rows.shape[0] < most:
+        rows = torch.cat([rows, rows.new_zeros(most - rows.shape[0], rows.shape[1])])
+    out = gather(rows)
+    return torch.cat([out[r * most : r * most + n] for r, n in enumerate(sizes)])

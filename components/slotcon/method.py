@@ -51,7 +51,7 @@ class SlotConMethod(PretrainMethod):
         world = self.plan.world_size
         views = {k: views[k] for k in ("view1", "view2", "coords1", "coords2", "flip1", "flip2")}
         return model(**views, gather=dist.gather_cat if world > 1 else None,
-                     all_reduce=dist.all_reduce_mean if world > 1 else None)
+                     all_reduce=dist.all_reduce_mean if world > 1 else None, pad_to=self.plan.rank_batch)
 
     def after_update(self, model: torch.nn.Module, step: int, momentum: float | None) -> None:
         teacher, student = self._ema_lists(model)

@@ -122,6 +122,7 @@ class SlotCon(nn.Module):
         *,
         gather: Collective | None = None,
         all_reduce: Collective | None = None,
+        pad_to: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """One SlotCon step on a batch of view pairs (updates ``center`` as a side effect in training mode).
 
@@ -131,6 +132,8 @@ class SlotCon(nn.Module):
             flip1, flip2: (B,) bool horizontal flips.
             gather: concatenation over ranks for the contrastive negatives (``components.dist.gather_cat``).
             all_reduce: mean over ranks for the center and the entropy metric (``components.dist.all_reduce_mean``).
+            pad_to: the configured per-rank batch: the slot gather pads to it (no size exchange when a rank's batch
+                lost an image at decode).
         Returns:
             loss: () total ``λ·L_group + (1 − λ)·L_slot`` (with graph).
             loss_group, loss_slot: () detached parts, each summed over the two directions.
@@ -155,9 +158,8 @@ class SlotCon(nn.Module):
             with torch.no_grad():
                 self.center.copy_(update_center(self.center, (t1, t2), self.center_momentum, all_reduce))
 
-        loss_slot = slot_contrastive_loss(
-            q1, k2, s1, t2, temperature=self.slot_temp, predictor=self.predictor, gather=gather
-        ) + slot_contrastive_loss(q2, k1, s2, t1, temperature=self.slot_temp, predictor=self.predictor, gather=gather)
+        kw = dict(temperature=self.slot_temp, predictor=self.predictor, gather=gather, pad_to=pad_to)
+        loss_slot = slot_contrastive_loss(q1, k2, s1, t2, **kw) + slot_contrastive_loss(q2, k1, s2, t1, **kw)
 
         loss = self.group_loss_weight * loss_group + (1.0 - self.group_loss_weight) * loss_slot
         with torch.no_grad():

@@ -26,15 +26,11 @@ writes from it (``last.pt``, metrics files, pictures) stays in the stage.
 """
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -42,6 +38,16 @@ from torch import nn
 from components import dist
 from components.errors import UserError
 from components.train import checkpoint as ckpt
+from components.train.plots import write_loss_plot  # noqa: F401  (re-exported: stages write their curves with it)
+from components.train.trainer import (  # noqa: F401  (re-exported for methods, stages and benchmarks)
+    Prefetcher,
+    Trainer,
+    autocast,
+    default_device,
+    gather_objects,
+    set_lr,
+    wrap_model,
+)
 
 
 class NonFiniteLossError(UserError):
@@ -63,6 +69,8 @@ class Method:
     sync_bn: bool = True
     #: images per step over all ranks (throughput); set by the method
     global_batch: int = 1
+    #: prepare the next batch (decode, augment, copy) on a side CUDA stream while a step runs
+    prefetch: bool = False
 
     def build(self, device: torch.device) -> nn.Module:
         raise NotImplementedError
@@ -126,6 +134,7 @@ class RunSpec:
     metric_prefix: str = ""  # MLflow metric names: f"{prefix}{stat}"
     keep_checkpoints: int = 2
     progress: bool = True
+    prefetch: bool | None = None  # prepare the next batch during a step (None: on CUDA when the method asks)
 
 
 @dataclass
@@ -146,44 +155,6 @@ class FitResult:
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------------------------
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group gets ``lr`` times its ``lr_scale`` (default 1): one schedule, per-group multipliers."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp``; fp32 elsewhere (CPU autocast is slower than fp32 for convs)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda", dist.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def wrap_model(model: nn.Module, device: torch.device, *, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
-    """``(wrapped, raw)``: DDP (SyncBatchNorm first on CUDA when ``sync_bn``) when the world is larger than one."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return model, model
-    cuda = device.type == "cuda"
-    if cuda and sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                              broadcast_buffers=True)
-    return ddp, model
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """``obj`` of every rank, in rank order (one element without a group)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _collective_device() -> torch.device:
     if dist.is_initialized() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -222,46 +193,6 @@ def gpu_mem_gb(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------------------------
-class Trainer:
-    """One optimisation step exactly as :func:`fit` runs it (benchmarks time this same code).
-
-    Holds the method, the (maybe DDP-wrapped, compiled) model and the optimiser. :meth:`step` prepares a loader batch,
-    runs forward under autocast, all-reduces ``[stats..., non-finite flag]`` (summed over ranks, left on the device:
-    no host sync), then backward, the optimiser step and the method's EMA hook.
-    """
-
-    def __init__(self, method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
-                 device: torch.device):
-        self.method, self.optimizer, self.spec, self.device = method, optimizer, spec, device
-        self.keys = tuple(method.stat_keys)
-        self.wrapped, self.raw = wrap_model(model, device, sync_bn=method.sync_bn)
-        if spec.compile:
-            method.compile(self.raw)
-        self.channels_last = device.type == "cuda" and spec.channels_last
-
-    def step(self, batch: Any, step: int) -> tuple[torch.Tensor, float, float | None]:
-        """Train on ``batch`` as global step ``step``; returns ``(rank-summed stat vector, lr, momentum)``."""
-        method, optimizer = self.method, self.optimizer
-        lr = method.lr_at(step)
-        momentum = method.momentum_at(step)
-        set_lr(optimizer, lr)
-        inputs = method.prepare(batch, self.device)
-        if self.channels_last:
-            inputs = _channels_last(inputs)
-        with autocast(self.device, self.spec.amp):
-            out = method.forward(self.wrapped, inputs, step)
-        loss = out["loss"]
-        vec = torch.stack([out[k].detach().float().reshape(()) for k in self.keys]
-                          + [(~torch.isfinite(loss.detach())).float().reshape(())])
-        vec = dist.all_reduce_sum(vec)  # one small collective per step, no host sync
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        method.before_update(self.raw, step)
-        optimizer.step()
-        method.after_update(self.raw, step, momentum)
-        return vec, lr, momentum
-
-
 class _Window:
     """Device-side running sums of the all-reduced stat vectors between two host looks (no per-step sync)."""
 
@@ -302,232 +233,220 @@ def fit(
     a host sync per step). ``stop_after_step`` returns right after that global step (and its checkpoint, if one is
     due): a clean stand-in for a kill in tests.
     """
-    from components.tracking import Tracker
+    loop = _Loop(method, spec, ckpt_dir=ckpt_dir, fingerprint=fingerprint, tracker=tracker, device=device,
+                 on_step=on_step, stop_after_step=stop_after_step)
+    loop.resume()
+    return loop.run()
 
-    tracker = tracker or Tracker()
-    device = torch.device(device) if device is not None else default_device()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    is_main = rank == 0
-    keys = tuple(method.stat_keys)
 
-    model = method.build(device)
-    optimizer = method.optimizer(model)
-    fp_hash, fp = ckpt.fingerprint(dict(fingerprint), {"world_size": world})
-    run_dir = Path(ckpt_dir) / fp_hash if ckpt_dir is not None else None
+class _Loop:
+    """The state of one :func:`fit` call: position, records, the device-side window, and what to do at each step."""
 
-    # ---- resume --------------------------------------------------------------------------------------------------
-    step, epoch, skip = 0, 0, 0
-    history: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []
-    epoch_sums = torch.zeros(len(keys))
-    epoch_steps = 0
-    resumed_from = None
-    pending_rng = None
-    found = find_resume_state(run_dir) if run_dir is not None else None
-    if found is not None:
-        path, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        method.load_state_dict(state.get("method", {}))
-        step, epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        history, curve = list(state.get("history", [])), list(state.get("curve", []))
-        epoch_sums = torch.as_tensor(state.get("epoch_sums", epoch_sums), dtype=torch.float32)
-        epoch_steps = int(state.get("epoch_steps", 0))
-        rank_states = state.get("rank_states") or []
-        pending_rng = rank_states[rank] if len(rank_states) == world else None
-        resumed_from = str(path)
-        if is_main:
-            print(f"{spec.label}: resuming from {path} at step {step} (epoch {epoch + 1}, batch {skip})",
-                  file=sys.stderr, flush=True)
-    elif is_main and run_dir is not None:
-        others = ckpt.other_runs(ckpt_dir, fp_hash)
-        why = (f"checkpoints in {ckpt_dir} belong to other configurations ({', '.join(others)}); params that change "
-               "the run differ, so this run restarts cleanly (those checkpoints are left untouched)") if others else \
-            f"no checkpoint in {run_dir}"
-        print(f"{spec.label}: starting from scratch ({why})", file=sys.stderr, flush=True)
-    if run_dir is not None and is_main:
-        ckpt.remove_stale_temporaries(run_dir)
-    if spec.steps_per_epoch and skip >= spec.steps_per_epoch:  # saved exactly at an epoch end
-        epoch, skip = epoch + 1, 0
+    def __init__(self, method: Method, spec: RunSpec, *, ckpt_dir, fingerprint, tracker, device, on_step,
+                 stop_after_step):
+        from components.tracking import Tracker
 
-    trainer = Trainer(method, model, optimizer, spec, device)
-    raw = trainer.raw
+        self.method, self.spec, self.on_step, self.stop_after_step = method, spec, on_step, stop_after_step
+        self.tracker = tracker or Tracker()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.keys = tuple(method.stat_keys)
+        self.model = method.build(self.device)
+        self.optimizer = method.optimizer(self.model)
+        self.fp_hash, self.fp = ckpt.fingerprint(dict(fingerprint), {"world_size": self.world})
+        self.ckpt_dir = ckpt_dir
+        self.run_dir = Path(ckpt_dir) / self.fp_hash if ckpt_dir is not None else None
+        # position and records (all restored by a resume)
+        self.step = self.epoch = self.skip = 0
+        self.history: list[dict[str, float]] = []
+        self.curve: list[dict[str, float]] = []
+        self.epoch_sums = torch.zeros(len(self.keys))
+        self.epoch_steps = 0
+        self.resumed_from: str | None = None
+        self.pending_rng = None
+        # this run
+        self.steps_run = self.steps_window = 0
+        self.last_stats: dict[str, float] = {}
+        self.lr, self.momentum = 0.0, None
+        self.prefetcher: Prefetcher | None = None
 
-    def save(step_now: int, epoch_now: int, batch_now: int) -> None:
-        rank_states = gather_objects(ckpt.rng_state(method.generators()))
-        if is_main and run_dir is not None:
+    # ---- resume and checkpoints ---------------------------------------------------------------------------------
+    def resume(self) -> None:
+        spec = self.spec
+        found = find_resume_state(self.run_dir) if self.run_dir is not None else None
+        if found is not None:
+            path, state = found
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state.get("method", {}))
+            self.step, self.epoch, self.skip = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+            self.history, self.curve = list(state.get("history", [])), list(state.get("curve", []))
+            self.epoch_sums = torch.as_tensor(state.get("epoch_sums", self.epoch_sums), dtype=torch.float32)
+            self.epoch_steps = int(state.get("epoch_steps", 0))
+            rank_states = state.get("rank_states") or []
+            self.pending_rng = rank_states[self.rank] if len(rank_states) == self.world else None
+            self.resumed_from = str(path)
+            if self.is_main:
+                print(f"{spec.label}: resuming from {path} at step {self.step} (epoch {self.epoch + 1}, batch "
+                      f"{self.skip})", file=sys.stderr, flush=True)
+        elif self.is_main and self.run_dir is not None:
+            others = ckpt.other_runs(self.ckpt_dir, self.fp_hash)
+            why = (f"checkpoints in {self.ckpt_dir} belong to other configurations ({', '.join(others)}); params "
+                   "that change the run differ, so this run restarts cleanly (those checkpoints are left untouched)"
+                   ) if others else f"no checkpoint in {self.run_dir}"
+            print(f"{spec.label}: starting from scratch ({why})", file=sys.stderr, flush=True)
+        if self.run_dir is not None and self.is_main:
+            ckpt.remove_stale_temporaries(self.run_dir)
+        if spec.steps_per_epoch and self.skip >= spec.steps_per_epoch:  # saved exactly at an epoch end
+            self.epoch, self.skip = self.epoch + 1, 0
+
+    def save(self, epoch_now: int, batch_now: int) -> None:
+        state = ckpt.rng_state(self.method.generators())
+        pre = self.prefetcher
+        if pre is not None and pre.saved_generator_states is not None:  # from before the prefetch's draws
+            state["generators"] = pre.saved_generator_states
+            state["generator"] = state["generators"][0]
+        rank_states = gather_objects(state)
+        if self.is_main and self.run_dir is not None:
             ckpt.save_checkpoint({
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-                "step": step_now, "epoch": epoch_now, "batch_in_epoch": batch_now, "history": history,
-                "curve": curve, "epoch_sums": epoch_sums.tolist(), "epoch_steps": epoch_steps,
-                "rank_states": rank_states, "world_size": world, "fingerprint": fp, "fingerprint_hash": fp_hash,
-            }, run_dir, step_now, keep=spec.keep_checkpoints)
+                "model": self.trainer.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "method": self.method.state_dict(), "step": self.step, "epoch": epoch_now,
+                "batch_in_epoch": batch_now, "history": self.history, "curve": self.curve,
+                "epoch_sums": self.epoch_sums.tolist(), "epoch_steps": self.epoch_steps, "rank_states": rank_states,
+                "world_size": self.world, "fingerprint": self.fp, "fingerprint_hash": self.fp_hash,
+            }, self.run_dir, self.step, keep=self.spec.keep_checkpoints)
         dist.barrier()
 
-    # ---- train ---------------------------------------------------------------------------------------------------
-    from tqdm import tqdm
-
-    bar = tqdm(total=spec.total_steps, initial=min(step, spec.total_steps), desc=spec.label, unit="step",
-               disable=not (spec.progress and is_main), dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    trainer.wrapped.train()
-    window = _Window(len(keys) + 1, device)
-    t_start = t_window = time.perf_counter()
-    steps_run, steps_window = 0, 0
-    last_stats: dict[str, float] = {}
-    stopped = False
-    lr = 0.0
-
-    def look(at_step: int) -> dict[str, float] | None:
+    # ---- host looks ---------------------------------------------------------------------------------------------
+    def look(self) -> dict[str, float] | None:
         """Host look at the window: raise on a non-finite loss; else fold the window into the epoch sums, append a
         curve row, log it, and return the window's rank-mean stats (None if no step ran since the last look)."""
-        nonlocal last_stats, epoch_sums, epoch_steps, t_window, steps_window
-        n = window.steps
-        sums, bad = window.read()
+        spec, n = self.spec, self.window.steps
+        sums, bad = self.window.read()
         if bad >= 0:
             raise NonFiniteLossError(
-                f"{spec.label}: non-finite loss at step {bad} on {world} rank(s) (seen at step {at_step}); every "
-                f"rank stopped, no checkpoint holds a later state; last good checkpoint: {checkpoint_hint(run_dir)}. "
-                "Lower the learning rate or check the data, then re-run (it resumes from that checkpoint)")
+                f"{spec.label}: non-finite loss at step {bad} on {self.world} rank(s) (seen at step {self.step}); "
+                "every rank stopped, no checkpoint holds a later state; last good checkpoint: "
+                f"{checkpoint_hint(self.run_dir)}. Lower the learning rate or check the data, then re-run (it "
+                "resumes from that checkpoint)")
         if n == 0:
             return None
-        last_stats = {k: float(v) / (world * n) for k, v in zip(keys, sums[:-1].tolist())}
-        epoch_sums += torch.tensor([last_stats[k] * n for k in keys])
-        epoch_steps += n
-        elapsed = time.perf_counter() - t_window
-        img_s = steps_window * method.global_batch / max(elapsed, 1e-9)
-        t_window, steps_window = time.perf_counter(), 0
-        row = {"step": at_step, **last_stats, "lr": lr}
-        if momentum is not None:
-            row["momentum"] = momentum
-        curve.append(row)
-        if is_main:
+        stats = {k: float(v) / (self.world * n) for k, v in zip(self.keys, sums[:-1].tolist())}
+        self.last_stats = stats
+        self.epoch_sums += torch.tensor([stats[k] * n for k in self.keys])
+        self.epoch_steps += n
+        now = time.perf_counter()
+        img_s = self.steps_window * self.method.global_batch / max(now - self.t_window, 1e-9)
+        self.t_window, self.steps_window = now, 0
+        row = {"step": self.step, **stats, "lr": self.lr}
+        if self.momentum is not None:
+            row["momentum"] = self.momentum
+        self.curve.append(row)
+        if self.is_main:
             p = spec.metric_prefix
-            tracker.log_metrics({**{f"{p}{k}": v for k, v in row.items() if k != "step"},
-                                 f"{p}img_per_s": img_s, f"{p}gpu_mem_gb": gpu_mem_gb(device)}, step=at_step)
-            bar.set_postfix(loss=f"{last_stats[keys[0]]:.3f}", lr=f"{lr:.2g}", img_s=f"{img_s:.0f}")
-        return last_stats
+            self.tracker.log_metrics({**{f"{p}{k}": v for k, v in row.items() if k != "step"},
+                                      f"{p}img_per_s": img_s, f"{p}gpu_mem_gb": gpu_mem_gb(self.device)},
+                                     step=self.step)
+            self.bar.set_postfix(loss=f"{stats[self.keys[0]]:.3f}", lr=f"{self.lr:.2g}", img_s=f"{img_s:.0f}")
+        if self.on_step is not None:
+            extra = {"momentum": self.momentum} if self.momentum is not None else {}
+            self.on_step(self.step, dict(stats, lr=self.lr, **extra))
+        return stats
 
-    def close_epoch(number: int) -> None:
-        nonlocal epoch_sums, epoch_steps
-        history.append({"epoch": number, **{k: float(v) / max(epoch_steps, 1)
-                                            for k, v in zip(keys, epoch_sums.tolist())}})
-        if is_main:
-            tracker.log_metrics({f"{spec.metric_prefix}epoch_{k}": v for k, v in history[-1].items() if k != "epoch"},
-                                step=step)
-        epoch_sums, epoch_steps = torch.zeros(len(keys)), 0
+    def close_epoch(self, number: int) -> None:
+        n = max(self.epoch_steps, 1)
+        self.history.append({"epoch": number, **{k: float(v) / n for k, v in zip(self.keys, self.epoch_sums.tolist())}})
+        if self.is_main:
+            self.tracker.log_metrics({f"{self.spec.metric_prefix}epoch_{k}": v for k, v in self.history[-1].items()
+                                      if k != "epoch"}, step=self.step)
+        self.epoch_sums, self.epoch_steps = torch.zeros(len(self.keys)), 0
 
-    momentum = None
-    while step < spec.total_steps and not stopped:
-        it: Iterator = iter(method.batches(epoch))
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _epoch_iterator(self) -> tuple[Iterator, int]:
+        """This epoch's batches, past the ones a resumed run already consumed; RNG states restored right there."""
+        it: Iterator = iter(self.method.batches(self.epoch))
         i = 0
-        for _ in range(skip):  # resume: the batches consumed before the checkpoint (same seed -> same stream)
+        for _ in range(self.skip):  # same seed -> same stream: skip what the checkpointed run trained on
             if next(it, None) is None:
                 break
             i += 1
-        if pending_rng is not None:  # where the straight run was when it fetched this batch
-            ckpt.set_rng_state(pending_rng, method.generators())
-            pending_rng = None
-        skip = 0
-        for batch in it:
-            vec, lr, momentum = trainer.step(batch, step)
-            window.add(vec, step)
-            step += 1
+        if self.pending_rng is not None:  # where the straight run was when it fetched the next batch
+            ckpt.set_rng_state(self.pending_rng, self.method.generators())
+            self.pending_rng = None
+        self.skip = 0
+        return it, i
+
+    def run_epoch(self) -> tuple[int, bool]:
+        """One epoch (or the rest of it); returns ``(batches consumed, -1 if the loader ran dry; stopped)``."""
+        spec = self.spec
+        it, i = self._epoch_iterator()
+        self.prefetcher = Prefetcher(self.trainer, it) if self.prefetch else None
+        for batch in (self.prefetcher if self.prefetcher is not None else it):
+            if self.prefetcher is not None:
+                vec, self.lr, self.momentum = self.trainer.step(None, self.step, prepared=batch)
+            else:
+                vec, self.lr, self.momentum = self.trainer.step(batch, self.step)
+            self.window.add(vec, self.step)
+            self.step += 1
             i += 1
-            steps_run += 1
-            steps_window += 1
-            bar.update(1)
+            self.steps_run += 1
+            self.steps_window += 1
+            self.bar.update(1)
             end_of_epoch = spec.steps_per_epoch is not None and i >= spec.steps_per_epoch
-            due_save = end_of_epoch or step == spec.total_steps or bool(spec.save_every and step % spec.save_every == 0)
-            if on_step is not None or step % spec.log_every == 0 or due_save or stop_after_step == step:
-                stats = look(step)  # raises on a non-finite loss: nothing below runs, no checkpoint is written
-                if on_step is not None and stats is not None:
-                    on_step(step, dict(stats, lr=lr, **({"momentum": momentum} if momentum is not None else {})))
+            due_save = (end_of_epoch or self.step == spec.total_steps
+                        or bool(spec.save_every and self.step % spec.save_every == 0))
+            stop = self.stop_after_step is not None and self.step >= self.stop_after_step
+            if self.on_step is not None or self.step % spec.log_every == 0 or due_save or stop:
+                self.look()  # raises on a non-finite loss: nothing below runs, no checkpoint is written
             if end_of_epoch:
-                close_epoch(epoch + 1)
-                save(step, epoch + 1, 0)
+                self.close_epoch(self.epoch + 1)
+                self.save(self.epoch + 1, 0)
             elif due_save:
-                save(step, epoch, i)
-            if stop_after_step is not None and step >= stop_after_step:
-                stopped = True
+                self.save(self.epoch, i)
+            if stop:
+                return i, True
+            if end_of_epoch or self.step >= spec.total_steps:
+                return i, False
+        if spec.steps_per_epoch is not None:
+            raise RuntimeError(f"{spec.label}: the loader of epoch {self.epoch} gave {i} batches, "
+                               f"{spec.steps_per_epoch} expected (resampled loaders must not run dry)")
+        if i == 0:
+            raise UserError(f"{spec.label}: epoch {self.epoch} yielded no batch on rank {self.rank}; check the data "
+                            "(slotcon shard --verify) and the batch size")
+        self.look()
+        return -1, False
+
+    def run(self) -> FitResult:
+        from tqdm import tqdm
+
+        spec = self.spec
+        self.trainer = Trainer(self.method, self.model, self.optimizer, spec, self.device)
+        self.prefetch = spec.prefetch if spec.prefetch is not None else (
+            self.device.type == "cuda" and self.method.prefetch)
+        self.bar = tqdm(total=spec.total_steps, initial=min(self.step, spec.total_steps), desc=spec.label,
+                        unit="step", disable=not (spec.progress and self.is_main), dynamic_ncols=True,
+                        mininterval=1.0, file=sys.stderr)
+        self.trainer.wrapped.train()
+        self.window = _Window(len(self.keys) + 1, self.device)
+        t_start = self.t_window = time.perf_counter()
+        stopped = False
+        while self.step < spec.total_steps:
+            i, stopped = self.run_epoch()
+            if stopped:
                 break
-            if end_of_epoch or step >= spec.total_steps:
-                break
-        else:  # the loader ran dry
-            if spec.steps_per_epoch is not None:
-                raise RuntimeError(f"{spec.label}: the loader of epoch {epoch} gave {i} batches, "
-                                   f"{spec.steps_per_epoch} expected (resampled loaders must not run dry)")
-            if i == 0:
-                raise UserError(f"{spec.label}: epoch {epoch} yielded no batch on rank {rank}; check the data "
-                                "(slotcon shard --verify) and the batch size")
-            look(step)
-            i = -1  # marks a finished pass
-        if stopped:
-            break
-        if epoch_steps and (i == -1 or step >= spec.total_steps):  # a pass ended, or the run ended inside one
-            close_epoch(epoch + 1)
-        if i == -1 or (spec.steps_per_epoch is not None and i >= spec.steps_per_epoch):
-            epoch += 1
-    bar.close()
-    train_time = time.perf_counter() - t_start
-    return FitResult(
-        history=history, curve=curve, step=step, steps_this_run=steps_run, train_time_s=train_time,
-        img_per_s=steps_run * method.global_batch / train_time if steps_run and train_time > 0 else 0.0,
-        resumed_from=resumed_from, last_stats=last_stats, stopped=stopped, run_dir=run_dir,
-        extra={"model": raw, "optimizer": optimizer, "fingerprint_hash": fp_hash, "device": device},
-    )
-
-
-def _channels_last(inputs: Any) -> Any:
-    """4-D float tensors of a batch dict to channels_last (NHWC convs: tensor cores without transposes)."""
-    if isinstance(inputs, dict):
-        return {k: (v.contiguous(memory_format=torch.channels_last)
-                    if isinstance(v, torch.Tensor) and v.ndim == 4 and v.is_floating_point() else v)
-                for k, v in inputs.items()}
-    return inputs
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# loss curves: CSV (DVC plot) + PNG
-# --------------------------------------------------------------------------------------------------------------------
-def write_loss_plot(rows: Sequence[Mapping[str, float]], csv_path: str | Path, png_path: str | Path | None, *,
-                    x: str, ys: Sequence[str], title: str, xlabel: str | None = None) -> None:
-    """``csv_path`` (columns ``x, *ys``) and ``png_path`` (one line per column), written atomically. An empty run
-    still rewrites both (an empty chart), so a picture never shows another run's curves."""
-    from components.io import write_bytes_atomic, write_text_atomic
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([x, *ys])
-    for row in rows:
-        writer.writerow([row.get(x, "")] + [_fmt(row.get(k)) for k in ys])
-    write_text_atomic(csv_path, buf.getvalue())
-    if png_path is None:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    for k in ys:
-        pts = [(r[x], r[k]) for r in rows if r.get(k) is not None and math.isfinite(float(r[k]))]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 40 else None, ms=3, label=k)
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    if rows:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no steps run", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    data = io.BytesIO()
-    fig.savefig(data, format="png")
-    plt.close(fig)
-    write_bytes_atomic(png_path, data.getvalue())
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    return f"{float(v):.6g}"
+            if self.epoch_steps and (i == -1 or self.step >= spec.total_steps):  # a pass ended, or the run did
+                self.close_epoch(self.epoch + 1)
+            if i == -1 or (spec.steps_per_epoch is not None and i >= spec.steps_per_epoch):
+                self.epoch += 1
+        self.bar.close()
+        train_time = time.perf_counter() - t_start
+        return FitResult(
+            history=self.history, curve=self.curve, step=self.step, steps_this_run=self.steps_run,
+            train_time_s=train_time,
+            img_per_s=self.steps_run * self.method.global_batch / train_time if self.steps_run and train_time > 0
+            else 0.0,
+            resumed_from=self.resumed_from, last_stats=self.last_stats, stopped=stopped, run_dir=self.run_dir,
+            extra={"model": self.trainer.raw, "optimizer": self.optimizer, "fingerprint_hash": self.fp_hash,
+                   "device": self.device},
+        )

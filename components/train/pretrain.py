@@ -64,24 +64,29 @@ class Plan:
     total_steps: int
     warmup_steps: int
     data_signature: str
+    shard_samples: tuple[int, ...] = ()  # samples written to each shard of ``urls`` (index.json): lost-sample counts
 
 
 def make_plan(cfg, shards_root: str | os.PathLike, world_size: int, rank: int) -> Plan:
     """Resolve shards, batch split and schedule lengths; UserError (one line) on anything that cannot work."""
-    from components.data.shards import read_index, split_urls
+    from components.data.shards import expected_counts, read_index, split_urls
 
     index = read_index(shards_root)
     splits = list(index.get("pretrain") or [])
     if not splits:
         raise UserError(f"{Path(shards_root) / 'index.json'}: no 'pretrain' splits listed; re-run `slotcon shard`")
     urls: list[str] = []
+    shard_samples: list[int] = []
     num_images = 0
     for split in splits:
         info = index["splits"].get(split)
         if info is None:
             raise UserError(f"{Path(shards_root) / 'index.json'}: pretrain split {split!r} is not in 'splits'; "
                             "re-run `slotcon shard`")
-        urls += split_urls(shards_root, split)
+        split_shards = split_urls(shards_root, split)
+        counts = expected_counts(shards_root, split)
+        urls += split_shards
+        shard_samples += [counts[u] for u in split_shards]
         num_images += int(info["num_samples"])
     if not urls or num_images == 0:
         raise UserError(f"{shards_root}: the pretrain splits {splits} hold no shards/images; re-run `slotcon shard`")
@@ -99,7 +104,7 @@ def make_plan(cfg, shards_root: str | os.PathLike, world_size: int, rank: int) -
         urls=tuple(urls), num_images=num_images, samples_per_epoch=steps_per_epoch * cfg.batch_size,
         world_size=world_size, rank=rank, global_batch=cfg.batch_size, rank_batch=cfg.batch_size // world_size,
         steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * cfg.epochs,
-        warmup_steps=steps_per_epoch * cfg.warmup_epochs, data_signature=signature,
+        warmup_steps=steps_per_epoch * cfg.warmup_epochs, data_signature=signature, shard_samples=tuple(shard_samples),
     )
 
 
@@ -118,6 +123,7 @@ class PretrainMethod(Method):
     plot_keys: tuple[str, ...] = ("loss",)  # columns of loss.csv / loss.png
     backbone_prefix = ""  # state_dict prefix of the trunk that export writes (torchvision keys after it)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    prefetch = True  # on CUDA: decode + augment the next batch on a side stream during the step
 
     def __init__(self, cfg, plan: Plan, device: torch.device):
         from components.slotcon.augment import TwoViewAugment
@@ -130,6 +136,9 @@ class PretrainMethod(Method):
         self.decode = "bytes" if device.type == "cuda" else "rgb"
         self.augment = TwoViewAugment(image_size=cfg.image_size).to(device)
         self.generator = augment_generator(cfg.seed, plan.rank)
+        from components.data.ledger import DataLossLedger
+
+        self.lost = DataLossLedger(dict(zip(plan.urls, plan.shard_samples)))  # what the run never received
 
     # -- what subclasses provide ------------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
@@ -175,18 +184,47 @@ class PretrainMethod(Method):
     def batches(self, epoch: int):
         from components.train.views import build_loader
 
-        return build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
-                            samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
-                            rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
-                            decode=self.decode, crop_scale=self.crop_scale)
+        loader = build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
+                              samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
+                              rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
+                              decode=self.decode, crop_scale=self.crop_scale, expected_counts=self.lost.expected,
+                              pin_memory=self.device.type == "cuda")
+        return self._count_lost(loader)
+
+    def _count_lost(self, loader):
+        """The loader's batches, its loss records folded into :attr:`lost` before each batch is handed on; every
+        ``log_every_steps`` batches and at the epoch's last one, the ranks merge their counts and all stop together
+        (:class:`UserError`) when more than ``max_lost_fraction`` of the data is lost. The batch index is the same on
+        every rank (resampled: equal batch counts), so the merge's collective lines up."""
+        every, n, seen = self.cfg.log_every_steps, len(loader), 0
+        for i, batch in enumerate(loader):
+            self.lost.add_records(loader.errors[seen:])
+            seen = len(loader.errors)
+            if i % every == 0 or i == n - 1:
+                self.check_lost()
+            yield batch
+
+    def check_lost(self) -> None:
+        """Merge every rank's lost-sample counts and stop (every rank) above ``pretrain.max_lost_fraction``."""
+        self.lost.merge(device=self.device if dist.is_initialized() and
+                        torch.distributed.get_backend() == "nccl" else "cpu")
+        self.lost.check(self.cfg.max_lost_fraction)
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
         from components.train.views import make_views
 
-        return make_views(batch, self.augment, self.generator, device)
+        views = make_views(batch, self.augment, self.generator, device)
+        self.lost.add_dropped((url, key) for url, key, _ in views.pop("dropped", ()))
+        return views
 
     def generators(self) -> list[torch.Generator]:
         return [self.generator]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lost": self.lost.state_dict()}
+
+    def load_state_dict(self, state) -> None:
+        self.lost.load_state_dict(state.get("lost", {}))
 
     def compile(self, model: torch.nn.Module) -> None:
         model.compile()
@@ -206,7 +244,8 @@ def cpu_threads(current: int, num_workers: int, cores: int | None = None) -> int
 
 def fingerprint_of(cfg, plan: Plan) -> dict[str, Any]:
     """What defines the run: the shared params, the chosen method's subsection only, the data and the epoch size."""
-    shared = {k: v for k, v in cfg.model_dump().items() if k not in METHODS}
+    # max_lost_fraction changes no step: raising it after a stop resumes the same run
+    shared = {k: v for k, v in cfg.model_dump().items() if k not in METHODS and k != "max_lost_fraction"}
     return {**shared, "params": cfg.method_params.model_dump(), "samples_per_epoch": plan.samples_per_epoch,
             "data": plan.data_signature}
 
@@ -274,6 +313,7 @@ def run_pretrain(
                      device=device, on_step=on_step, stop_after_step=stop_after_step)
         if result.stopped:
             return {"stopped_at_step": result.step}
+        method.check_lost()  # every rank: the final merged count (and the stop, if the last batches passed the limit)
         metrics: dict[str, Any] = {}
         if rank == 0:
             metrics = _records(cfg, plan, method, result, out_dir, metrics_path, plots_dir, tracker)
@@ -307,6 +347,8 @@ def _records(cfg, plan: Plan, method: PretrainMethod, result, out_dir, metrics_p
         "peak_lr": method.peak_lr,
         "gpu_mem_gb": round(gpu_mem_gb(result.extra["device"]), 3),
         "resumed": result.resumed_from is not None,
+        "lost_samples": method.lost.lost,  # of the pretraining shards, over all ranks (see components.data.ledger)
+        "lost_fraction": method.lost.fraction,
     }
     raw = result.extra["model"]
     last_pt = Path(out_dir) / "last.pt"
@@ -327,6 +369,11 @@ def _records(cfg, plan: Plan, method: PretrainMethod, result, out_dir, metrics_p
     print(f"slotcon pretrain: {cfg.method}, {result.step} steps, loss {metrics['loss']:.4f} (first epoch "
           f"{metrics['first_epoch_loss']:.4f}), {metrics['img_per_s']:.1f} img/s, {result.train_time_s:.1f} s "
           f"-> {last_pt}", file=sys.stderr)
+    if metrics["lost_samples"]:
+        shards = ", ".join(f"{u}: {n}" for u, n in sorted(method.lost.per_shard().items()))
+        print(f"slotcon pretrain: warning: {metrics['lost_samples']} of {method.lost.total} samples lost "
+              f"({metrics['lost_fraction']:.3%}, within pretrain.max_lost_fraction={cfg.max_lost_fraction:g}): "
+              f"{shards}", file=sys.stderr)
     return metrics
 
 
@@ -337,6 +384,7 @@ def _run_stage(ctx) -> dict[str, Any]:
 
 STAGE = Stage(
     name="pretrain", section="pretrain", run=_run_stage, metrics="metrics/pretrain.json", distributed=True,
+    headline=("loss", "train_time_s"),
     args=(Arg("shards", "data/shards", "shard root with index.json"),
           Arg("out", "models/pretrain", "receives last.pt"),
           Arg("checkpoints", "checkpoints/pretrain", "resumable checkpoints (not a DVC out)"),

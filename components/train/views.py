@@ -4,7 +4,7 @@
    only draw each sample's two crop boxes and flips (:func:`components.slotcon.transforms.sample_two_crops`) with a
    generator seeded from ``(seed, epoch, rank, worker, key, occurrence)`` -- never from DataLoader worker RNG, so a
    restarted epoch draws the same crops. On CUDA they pass the JPEG bytes through untouched; on CPU they decode.
-2. On the device: JPEGs are batch-decoded by nvJPEG (:func:`components.data.decode.decode_images`), then
+2. On the device: JPEGs are batch-decoded by nvJPEG (:func:`components.data.decode.decode_batch`), then
    :class:`components.slotcon.augment.TwoViewAugment` crops/resizes, colour-jitters, blurs and solarizes the whole
    batch with per-sample parameters from one seeded generator per rank (:func:`augment_generator`, saved in
    checkpoints).
@@ -76,21 +76,24 @@ def collate_pairs(samples: list[dict]) -> dict[str, Any]:
         if not isinstance(img, torch.Tensor):
             img = torch.frombuffer(bytearray(img), dtype=torch.uint8)
         images.append(img)
-    batch: dict[str, Any] = {"images": images, "keys": [s["key"] for s in samples]}
+    batch: dict[str, Any] = {"images": images, "keys": [s["key"] for s in samples], "urls": [s["url"] for s in samples]}
     batch.update(collate_crop_params([s["crops"] for s in samples]))
     return batch
 
 
 def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, epoch: int, rank: int,
-                 world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0)):
+                 world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 pin_memory: bool = False, expected_counts=None):
     """This rank's loader for ``epoch``: resampled, ``samples_per_epoch // world_size // rank_batch`` batches of
-    ``rank_batch`` two-crop samples (see the module docstring)."""
+    ``rank_batch`` two-crop samples (see the module docstring); ``expected_counts`` (``{url: samples}``) makes it
+    count lost samples exactly."""
     from components.data.loader import make_loader
 
     return make_loader(
         list(urls), batch_size=rank_batch, decode=decode, map_fn=DrawCrops(seed, epoch, rank, crop_scale),
         collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True,
+        pin_memory=pin_memory, expected_counts=expected_counts,
     )
 
 
@@ -100,13 +103,32 @@ def augment_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed("augment", seed, rank))
 
 
-def make_views(batch: dict, augment: torch.nn.Module, generator: torch.Generator, device: torch.device) -> dict:
+def make_views(batch: dict, augment: torch.nn.Module, generator: torch.Generator, device: torch.device,
+               device_decode=None) -> dict:
     """Loader batch -> ``{"view1", "view2", "coords1", "coords2", "flip1", "flip2"}`` on ``device`` (plus the crop
-    ``boxes`` (B, 2, 4) in original pixels, for methods that need the views' geometry)."""
-    from components.data.decode import decode_images
+    ``boxes`` (B, 2, 4) in original pixels, for methods that need the views' geometry, and ``dropped``: ``[(url, key,
+    why)]`` of images no decoder accepted).
 
-    images = decode_images(batch["images"], device)
-    crops = {k: batch[k].to(device, non_blocking=True) for k in ("boxes", "flips", "coords")}
-    views = augment(images, crops, generator=generator)
+    An image that fails to decode is dropped with its crop parameters (boxes, flips, coords stay aligned with the
+    images that remain), so this rank's batch has B' < B views; the losses take unequal batches over ranks.
+    ``device_decode``: the device's batch decoder (default nvJPEG on CUDA; tests pass a CPU stand-in).
+    """
+    from components.data.decode import decode_batch
+    from components.errors import UserError
+
+    decoded = decode_batch(batch["images"], device, device_decode=device_decode)
+    crops = {k: batch[k] for k in ("boxes", "flips", "coords")}
+    keys, urls = batch.get("keys") or [None] * len(batch["images"]), batch.get("urls") or [None] * len(batch["images"])
+    dropped = [(urls[i], keys[i], why) for i, why in decoded.failed]
+    if dropped:
+        if not decoded.kept:
+            named = "; ".join(f"{u} {k}: {w}" for u, k, w in dropped[:3])
+            raise UserError(f"every image of a batch failed to decode ({named}); check the shards with "
+                            "`slotcon shard --verify`")
+        keep = torch.tensor(decoded.kept)
+        crops = {k: v[keep] for k, v in crops.items()}
+    crops = {k: v.to(device, non_blocking=True) for k, v in crops.items()}
+    views = augment(decoded.images, crops, generator=generator)
     views["boxes"] = crops["boxes"]
+    views["dropped"] = dropped
     return views

@@ -11,6 +11,7 @@ is also logged to MLflow as a model and registered as a new version of ``trackin
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,9 +101,14 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
                registered_model: str = "slotcon-backbone") -> dict[str, Any]:
     """Convert ``checkpoint``'s teacher backbone, write ``out`` atomically, and (optionally) register it in MLflow.
 
-    ``cfg`` is the :class:`~components.config.ExportConfig`; returns a small summary dict.
+    ``cfg`` is the :class:`~components.config.ExportConfig`; returns a small summary dict. The new registry version
+    gets the alias ``@candidate``, a description and tags (arch, source step, git commit, and the md5s of ``out`` and
+    ``checkpoint`` by which the downstream stages find it to add their AP / mIoU as tags); promoting it to
+    ``@champion`` is the explicit step ``python -m pipelines.registry promote``. A registry failure (store locked or
+    gone) is a warning: ``out`` is written either way.
     """
     from components.io import save_torch_atomic
+    from components.lineage import file_md5
 
     arch, sd, source = convert_checkpoint(checkpoint)
     save_torch_atomic({"arch": arch, "state_dict": sd, "source": source}, out)
@@ -111,16 +117,39 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
     if tracker is not None and tracker.active:
         tracker.log_params({"arch": arch, "source_checkpoint": str(checkpoint)}, prefix="export.")
         if cfg.register_model:
-            summary["model_uri"] = _log_model(tracker, build_backbone(arch, sd).eval(), registered_model)
+            tags = {"arch": arch, "source_step": source.get("step"), "source_checkpoint": str(checkpoint),
+                    "slotcon.backbone_md5": file_md5(out), "slotcon.checkpoint_md5": file_md5(checkpoint)}
+            description = (f"{arch} teacher backbone of SlotCon pretraining ({source.get('step')} steps), torchvision "
+                           "ResNet keys. Downstream stages add their headline figures as tags (detect.bbox_AP, "
+                           "segment.mIoU, unsup_seg.mIoU).")
+            try:
+                summary.update(_log_model(tracker, build_backbone(arch, sd).eval(), registered_model,
+                                          description=description, tags=tags))
+            except Exception as exc:  # noqa: BLE001 - the registry is a record; the backbone file is the output
+                print(f"slotcon export: warning: backbone not registered in MLflow ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); re-run `dvc repro -f export` to register it",
+                      file=sys.stderr)
     print(f"slotcon export: {arch} teacher backbone ({n_params:,} parameters, step {source['step']}) -> {out}")
     return summary
 
 
-def _log_model(tracker, model: torch.nn.Module, registered_model: str) -> str:
-    """Log ``model`` in ``tracker``'s run and register a new version of ``registered_model``; returns the model URI."""
+def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, description: str = "",
+               tags: dict[str, Any] | None = None, alias: str = "candidate") -> dict[str, Any]:
+    """Log ``model`` in ``tracker``'s run, register a new version of ``registered_model`` with ``description``,
+    ``tags`` and ``@alias``; returns ``{"model_uri", "model_version"}``."""
+    import logging
+
     import mlflow
     import torchvision
 
+    class _NoPickleNotice(logging.Filter):  # we choose pickle on purpose (see below): no warning on every export
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pickle" not in record.getMessage().lower()
+
+    quiet = _NoPickleNotice()
+    loggers = [logging.getLogger(n) for n in ("mlflow.pytorch", "mlflow.models.model", "mlflow")]
+    for lg in loggers:
+        lg.addFilter(quiet)
     active = mlflow.active_run()
     ctx = mlflow.start_run(run_id=tracker.run_id) if active is None or active.info.run_id != tracker.run_id else None
     try:
@@ -140,7 +169,20 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str) -> str:
     finally:
         if ctx is not None:
             mlflow.end_run()
-    return info.model_uri
+        for lg in loggers:
+            lg.removeFilter(quiet)
+    version = str(info.registered_model_version) if info.registered_model_version is not None else None
+    if version is not None:
+        client = tracker._client or mlflow.MlflowClient()
+        client.update_registered_model(registered_model, description=(
+            "SlotCon pretrained backbones (torchvision ResNet keys), one version per `slotcon export`. Aliases: "
+            "@candidate = the newest export, @champion = promoted with `python -m pipelines.registry promote`."))
+        if description:
+            client.update_model_version(registered_model, version, description=description)
+        for k, v in (tags or {}).items():
+            client.set_model_version_tag(registered_model, version, k, str(v))
+        client.set_registered_model_alias(registered_model, alias, version)
+    return {"model_uri": info.model_uri, "model_version": version}
 
 
 def _run_stage(ctx) -> None:

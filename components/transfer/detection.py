@@ -429,7 +429,7 @@ def _summary(m: Mapping[str, Any]) -> str:
 
 STAGE = Stage(
     name="detect", section="detect", run=_run_stage, metrics="metrics/detect.json", distributed=True,
-    summary=_summary,
+    summary=_summary, headline=("bbox_AP", "segm_AP", "random/bbox_AP", "random/segm_AP"),
     args=(Arg("shards", "data/shards", "shard root holding index.json"),
           Arg("backbone", "models/backbone.pt", "exported trunk (slotcon export)"),
           Arg("out", "models/detect", "folder for model.pt (+ model_random.pt)"),

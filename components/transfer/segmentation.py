@@ -448,7 +448,7 @@ def _summary(m: Mapping[str, Any]) -> str:
 
 STAGE = Stage(
     name="segment", section="segment", run=_run_stage, metrics="metrics/segment.json", distributed=True,
-    summary=_summary,
+    summary=_summary, headline=("mIoU", "pixel_acc", "random/mIoU"),
     args=(Arg("shards", "data/shards", "shards root (the scenes default when data_root is empty)"),
           Arg("backbone", "models/backbone.pt", "exported backbone (init: pretrained)"),
           Arg("out", "models/segment", "folder for the fine-tuned model and labeled.txt"),

@@ -198,6 +198,7 @@ def _summary(metrics: dict) -> str:
 
 STAGE = Stage(
     name="unsup_seg", section="unsup", run=_run_stage, metrics="metrics/unsup_seg.json", summary=_summary,
+    headline=("mIoU",),
     args=(Arg("shards", "data/shards", "shards root (scenes val split with seg.png)"),
           Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint")),
 )

@@ -267,6 +267,7 @@ def _summary(summary: dict) -> str:
 
 STAGE = Stage(
     name="viz", section="viz", run=_run_stage, metrics="metrics/viz.json", summary=_summary,
+    headline=("prototypes_used",),
     args=(Arg("shards", "data/shards", "shards root (the val split is drawn)"),
           Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint"),
           Arg("out", "plots/slots", "folder for the PNGs (DVC plots)")),
