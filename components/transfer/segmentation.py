@@ -448,7 +448,8 @@ def _summary(m: Mapping[str, Any]) -> str:
 
 STAGE = Stage(
     name="segment", section="segment", run=_run_stage, metrics="metrics/segment.json", distributed=True,
-    summary=_summary, headline=("mIoU", "pixel_acc", "random/mIoU"),
+    summary=_summary, headline=("mIoU", "pixel_acc", "supervised/mIoU", "semisup_gain/mIoU", "random/mIoU",
+                                "labeled_images"),
     args=(Arg("shards", "data/shards", "shards root (the scenes default when data_root is empty)"),
           Arg("backbone", "models/backbone.pt", "exported backbone (init: pretrained)"),
           Arg("out", "models/segment", "folder for the fine-tuned model and labeled.txt"),
