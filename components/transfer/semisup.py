@@ -27,7 +27,10 @@ Under DDP each rank mixes, pseudo-labels and computes ReCo on its own batch (the
 gathered), DDP averages the gradients, so every rank's student and teacher parameters stay equal.
 
 Not included (said where it matters): ReCo's random rescale of the pseudo-labelled batch before mixing, Gaussian blur
-and hue jitter; its class-balanced choice of the labelled images (it reads every label to choose them).
+and hue jitter; its class-balanced choice of the labelled images (it reads every label to choose them). Different on
+purpose: the authors' teacher labels in train mode (BatchNorm on the unlabelled batch's statistics, its running
+statistics its own) and only its parameters are averaged; here the teacher runs in eval mode on averaged statistics
+too, so a pseudo-label does not depend on which images share its batch (and resume stays exact).
 """
 from __future__ import annotations
 
