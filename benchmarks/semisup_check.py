@@ -55,32 +55,43 @@ def build_data(work: Path, things: int, stuff: int, epochs: int) -> None:
                         *map(str, cmd[1:])], check=True, cwd=ROOT)
 
 
-def run_one(work: Path, method: str, init: str, seed: int, args) -> dict:
-    import torch
-
+def make_cfg(method: str, seed: int, args):
     from components.config import SegmentConfig
-    from components.data.segdatasets import open_source
-    from components.tracking import Tracker
-    from components.transfer.convert import load_backbone
-    from components.transfer.segmentation import evaluate, split_train, train_one
 
-    cfg = SegmentConfig(
+    return SegmentConfig(
         method=method, labeled=args.labeled, split_seed=seed, seed=seed, head="deeplabv3plus", iters=args.iters,
         batch_size=args.batch, crop_size=args.crop, head_channels=args.width, lr=args.lr, compare_random=False,
         save_every=max(args.iters // 4, 1),
         semisup={"unlabeled_batch_size": args.batch},
         reco={"rep_dim": args.rep_dim, "num_queries": args.queries, "num_negatives": args.negatives})
-    shards = work / "shards"
-    src = open_source("", shards, "auto", "train")
-    val = open_source("", shards, "auto", "val")
-    val_samples = list(val.iterate())
+
+
+def train(work: Path, method: str, init: str, seed: int, args):
+    """``(model to evaluate, FitResult, split info)``; a finished run resumes from its last checkpoint (no step)."""
+    from components.data.segdatasets import open_source
+    from components.tracking import Tracker
+    from components.transfer.convert import load_backbone
+    from components.transfer.segmentation import split_train, train_one
+
+    cfg = make_cfg(method, seed, args)
+    src = open_source("", work / "shards", "auto", "train")
     labeled, unlabeled, split = split_train(cfg, src, None, Tracker())
     arch, sd = load_backbone(work / "backbone.pt")
-    t0 = time.perf_counter()
     model, result = train_one(cfg, init=init, arch=arch, state_dict=None if init == "random" else sd,
                               where=str(work / "backbone.pt"), train_src=labeled,
                               checkpoints=work / "ckpt_check" / f"{method}_{init}_{seed}", tracker=None, prefix="",
                               method=method, unlabeled_src=unlabeled, device="cpu")
+    return model, result, split
+
+
+def run_one(work: Path, method: str, init: str, seed: int, args) -> dict:
+    from components.data.segdatasets import open_source
+    from components.transfer.segmentation import evaluate
+
+    val = open_source("", work / "shards", "auto", "val")
+    val_samples = list(val.iterate())
+    t0 = time.perf_counter()
+    model, result, split = train(work, method, init, seed, args)
     out = {"method": method, "init": init, "seed": seed, "iters": args.iters, "train_s": time.perf_counter() - t0,
            "labeled_sha1": split.get("labeled_sha1"), "loss_last": result.curve[-1]["loss"] if result.curve else None}
     kw = dict(num_classes=val.num_classes, class_names=val.class_names, batch_size=8, device="cpu")
@@ -90,6 +101,32 @@ def run_one(work: Path, method: str, init: str, seed: int, args) -> dict:
         s = evaluate(result.extra["model"], val_samples, **kw)
         out.update(student_mIoU=s["mIoU"], student_pixel_acc=s["pixel_acc"])
     return out
+
+
+def picture(work: Path, seed: int, init: str, args, num: int = 4) -> Path:
+    """image / ground truth / each method's prediction (teachers for the semi-supervised) on ``num`` val images, from
+    the finished runs' last checkpoints -> ``<work>/predictions_<init>_seed<seed>.png``."""
+    import itertools
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from components.data.segdatasets import open_source
+    from components.transfer.draw import draw_segmentation
+    from components.transfer.segmentation import normalize, predict
+
+    val = open_source("", work / "shards", "auto", "val")
+    samples = list(itertools.islice(val.iterate(), num))
+    names = {"supervised": "supervised", "classmix": "ClassMix (teacher)", "reco": "ReCo+ClassMix (teacher)"}
+    columns = []
+    for method in args.methods:
+        model = train(work, method, init, seed, args)[0].eval()
+        with torch.no_grad():
+            columns.append((names[method], [predict(model, normalize(s["image"][None])).argmax(1)[0] for s in samples]))
+    path = work / f"predictions_{init}_seed{seed}.png"
+    plt.close(draw_segmentation([s["image"] for s in samples], [s["label"] for s in samples], columns,
+                                val.class_names, path))
+    return path
 
 
 def table(results: list[dict], methods, inits) -> str:
@@ -155,6 +192,8 @@ def main(argv=None) -> int:
                     print(f"semisup_check: {method:<10} {init:<10} seed {seed}: mIoU {100 * r['mIoU']:.1f}"
                           + (f" (student {100 * r['student_mIoU']:.1f})" if "student_mIoU" in r else "")
                           + f" in {r['train_s']:.0f} s", flush=True)
+    if not args.table_only:
+        print(f"semisup_check: picture {picture(args.work, args.seeds[0], args.inits[0], args)}", flush=True)
     results = [r for r in results if r["iters"] == args.iters]
     print(f"\nmIoU (%) on the scenes val split, {args.labeled} labelled images, {args.iters} iterations, "
           f"seeds {args.seeds}; mean ± std over seeds")

@@ -111,7 +111,8 @@ def draw_segmentation(images: Sequence[torch.Tensor], labels: Sequence[torch.Ten
                 ax.imshow(panels[c], interpolation="nearest")
             if r == 0:
                 ax.set_title(titles[c], fontsize=8)
-    shown = sorted({int(v) for lbl in labels for v in torch.unique(lbl).tolist() if 0 <= int(v) < len(class_names)})
+    maps = list(labels) + [p for _, preds in columns for p in preds]  # every class drawn gets a legend entry
+    shown = sorted({int(v) for m in maps for v in torch.unique(m).tolist() if 0 <= int(v) < len(class_names)})
     handles = [plt.Rectangle((0, 0), 1, 1, color=pal[i]) for i in shown]
     if handles:
         fig.legend(handles, [class_names[i] for i in shown], loc="lower center", ncol=min(len(shown), 6), fontsize=6,
