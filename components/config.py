@@ -296,21 +296,59 @@ class DetectConfig(Section):
         return self
 
 
+class SemiSupParams(Section):
+    """``segment.semisup``: the mean teacher and the mixing shared by ``classmix`` and ``reco`` (ReCo's values)."""
+
+    mix: Literal["classmix", "cutmix"] = "classmix"  # one mask per image pair for images, pseudo-labels, confidences
+    unlabeled_batch_size: int = Field(default=0, ge=0)  # global, per step; 0 = batch_size. ReCo VOC: 10 + 10
+    strong_threshold: float = Field(default=0.97, gt=0, le=1)  # unsup CE weight = share of pixels >= this; ReCo: 0.97
+    ema_max: float = Field(default=0.99, ge=0, lt=1)  # teacher momentum min(1 - 1/(t+1), ema_max); ReCo: 0.99
+    unsup_weight: float = Field(default=1.0, ge=0)  # ReCo: 1
+    color_jitter: bool = True  # brightness/contrast/saturation 0.75-1.25 (p 0.8) on the mixed batch; ReCo: + hue, blur
+
+
+class ReCoParams(Section):
+    """``segment.reco``: the regional contrast loss (Liu et al., ICLR 2022; paper values)."""
+
+    rep_dim: int = Field(default=256, ge=8)  # representation head output; paper: 256
+    temperature: float = Field(default=0.5, gt=0)  # tau; paper: 0.5
+    num_queries: int = Field(default=256, ge=1)  # hard queries per class, drawn with replacement; paper: 256
+    num_negatives: int = Field(default=512, ge=1)  # negative keys per query; paper: 512
+    hard_threshold: float = Field(default=0.97, gt=0, le=1)  # delta_s: a query is hard when prob_c < this; paper: 0.97
+    weak_threshold: float = Field(default=0.7, ge=0, le=1)  # delta_w: unlabelled pixels used when conf >= this; 0.7
+    weight: float = Field(default=1.0, ge=0)  # paper: 1
+
+
+SEGMENT_METHODS = ("supervised", "classmix", "reco")
+
+
 class SegmentConfig(Section):
     init: InitKind = "pretrained"
     compare_random: bool = True
     dataset: Literal["auto", "scenes", "cocostuff", "voc", "cityscapes", "ade20k"] = "auto"
     data_root: str = ""  # empty = the scenes shards; else a dataset folder detected by its layout
-    output_stride: Literal[8, 16] = 16  # mmseg fcn_r50-d8 uses 8
-    iters: int = Field(default=60, ge=1)  # mmseg VOC: 20k/40k at batch 16
-    batch_size: int = Field(default=8, ge=1)
-    lr: float = Field(default=0.01, gt=0)  # mmseg: 0.01, poly power 0.9
+    # supervised: fine-tune on the labelled images; classmix: + mean teacher on the unlabelled ones (ClassMix/CutMix);
+    # reco: classmix + ReCo's regional contrast (arXiv 2104.04465)
+    method: Literal[SEGMENT_METHODS] = "supervised"
+    # images that keep their labels: an integer is a count, a number with a decimal point a fraction (1.0 = all); the
+    # rest of the train split is used without labels. Drawn from split_seed (uniformly: the labels are never read)
+    labeled: int | float = 1.0
+    split_seed: int = 0
+    head: Literal["auto", "fcn", "deeplabv3plus"] = "auto"  # auto: fcn for supervised (SlotCon's protocol), else
+    # deeplabv3plus (ReCo's); the supervised baseline of a semi-supervised run always gets the run's head
+    compare_supervised: bool = True  # semi-supervised methods: also train supervised on the same labelled images
+    output_stride: Literal[8, 16] = 16  # mmseg fcn_r50-d8 uses 8; ReCo's DeepLabv3+: 16
+    iters: int = Field(default=60, ge=1)  # mmseg VOC: 20k/40k at batch 16; ReCo: 40k
+    batch_size: int = Field(default=8, ge=1)  # labelled images per step (global); mmseg: 16, ReCo: 10
+    lr: float = Field(default=0.01, gt=0)  # mmseg: 0.01, poly power 0.9; ReCo: 2.5e-3
     power: float = Field(default=0.9, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False  # ReCo: true
     weight_decay: float = Field(default=5e-4, ge=0)
-    crop_size: int = Field(default=96, ge=32)  # mmseg VOC: 512
+    crop_size: int = Field(default=96, ge=32)  # mmseg VOC: 512; ReCo VOC: 321
     scale_range: list[float] = Field(default_factory=lambda: [0.5, 2.0])  # random rescale ratio; mmseg: [0.5, 2.0]
-    head_channels: int = Field(default=128, ge=8)  # FCN head width; mmseg R50: 512
+    head_channels: int = Field(default=128, ge=8)  # FCN head width (mmseg R50: 512); DeepLabv3+'s ASPP and decoder
+    # width (ReCo: 256)
     num_convs: int = Field(default=2, ge=0)  # 3x3 conv-BN-ReLU in the head; mmseg: 2
     concat_input: bool = True  # concat the trunk output back before the classifier; mmseg FCN: true
     aux_weight: float = Field(default=0.4, ge=0)  # auxiliary FCN head on layer3; mmseg: 0.4 (0 = no aux head)
@@ -320,15 +358,41 @@ class SegmentConfig(Section):
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA; fp32 on CPU
     save_every: int = Field(default=20, ge=1)  # resumable checkpoint cadence (iterations), with --checkpoints
+    num_vis: int = Field(default=4, ge=0)  # val images in the prediction picture
+    semisup: SemiSupParams = Field(default_factory=SemiSupParams)
+    reco: ReCoParams = Field(default_factory=ReCoParams)
 
     @model_validator(mode="after")
     def _check(self) -> "SegmentConfig":
         _check_init(self.init)
         if self.batch_size % self.nproc_per_node:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by nproc_per_node={self.nproc_per_node}")
+        if self.unlabeled_batch_size % self.nproc_per_node:
+            raise ValueError(f"semisup.unlabeled_batch_size={self.unlabeled_batch_size} is not divisible by "
+                             f"nproc_per_node={self.nproc_per_node}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range={self.scale_range} must be [min, max] with 0 < min <= max")
+        if isinstance(self.labeled, bool) or (isinstance(self.labeled, int) and self.labeled < 1) or (
+                isinstance(self.labeled, float) and not 0 < self.labeled <= 1):
+            raise ValueError(f"labeled={self.labeled!r} must be a count >= 1 (an integer) or a fraction in (0, 1] "
+                             "(a number with a decimal point, e.g. 0.05)")
+        if self.method != "supervised" and isinstance(self.labeled, float) and self.labeled >= 1.0:
+            raise ValueError(f"method={self.method!r} needs unlabelled images: set labeled to a count or a fraction "
+                             "below 1.0 (e.g. labeled: 8)")
+        if self.method == "reco" and self.head == "fcn":
+            raise ValueError("method='reco' needs the representation head of head: deeplabv3plus (or auto)")
         return self
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return self.semisup.unlabeled_batch_size or self.batch_size
+
+    @property
+    def resolved_head(self) -> str:
+        """``head`` with ``auto`` resolved by ``method``: FCN for supervised, DeepLabv3+ for the semi-supervised."""
+        if self.head != "auto":
+            return self.head
+        return "fcn" if self.method == "supervised" else "deeplabv3plus"
 
 
 class UnsupConfig(Section):

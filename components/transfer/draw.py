@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: detections drawn on val images, segmentation side by side."""
+"""Pictures a person would rather look at than read: detections drawn on val images; segmentation predictions of
+several models (e.g. supervised vs ReCo) side by side with the image and its ground truth."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,68 @@ def draw_predictions(rows: Sequence[tuple[str, Sequence[tuple[torch.Tensor, dict
             if c == 0:
                 ax.set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(path, buf.getvalue())
+    return fig
+
+
+def class_palette(num_classes: int):
+    """``(num_classes + 1, 3)`` float RGB in [0, 1]: distinct colours per class (tab20, then hsv), black for ignore."""
+    import matplotlib
+    import numpy as np
+
+    cmap = matplotlib.colormaps["tab20" if num_classes <= 20 else "hsv"]
+    colors = [cmap(i if num_classes <= 20 else i / num_classes)[:3] for i in range(num_classes)]
+    return np.array(colors + [(0.0, 0.0, 0.0)], dtype=np.float32)
+
+
+def draw_segmentation(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor],
+                      columns: Sequence[tuple[str, Sequence[torch.Tensor]]], class_names: Sequence[str],
+                      path: str | os.PathLike):
+    """One row per image: the image, its ground truth, then one prediction per model (``columns`` =
+    ``[(title, [pred (H, W) class ids per image])]``, e.g. supervised and ReCo), with a class legend.
+
+    ``images`` uint8 ``(3, H, W)``, ``labels`` ``(H, W)`` class ids (255 = ignore, drawn black). Writes a PNG atomically
+    to ``path`` and returns the matplotlib figure (closed by the caller).
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from components.io import write_bytes_atomic
+
+    pal = class_palette(len(class_names))
+
+    def paint(lbl: torch.Tensor):
+        idx = lbl.long().clone()
+        idx[(idx < 0) | (idx >= len(class_names))] = len(class_names)
+        return pal[idx.numpy()]
+
+    titles = ["image", "ground truth", *[t for t, _ in columns]]
+    nrows, ncols = max(len(images), 1), len(titles)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.2 * nrows + 0.6), squeeze=False)
+    for r in range(nrows):
+        panels = ([images[r].permute(1, 2, 0).numpy(), paint(labels[r])] + [paint(preds[r]) for _, preds in columns]
+                  if r < len(images) else [])
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(panels):
+                ax.imshow(panels[c], interpolation="nearest")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+    maps = list(labels) + [p for _, preds in columns for p in preds]  # every class drawn gets a legend entry
+    shown = sorted({int(v) for m in maps for v in torch.unique(m).tolist() if 0 <= int(v) < len(class_names)})
+    handles = [plt.Rectangle((0, 0), 1, 1, color=pal[i]) for i in shown]
+    if handles:
+        fig.legend(handles, [class_names[i] for i in shown], loc="lower center", ncol=min(len(shown), 6), fontsize=6,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_bytes_atomic(path, buf.getvalue())

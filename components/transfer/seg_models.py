@@ -1,4 +1,5 @@
-"""Semantic segmentation heads on a dilated pretrained trunk (mmsegmentation's ``fcn_r50-d8``/``-d16`` style), or on a
+"""Semantic segmentation heads on a dilated pretrained trunk: FCN (mmsegmentation's ``fcn_r50-d8``/``-d16``, the
+SlotCon transfer protocol) and DeepLabv3+ with ReCo's representation head (the ReCo protocol); or an FCN head on a
 plain ViT's stride-16 map.
 
 :class:`FCN`: a torchvision ResNet whose last stage(s) trade stride for dilation (output stride 8: layer3 and layer4
@@ -6,6 +7,19 @@ dilated 2 and 4; 16: layer4 dilated 2; :func:`components.backbone.dilate_resnet_
 conv-BN-ReLU, the input concatenated back, dropout 0.1, 1x1 classifier) on layer4 and an auxiliary FCN head on layer3
 (loss weight 0.4), logits bilinearly upsampled to the input size. The trunk's state_dict keys are exactly the exported
 backbone's (torchvision minus ``fc.*``), so :func:`load_trunk_` is a strict load.
+
+:class:`DeepLabV3Plus` (Chen et al. 2018, as ReCo's ``network/deeplabv3``): the same trunk at output stride 16
+(layer4 dilated 2; 8 also works), torchvision's ``ASPP`` (rates 6/12/18 at os 16, 12/24/36 at os 8; 256 channels) on
+layer4, the low-level decoder (layer1 -> 1x1 conv-BN-ReLU to 48 channels; ASPP output bilinearly upsampled to that
+1/4 grid and concatenated: 304 channels with the default widths), a classifier (3x3 conv-BN-ReLU 256, 1x1 to C) and
+ReCo's representation head (3x3 conv -> BN -> ReLU -> 1x1 conv to ``rep_dim`` = 256) on the same 1/4-resolution
+features. ``rep_dim=0`` builds no representation head (supervised / ClassMix runs: every parameter then gets a
+gradient, as DDP without ``find_unused_parameters`` requires).
+
+Both models answer ``model(x)`` with ``(B, C, H, W)`` logits at the input size (evaluation) and
+``model(x, train_logits=True)`` with a dict of low-resolution training outputs: ``"logits"`` ``(B, C, h, w)``,
+``"aux"`` (FCN's auxiliary logits or None) and ``"rep"`` (``(B, rep_dim, h, w)`` or None). Training goes through
+``forward`` so DDP's hooks see the call.
 """
 from __future__ import annotations
 
@@ -13,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from components.errors import UserError
 from components.backbone import RESNET_ARCHS, build_resnet, check_arch, is_vit, load_trunk, trunk_channels
 
 
@@ -83,11 +98,49 @@ class FCN(nn.Module):
         return self.head(c4), aux
 
     def forward(self, x: torch.Tensor, *, train_logits: bool = False):
-        """``(B,C,H,W)`` logits at the input size; ``train_logits=True``: ``forward_logits``'s pair (training goes
-        through ``forward`` so DDP's gradient hooks see the call)."""
+        """``(B,C,H,W)`` logits at the input size; ``train_logits=True``: ``{"logits", "aux", "rep": None}`` at
+        1/os (training goes through ``forward`` so DDP's gradient hooks see the call)."""
+        logits, aux = self.forward_logits(x)
         if train_logits:
-            return self.forward_logits(x)
-        logits, _ = self.forward_logits(x)
+            return {"logits": logits, "aux": aux, "rep": None}
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DeepLabV3Plus(nn.Module):
+    """Dilated ResNet trunk + ASPP + low-level decoder (+ ReCo representation head), see the module docstring.
+
+    ``(B,3,H,W) -> (B,C,H,W)`` logits; ``train_logits=True`` -> ``{"logits": (B,C,H/4,W/4), "aux": None,
+    "rep": (B,rep_dim,H/4,W/4) | None}``.
+    """
+
+    def __init__(self, *, arch: str, num_classes: int, output_stride: int = 16, aspp_channels: int = 256,
+                 low_channels: int = 48, decoder_channels: int = 256, rep_dim: int = 256):
+        super().__init__()
+        from torchvision.models.segmentation.deeplabv3 import ASPP
+
+        self.arch = arch
+        self.backbone = build_trunk(arch, output_stride)
+        c4 = trunk_channels(arch)
+        c1 = c4 // 8  # layer1's width: 64 (BasicBlock ResNets), 256 (Bottleneck)
+        self.aspp = ASPP(c4, [6, 12, 18] if output_stride == 16 else [12, 24, 36], aspp_channels)
+        self.project = ConvBNReLU(c1, low_channels, k=1)
+        fused = aspp_channels + low_channels
+        self.classifier = nn.Sequential(ConvBNReLU(fused, decoder_channels), nn.Conv2d(decoder_channels, num_classes, 1))
+        self.representation = (
+            nn.Sequential(ConvBNReLU(fused, decoder_channels), nn.Conv2d(decoder_channels, rep_dim, 1))
+            if rep_dim else None
+        )
+
+    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
+        b = self.backbone
+        low = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
+        high = self.aspp(b.layer4(b.layer3(b.layer2(low))))
+        low = self.project(low)
+        feats = torch.cat([low, F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)], 1)
+        logits = self.classifier(feats)
+        if train_logits:
+            rep = self.representation(feats) if self.representation is not None else None
+            return {"logits": logits, "aux": None, "rep": rep}
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -141,11 +194,23 @@ def load_trunk_(model: nn.Module, state_dict: dict, where: str) -> None:
                fix="re-run `slotcon export` for this arch, or set segment.init: random")
 
 
-def build_segmenter(cfg, *, arch: str, num_classes: int) -> nn.Module:
-    """The model ``segment.head`` names, from a :class:`~components.config.SegmentConfig` (a ViT arch: :class:`ViTFCN`,
-    its position table built for ``crop_size``)."""
+HEADS = ("fcn", "deeplabv3plus")
+
+
+def build_segmenter(cfg, *, arch: str, num_classes: int, method: str | None = None) -> nn.Module:
+    """The model ``segment.head`` names for ``method`` (default ``segment.method``), from a
+    :class:`~components.config.SegmentConfig`; only ReCo gets a representation head. A ViT arch gets :class:`ViTFCN`
+    (its position table built for ``crop_size``); DeepLabv3+ needs a ResNet's stride-4 features."""
+    method = method or cfg.method
     if is_vit(arch):
+        if cfg.resolved_head == "deeplabv3plus":
+            raise UserError(f"params.yaml segment.head: deeplabv3plus needs a ResNet trunk (a stride-4 map) and {arch} "
+                            "is a ViT; set segment.head: fcn")
         return ViTFCN(arch=arch, num_classes=num_classes, image_size=cfg.crop_size, head_channels=cfg.head_channels,
                       num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)
+    if cfg.resolved_head == "deeplabv3plus":  # the run's head, also for the supervised baseline of a ReCo run
+        width = cfg.head_channels  # ASPP and decoder width (paper: 256)
+        return DeepLabV3Plus(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, aspp_channels=width,
+                             decoder_channels=width, rep_dim=cfg.reco.rep_dim if method == "reco" else 0)
     return FCN(arch=arch, num_classes=num_classes, output_stride=cfg.output_stride, head_channels=cfg.head_channels,
                num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)

@@ -1,8 +1,16 @@
-"""Stage ``segment``: semantic segmentation fine-tuning on the pretrained trunk (SlotCon's transfer protocol).
+"""Stage ``segment``: semantic segmentation on the pretrained trunk, supervised (SlotCon's transfer protocol) or
+semi-supervised (``segment.method: classmix | reco``, :mod:`components.transfer.semisup`, ReCo's protocol).
 
-Model (:mod:`components.transfer.seg_models`): FCN on a dilated trunk (os 8 or 16; a ViT: its stride-16 map) +
-auxiliary head (weight 0.4),
-cross-entropy with ignore index 255. Optimiser: SGD (momentum 0.9, weight decay 5e-4) with mmseg's poly schedule
+Labels: ``segment.labeled`` images of the train split keep their labels (a count or a fraction, drawn uniformly from
+``split_seed``; the keys are written to ``<out>/labeled.txt``, their number and hash to the metrics and MLflow); the
+rest is read without labels and used only by the semi-supervised methods. A semi-supervised run also trains the
+supervised baseline on the same labelled images (``compare_supervised``), so the gain is one subtraction, and draws
+image / ground truth / each model's prediction side by side (``<plots>/predictions.png``, MLflow).
+
+Model (:mod:`components.transfer.seg_models`, ``segment.head``): FCN on a dilated trunk (os 8 or 16) + auxiliary head
+(weight 0.4), or DeepLabv3+ (os 16, + ReCo's representation head for ``reco``); a ViT: FCN on its stride-16 map;
+cross-entropy with ignore index 255. Optimiser: SGD (momentum 0.9, weight decay 5e-4, Nesterov when asked) with
+mmseg's poly schedule
 ``lr_t = (lr - min_lr) (1 - t/T)^0.9 + min_lr`` (a pure function of the iteration). Augmentation per sample
 (:class:`SegAugment`, random numbers drawn from ``(seed, epoch, key)``, so a resumed run and any worker count draw
 the same): random rescale (``scale_range``), random crop (``crop_size``, re-drawn up to 10 times while one class
@@ -10,7 +18,7 @@ covers > 75 %, mmseg's ``cat_max_ratio``), pad (image 0 / label 255), horizontal
 DDP on GPUs). Training runs on the engine (:mod:`components.train.engine`): exact resume from ``--checkpoints``,
 all-rank non-finite stop, DDP when ``nproc_per_node > 1``. Evaluation on the whole val split, whole image (or sliding
 windows of ``crop_size`` with 2/3 overlap when ``test_mode: slide``), one confusion matrix over the split -> mIoU,
-mAcc, pixel accuracy, per-class IoU.
+mAcc, pixel accuracy, per-class IoU; a semi-supervised run is evaluated with its teacher (as ReCo).
 
 Trunk init: ``pretrained`` = ``models/backbone.pt`` (loaded strictly), a ``.pt`` path = that backbone, ``random`` =
 torchvision's default init. ``compare_random`` also trains from random init with the same seed, schedule and data
@@ -19,6 +27,7 @@ multi-scale testing.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -129,6 +138,7 @@ class SegmentMethod(Method):
     """
 
     stat_keys = ("loss",)
+    method_name = "supervised"
 
     def __init__(self, cfg, *, source, num_classes: int, arch: str, trunk_state: dict | None, trunk_source: str):
         self.cfg, self.source, self.num_classes, self.arch = cfg, source, num_classes, arch
@@ -139,7 +149,7 @@ class SegmentMethod(Method):
 
     def build(self, device: torch.device) -> nn.Module:
         torch.manual_seed(self.cfg.seed)  # same head init for every init: only the trunk differs
-        model = build_segmenter(self.cfg, arch=self.arch, num_classes=self.num_classes)
+        model = build_segmenter(self.cfg, arch=self.arch, num_classes=self.num_classes, method=self.method_name)
         if self.trunk_state is not None:
             load_trunk_(model, self.trunk_state, self.trunk_source)
         return model.to(device)
@@ -147,7 +157,7 @@ class SegmentMethod(Method):
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         # mmseg's FCN recipe decays every parameter (no paramwise rules) with plain SGD
         return torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
-                               weight_decay=self.cfg.weight_decay)
+                               weight_decay=self.cfg.weight_decay, nesterov=self.cfg.nesterov)
 
     def lr_at(self, step: int) -> float:
         return poly_lr(step, self.cfg.iters, self.cfg.lr, self.cfg.power, min_lr=self.cfg.lr * 0.01)  # mmseg: 1e-4
@@ -165,8 +175,12 @@ class SegmentMethod(Method):
         return {"images": images.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True)}
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        logits, aux = model(batch["images"], train_logits=True)
-        return {"loss": seg_loss(logits, aux, batch["labels"], self.cfg.aux_weight)}
+        out = model(batch["images"], train_logits=True)
+        return {"loss": seg_loss(out["logits"], out["aux"], batch["labels"], self.cfg.aux_weight)}
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The network to evaluate after training (semi-supervised methods: the teacher)."""
+        return model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,20 +255,34 @@ def _flat(m: dict, prefix: str = "") -> dict:
     return out
 
 
+#: what changes no training step (left out of the checkpoint fingerprint, so changing it keeps the checkpoints)
+_NOT_TRAINING = ("compare_random", "compare_supervised", "num_vis", "test_mode", "save_every", "num_workers")
+
+
 def train_one(cfg, *, init: str, arch: str, state_dict: dict | None, where: str, train_src, checkpoints, tracker,
-              prefix: str, device=None, on_step=None, stop_after_step: int | None = None):
-    """Fine-tune one init through the engine; returns ``(model, FitResult)``."""
+              prefix: str, device=None, on_step=None, stop_after_step: int | None = None,
+              method: str = "supervised", unlabeled_src=None):
+    """Train one (init, method) through the engine on ``train_src`` (the labelled images) and, for a
+    semi-supervised ``method``, ``unlabeled_src``; returns ``(model to evaluate, FitResult)``."""
+    from components.transfer.semisup import SEMISUP_METHODS
+
     label = prefix.rstrip("/") or ("random" if init == "random" else "pretrained")
-    method = SegmentMethod(cfg, source=train_src, num_classes=train_src.num_classes, arch=arch,
-                           trunk_state=state_dict, trunk_source=where)
+    kw = dict(source=train_src, num_classes=train_src.num_classes, arch=arch, trunk_state=state_dict,
+              trunk_source=where)
+    if method == "supervised":
+        m = SegmentMethod(cfg, **kw)
+    else:
+        m = SEMISUP_METHODS[method](cfg, unlabeled=unlabeled_src, **kw)
     spec = RunSpec(total_steps=cfg.iters, steps_per_epoch=None, log_every=max(cfg.iters // 20, 1),
                    save_every=cfg.save_every, amp=cfg.amp, label=f"segment[{label}]", metric_prefix=f"{prefix}train/",
                    keep_checkpoints=1)
-    fp = {**cfg.model_dump(), "init": label, "arch": arch, "classes": train_src.class_names,
-          "trunk": _sha1(where) if state_dict is not None else "random", "data": len(train_src)}
-    result = fit(method, spec, ckpt_dir=Path(checkpoints) / label if checkpoints else None, fingerprint=fp,
+    fp = {**cfg.model_dump(exclude=set(_NOT_TRAINING)), "init": label, "arch": arch, "run_method": method,
+          "classes": train_src.class_names, "trunk": _sha1(where) if state_dict is not None else "random",
+          "data": len(train_src), "labeled_keys": _keys_sha1(train_src),
+          "unlabeled": len(unlabeled_src) if unlabeled_src is not None and method != "supervised" else 0}
+    result = fit(m, spec, ckpt_dir=Path(checkpoints) / label if checkpoints else None, fingerprint=fp,
                  tracker=tracker, device=device, on_step=on_step, stop_after_step=stop_after_step)
-    return result.extra["model"], result
+    return m.eval_model(result.extra["model"]), result
 
 
 def _sha1(path) -> str:
@@ -263,13 +291,55 @@ def _sha1(path) -> str:
     return sha1_file(path)[:16]
 
 
+def _keys_sha1(src) -> str | None:
+    """A short hash of the source's sample keys (None when it cannot list them)."""
+    import hashlib
+
+    try:
+        keys = src.keys()
+    except (AttributeError, UserError):
+        return None
+    return hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def split_train(cfg, train_src, out_dir: str | Path | None, tracker) -> tuple[Any, Any, dict]:
+    """``(labelled source, unlabelled source or None, split metrics)``; writes ``<out_dir>/labeled.txt`` (one key a
+    line) and logs it to MLflow. ``labeled: 1.0`` keeps the whole split labelled (no split)."""
+    from components.io import write_text_atomic
+    from components.transfer.semisup import split_labeled
+
+    if isinstance(cfg.labeled, float) and cfg.labeled >= 1.0:
+        return train_src, None, {"labeled_images": len(train_src), "unlabeled_images": 0}
+    lab, unl = split_labeled(train_src.keys(), cfg.labeled, cfg.split_seed)
+    if cfg.method != "supervised" and not unl:
+        raise UserError(f"segment.labeled={cfg.labeled} leaves no unlabelled image of {len(lab)}: "
+                        f"method={cfg.method!r} needs some; lower labeled")
+    labeled_src = train_src.subset(lab, labels=True)
+    unlabeled_src = train_src.subset(unl, labels=False) if unl else None
+    info = {"labeled_images": len(lab), "unlabeled_images": len(unl), "split_seed": cfg.split_seed,
+            "labeled_sha1": _keys_sha1(labeled_src)}
+    if out_dir is not None and dist.get_rank() == 0:
+        write_text_atomic(Path(out_dir) / "labeled.txt", "".join(f"{k}\n" for k in lab))
+        tracker.log_params({k: v for k, v in info.items()}, prefix="segment_split.")
+        tracker.log_artifact(Path(out_dir) / "labeled.txt", "split")
+    return labeled_src, unlabeled_src, info
+
+
+def _runs(cfg) -> list[tuple[str, str, str]]:
+    """``[(init, method, metric prefix)]``: the main run first ("" prefix), then ``supervised/``, ``random/``..."""
+    inits = [cfg.init] + (["random"] if cfg.compare_random and cfg.init != "random" else [])
+    methods = [cfg.method] + (["supervised"] if cfg.method != "supervised" and cfg.compare_supervised else [])
+    return [(i, m, ("random/" if i != inits[0] else "") + ("supervised/" if m != methods[0] else ""))
+            for i in inits for m in methods]
+
+
 def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: str | Path, *, tracker=None,
                 device: str | None = None, checkpoints: str | Path | None = None,
                 plots_dir: str | Path | None = None) -> dict:
-    """Fine-tune from the chosen init (and from random init if ``compare_random``); return the metrics dict.
+    """Train every (init, method) of :func:`_runs`, evaluate each, return the metrics dict.
 
-    Writes ``out_dir/model.pt`` (the fine-tuned model of the main init) and, with ``plots_dir``, ``loss.csv`` and
-    ``loss.png``. Pure: reads only its arguments.
+    Writes ``out_dir/model.pt`` (the main run's model; the teacher of a semi-supervised run), ``labeled.txt`` and,
+    with ``plots_dir``, ``loss.csv``, ``loss.png`` and ``predictions.png``. Pure: reads only its arguments.
     """
     from components.data.segdatasets import open_source
     from components.io import save_torch_atomic
@@ -284,21 +354,24 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
         raise UserError(f"{cfg.data_root or shards}: train and val splits list different classes")
     bb_path = Path(cfg.init) if cfg.init.endswith(".pt") else Path(backbone)
     arch, sd = load_backbone(bb_path)
-    inits = [cfg.init] + (["random"] if cfg.compare_random and cfg.init != "random" else [])
-    log.info("segment: %s (%d train / %d val images, %d classes), %s trunk, inits %s", train_src.kind,
-             len(train_src), len(val_src), val_src.num_classes, arch, inits)
-    metrics: dict = {"num_classes": val_src.num_classes, "dataset": train_src.kind, "arch": arch, "iters": cfg.iters}
+    labeled_src, unlabeled_src, split = split_train(cfg, train_src, out_dir, tracker)
+    runs = _runs(cfg)
+    log.info("segment: %s (%d labelled + %d unlabelled train / %d val images, %d classes), %s trunk, %s head, "
+             "runs %s", train_src.kind, split["labeled_images"], split["unlabeled_images"], len(val_src),
+             val_src.num_classes, arch, cfg.resolved_head, [(i, m) for i, m, _ in runs])
+    metrics: dict = {"num_classes": val_src.num_classes, "dataset": train_src.kind, "arch": arch, "iters": cfg.iters,
+                     "method": cfg.method, "head": cfg.resolved_head, **split}
     curves: dict[int, dict] = {}
-    main_model = None
-    for init in inits:
-        prefix = "" if init == inits[0] else "random/"
+    models: list[tuple[str, nn.Module]] = []
+    for init, method, prefix in runs:
+        name = prefix.rstrip("/") or cfg.method
         t0 = time.perf_counter()
         model, result = train_one(cfg, init=init, arch=arch, state_dict=None if init == "random" else sd,
-                                  where=str(bb_path), train_src=train_src, checkpoints=checkpoints, tracker=tracker,
-                                  prefix=prefix, device=device)
+                                  where=str(bb_path), train_src=labeled_src, checkpoints=checkpoints, tracker=tracker,
+                                  prefix=prefix, device=device, method=method, unlabeled_src=unlabeled_src)
         train_s = time.perf_counter() - t0
         for row in result.curve:
-            curves.setdefault(int(row["step"]), {"iter": int(row["step"])})[prefix.rstrip("/") or init] = row["loss"]
+            curves.setdefault(int(row["step"]), {"iter": int(row["step"])})[name] = row["loss"]
         if dist.get_rank() != 0:
             continue
         m = evaluate(model, val_src.iterate(), num_classes=val_src.num_classes, class_names=val_src.class_names,
@@ -311,27 +384,54 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
         metrics[f"{prefix}train_img_per_s"] = result.img_per_s if result.steps_this_run else 0.0
         metrics[f"{prefix}train_s"] = round(train_s, 3)
         tracker.log_metrics({f"{prefix}{k}": m[k] for k in ("mIoU", "mAcc", "pixel_acc")})
+        title = {"supervised": "supervised", "classmix": "ClassMix (teacher)", "reco": "ReCo+ClassMix (teacher)"}
+        models.append((("random init: " if prefix.startswith("random/") else "") + title[method], model))
         if prefix == "":
             metrics["init"] = init if not init.endswith(".pt") else "path"
             metrics["num_val_images"] = m["num_images"]
-            main_model = model
     if dist.get_rank() != 0:
         return {}
     if "random/mIoU" in metrics:
         metrics["gain/mIoU"] = metrics["mIoU"] - metrics["random/mIoU"]
+    if "supervised/mIoU" in metrics:
+        metrics["semisup_gain/mIoU"] = metrics["mIoU"] - metrics["supervised/mIoU"]
+    main_model = models[0][1]
     save_torch_atomic(
-        {"arch": arch, "num_classes": val_src.num_classes, "class_names": val_src.class_names,
-         "output_stride": cfg.output_stride, "head_channels": cfg.head_channels, "num_convs": cfg.num_convs,
-         "concat_input": cfg.concat_input, "crop_size": cfg.crop_size, "state_dict": main_model.cpu().state_dict()},
+        {"arch": arch, "num_classes": val_src.num_classes, "class_names": val_src.class_names, "method": cfg.method,
+         "head": cfg.resolved_head, "output_stride": cfg.output_stride, "head_channels": cfg.head_channels,
+         "num_convs": cfg.num_convs, "concat_input": cfg.concat_input,
+         "rep_dim": cfg.reco.rep_dim if cfg.method == "reco" else 0, "crop_size": cfg.crop_size,
+         "state_dict": main_model.cpu().state_dict()},
         Path(out_dir) / "model.pt",
     )
     if plots_dir is not None:
-        labels = [("random" if p else i) for i, p in zip(inits, ["", *["random/"] * (len(inits) - 1)])]
+        names = [r[2].rstrip("/") or cfg.method for r in runs]
         write_loss_plot([curves[k] for k in sorted(curves)], Path(plots_dir) / "loss.csv",
-                        Path(plots_dir) / "loss.png", x="iter", ys=labels, title="segmentation fine-tuning loss")
+                        Path(plots_dir) / "loss.png", x="iter", ys=names, title="segmentation training loss")
         tracker.log_artifact(Path(plots_dir) / "loss.png", "plots")
-    metrics["skipped_samples"] = getattr(train_src, "skipped", 0) + getattr(val_src, "skipped", 0)
+        if cfg.num_vis:
+            _draw(models, val_src, cfg, Path(plots_dir) / "predictions.png", tracker)
+    metrics["skipped_samples"] = sum(s.skipped for s in (labeled_src, unlabeled_src, val_src) if s is not None)
     return metrics
+
+
+def _draw(models, val_src, cfg, path: Path, tracker) -> None:
+    """image / ground truth / each model's prediction on the first ``num_vis`` val images -> ``path`` + MLflow."""
+    from components.transfer.draw import draw_segmentation
+
+    samples = list(itertools.islice(val_src.iterate(), cfg.num_vis))
+    columns = []
+    for title, model in models:
+        model.eval()
+        columns.append((title, [predict(model, normalize(s["image"][None].to(next(model.parameters()).device)),
+                                        mode=cfg.test_mode, crop=cfg.crop_size).argmax(1)[0].cpu()
+                                for s in samples]))
+    fig = draw_segmentation([s["image"] for s in samples], [s["label"] for s in samples], columns,
+                            val_src.class_names, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tracker.log_artifact(path, "plots")
 
 
 def _run_stage(ctx) -> dict:
@@ -341,7 +441,9 @@ def _run_stage(ctx) -> dict:
 
 
 def _summary(m: Mapping[str, Any]) -> str:
-    msg = f"mIoU {m['mIoU']:.4f} pixel acc {m['pixel_acc']:.4f}"
+    msg = f"{m.get('method', 'supervised')}: mIoU {m['mIoU']:.4f} pixel acc {m['pixel_acc']:.4f}"
+    if "supervised/mIoU" in m:
+        msg += f" (supervised on the same {m.get('labeled_images')} labels: mIoU {m['supervised/mIoU']:.4f})"
     if "random/mIoU" in m:
         msg += f" (random init: mIoU {m['random/mIoU']:.4f})"
     return msg
@@ -349,10 +451,11 @@ def _summary(m: Mapping[str, Any]) -> str:
 
 STAGE = Stage(
     name="segment", section="segment", run=_run_stage, metrics="metrics/segment.json", distributed=True,
-    summary=_summary, headline=("mIoU", "pixel_acc", "random/mIoU"),
+    summary=_summary, headline=("mIoU", "pixel_acc", "supervised/mIoU", "semisup_gain/mIoU", "random/mIoU",
+                                "labeled_images"),
     args=(Arg("shards", "data/shards", "shards root (the scenes default when data_root is empty)"),
           Arg("backbone", "models/backbone.pt", "exported backbone (init: pretrained)"),
-          Arg("out", "models/segment", "folder for the fine-tuned model"),
-          Arg("plots", "plots/segment", "folder for loss.csv and loss.png"),
+          Arg("out", "models/segment", "folder for the fine-tuned model and labeled.txt"),
+          Arg("plots", "plots/segment", "folder for loss.csv, loss.png and predictions.png"),
           Arg("checkpoints", None, "resumable checkpoints (outside DVC's outs, e.g. checkpoints/segment)")),
 )
