@@ -38,6 +38,7 @@ from components.train.optim import lr_at, momentum_at, scaled_lr
 #: ``pretrain.method`` -> the :class:`PretrainMethod` subclass (imported lazily)
 METHODS: dict[str, str] = {
     "slotcon": "components.slotcon.method:SlotConMethod",
+    "mocov2": "components.mocov2.method:MocoV2Method",
 }
 
 
