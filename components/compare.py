@@ -42,6 +42,10 @@ DEFAULT_OVERRIDES: dict[str, Any] = {
     "scenes.num_train": 256, "scenes.num_val": 64, "scenes.min_objects": 3, "scenes.max_objects": 7,
     "scenes.min_object_frac": 0.12, "scenes.max_object_frac": 0.4, "scenes.num_thing_classes": 8,
     "pretrain.epochs": 10, "pretrain.warmup_epochs": 1, "pretrain.save_every_steps": 20,
+    "probe.steps": 200,
+    # Mask R-CNN: more iterations at a lower, single scale (the demo: 40 at [96, 112, 128])
+    "detect.iters": 60, "detect.min_size": [96], "detect.max_size": 128, "detect.test_size": 128,
+    "detect.steps": [40, 53],
     "export.register_model": False,
     "probe.compare_random": False, "unsup.compare_random": False,
     "segment.compare_random": False, "detect.compare_random": False, "detect.num_vis": 0,

@@ -127,7 +127,7 @@ class MocoV2Params(Section):
 
     arch: Literal[RESNET_ARCHS] = "resnet18"  # paper: resnet50
     optimizer: Literal["sgd", "lars", "adamw"] = "sgd"  # paper: SGD, momentum 0.9
-    base_lr: float = Field(default=0.06, gt=0)  # lr = base_lr * global_batch / 256; paper: 0.03
+    base_lr: float = Field(default=0.24, gt=0)  # lr = base_lr * global_batch / 256 (0.03 at the demo's 32); paper: 0.03
     min_lr: float = Field(default=0.0, ge=0)  # cosine floor; paper: 0
     weight_decay: float = Field(default=1e-4, ge=0)  # paper: 1e-4
     dim_hidden: int = Field(default=512, ge=8)  # MLP head hidden width; paper: 2048 (= the R50 trunk's channels)

@@ -198,9 +198,9 @@ def _read_cell(cell: Path, stages: Sequence[str]) -> dict[str, Any]:
 
 @flow(name="slotcon-compare", log_prints=True, persist_result=False)
 def slotcon_compare(
-    methods: list[str] = list(DEFAULT_METHODS),
-    seeds: list[int] = list(DEFAULT_SEEDS),
-    stages: list[str] = list(cmp.STAGES),
+    methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    stages: list[str] | None = None,
     params_overrides: list[str] | dict[str, Any] | None = None,
     out_dir: str = "runs/compare",
     metrics_file: str = "metrics/compare.json",
@@ -209,7 +209,8 @@ def slotcon_compare(
     params_file: str = "params.yaml",
     force: bool = False,
 ) -> dict[str, Any]:
-    """Run the grid ``methods x seeds`` through ``stages`` and aggregate (see the module docstring).
+    """Run the grid ``methods x seeds`` through ``stages`` and aggregate (see the module docstring). Defaults:
+    :data:`DEFAULT_METHODS` (add ``sim`` once it is a ``pretrain.method``), :data:`DEFAULT_SEEDS`, every stage.
 
     ``params_overrides`` (``["pretrain.epochs=20"]`` or a mapping) apply to every cell on top of
     :data:`components.compare.DEFAULT_OVERRIDES`. Returns ``{"summary", "cells", "seconds", "parent_run_id"}``.
@@ -222,6 +223,9 @@ def slotcon_compare(
 
     logger = get_run_logger()
     t0 = time.perf_counter()
+    methods = list(methods or DEFAULT_METHODS)
+    seeds = [int(s) for s in (seeds if seeds is not None else DEFAULT_SEEDS)]
+    stages = list(stages or cmp.STAGES)
     root = Path(repo_dir or os.getcwd()).resolve()
     out = (root / out_dir).resolve()
     unknown = [s for s in stages if s not in cmp.STAGES]
@@ -229,7 +233,7 @@ def slotcon_compare(
         raise ValueError(f"stages {unknown} unknown (allowed: {', '.join(cmp.STAGES)})")
     base = yaml.safe_load((root / params_file).read_text()) or {}
     overrides = {**cmp.DEFAULT_OVERRIDES, **cmp.parse_overrides(params_overrides)}
-    cells = [(m, int(s)) for m in methods for s in seeds]
+    cells = [(m, int(s)) for s in seeds for m in methods]  # seed-major: a stopped grid still compares every method
 
     # every cell's params validated before anything runs (a typo fails here, not after an hour)
     cell_params = {c: cmp.cell_params(base, overrides, *c) for c in cells}
@@ -272,9 +276,9 @@ def slotcon_compare(
     finally:
         metrics = [f"{s}/{k}" for s, k, _ in cmp.METRICS if s in stages]
         summary = cmp.summarize(cmp.collect(cell_metrics), methods, metrics)
-        result = {"methods": list(methods), "seeds": [int(s) for s in seeds], "stages": list(stages),
-                  "overrides": overrides, "complete": not failed, "cell_seconds": timings,
-                  "seconds": round(time.perf_counter() - t0, 1), **summary}
+        result = {"grid": {"methods": list(methods), "seeds": [int(s) for s in seeds], "stages": list(stages)},
+                  "overrides": overrides, "complete": not failed and len(cell_metrics) == len(cells),
+                  "cell_seconds": timings, "seconds": round(time.perf_counter() - t0, 1), **summary}
         files = []
         if cell_metrics:
             write_json_atomic(root / metrics_file, result)

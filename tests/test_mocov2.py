@@ -301,7 +301,7 @@ def test_export_loads_strictly_into_torchvision(trained, tmp_path):
 
     ckpt = trained["out"] / "models" / "last.pt"
     run_export(ExportConfig(register_model=False), ckpt, tmp_path / "backbone.pt")
-    arch, sd = load_backbone(tmp_path / "backbone.pt")
+    _, sd = load_backbone(tmp_path / "backbone.pt")
     net = torchvision.models.resnet18(weights=None)
     net.fc = torch.nn.Identity()
     net.load_state_dict(sd, strict=True)  # every trunk key, nothing else

@@ -149,8 +149,6 @@ def render_slots(head, samples_fn: Callable[[], Iterable[dict]], out_dir: str | 
     ``samples_fn()`` returns the val samples (``{"key", "image": uint8 (3,H,W)}``) in a fixed order; it is called
     twice (statistics, then the crops of the chosen segments), so nothing image-sized is held for the whole split.
     """
-    from PIL import Image
-
     from components.io import write_bytes_atomic
 
     out = Path(out_dir)
