@@ -15,8 +15,9 @@ of optimisation on cached features, so seeds can be compared. Two probes, on the
   (``torchvision.ops.roi_align``, one bin, adaptive sampling) on each chosen layer, concatenated and standardised;
   a linear classifier over the thing categories; val top-1 accuracy and class-balanced accuracy.
 
-Both classifiers are trained full-batch-free with AdamW for ``steps`` steps from a seeded init (mini-batches of
-``probe_batch`` images for the dense probe; all boxes at once for the object probe): deterministic on a CPU.
+Both classifiers are trained with AdamW for ``steps`` steps (cosine decay) from a seeded init, on mini-batches of
+``probe_batch`` images for the dense probe and on all boxes at once for the object probe: deterministic on a CPU.
+The val split is never seen in training; nothing is tuned per trunk.
 """
 from __future__ import annotations
 
