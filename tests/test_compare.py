@@ -139,7 +139,7 @@ def prefect_server(tmp_path_factory):
     os.environ.pop("PREFECT_API_URL", None)
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=240):  # its first start migrates a SQLite DB; slow when busy
         yield
     for k, v in old.items():
         if v is None:
