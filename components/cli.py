@@ -17,12 +17,13 @@ STAGES: dict[str, tuple[str, str]] = {
     "scenes": ("components.data.scenes", "generate the scene-centric demo dataset in COCO format"),
     "prepare": ("components.data.coco", "discover and check a source; write per-split Parquet manifests"),
     "shard": ("components.data.shards", "write WebDataset shards + manifest (or --verify them)"),
-    "pretrain": ("components.train.pretrain", "self-supervised pretraining (SlotCon by default) from shards; torchrun when asked"),
+    "pretrain": ("components.train.pretrain", "self-supervised pretraining (SlotCon by default, or MoCo v2) from shards; torchrun when asked"),
     "export": ("components.transfer.convert", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),
     "detect": ("components.transfer.detection", "Mask R-CNN FPN fine-tuning + COCO evaluation (AP^b, AP^m)"),
     "segment": ("components.transfer.segmentation", "FCN semantic segmentation fine-tuning (mIoU)"),
-    "unsup_seg": ("components.transfer.unsup_seg", "prototype assignment -> Hungarian-matched mIoU"),
-    "viz": ("components.transfer.viz", "pictures of what the slots found"),
+    "probe": ("components.transfer.probe", "frozen-trunk linear probes: dense (semantic) and object (box classes)"),
+    "unsup_seg": ("components.transfer.unsup_seg", "prototypes or k-means clusters -> Hungarian-matched mIoU"),
+    "viz": ("components.transfer.viz", "pictures of what the slots (or k-means clusters) found"),
 }
 
 

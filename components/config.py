@@ -187,11 +187,36 @@ class SimParams(Section):
         return self
 
 
+class MocoV2Params(Section):
+    """``pretrain.mocov2``: MoCo v2, the image-level baseline (paper values in comments; Chen et al. 2020)."""
+
+    arch: Literal[RESNET_ARCHS] = "resnet18"  # paper: resnet50
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"  # paper: SGD, momentum 0.9
+    base_lr: float = Field(default=0.24, gt=0)  # lr = base_lr * global_batch / 256 (0.03 at the demo's 32); paper: 0.03
+    min_lr: float = Field(default=0.0, ge=0)  # cosine floor; paper: 0
+    weight_decay: float = Field(default=1e-4, ge=0)  # paper: 1e-4
+    dim_hidden: int = Field(default=512, ge=8)  # MLP head hidden width; paper: 2048 (= the R50 trunk's channels)
+    dim: int = Field(default=128, ge=8)  # embedding size; paper: 128
+    queue_size: int = Field(default=128, ge=2)  # negatives; a multiple of batch_size, below the images per epoch
+    # (else an image meets its own older keys as negatives); paper: 65536
+    temperature: float = Field(default=0.2, gt=0)  # tau; paper: 0.2
+    key_momentum: float = Field(default=0.99, ge=0, le=1)  # constant; paper: 0.999 (1000-step time constant: too
+    # slow for a demo of tens of steps)
+    bn_splits: int = Field(default=2, ge=1)  # BatchNorm groups per process (shuffle BN needs >= 2 groups in all);
+    # paper: 1 per GPU over 8 GPUs
+
+    @model_validator(mode="after")
+    def _check(self) -> "MocoV2Params":
+        if self.min_lr > self.base_lr:
+            raise ValueError(f"min_lr={self.min_lr} must be <= base_lr={self.base_lr}")
+        return self
+
+
 class PretrainConfig(Section):
     """``pretrain``: what every method shares (data, schedule length, processes, speed knobs) plus one subsection per
     method; ``method`` picks which subsection is used (the others are validated but change nothing)."""
 
-    method: Literal["slotcon", "sim"] = "slotcon"
+    method: Literal["slotcon", "sim", "mocov2"] = "slotcon"
     image_size: int = Field(default=96, ge=32)  # paper: 224; small demo crops for CPU speed, but a 3x3 map so slots are kept
     batch_size: int = Field(default=32, ge=2)  # global batch over all ranks; paper: 512 (COCO)
     epochs: int = Field(default=3, ge=1)  # paper: 800 (COCO / COCO+)
@@ -211,6 +236,7 @@ class PretrainConfig(Section):
     max_lost_fraction: float = Field(default=0.001, ge=0.0, le=1.0)
     slotcon: SlotConParams = Field(default_factory=SlotConParams)
     sim: SimParams = Field(default_factory=SimParams)
+    mocov2: MocoV2Params = Field(default_factory=MocoV2Params)
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
@@ -395,23 +421,53 @@ class SegmentConfig(Section):
         return "fcn" if self.method == "supervised" else "deeplabv3plus"
 
 
+class ProbeConfig(Section):
+    """Frozen-trunk linear probes (stage ``probe``): a dense (semantic) and an object (box classification) probe."""
+
+    init: InitKind = "pretrained"  # random | pretrained (--backbone) | path/to/backbone.pt
+    arch: Literal[RESNET_ARCHS] = "resnet18"  # only for init: random (otherwise the backbone file names it)
+    compare_random: bool = True  # also probe the same trunk randomly initialised (seed), so the gain is visible
+    layers: list[Literal["layer2", "layer3", "layer4"]] = Field(default_factory=lambda: ["layer3", "layer4"],
+                                                                 min_length=1)
+    resolution: int = Field(default=256, ge=32)  # short side resize + centre crop (as unsup: 2x the 128 px scenes)
+    label_size: int = Field(default=64, ge=8)  # the dense probe trains on logits upsampled to this size
+    steps: int = Field(default=300, ge=1)  # AdamW steps of each linear classifier (cosine decay)
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    probe_batch: int = Field(default=64, ge=1)  # images per dense-probe step
+    batch_size: int = Field(default=16, ge=1)  # images per feature-extraction batch
+    seed: int = 0  # classifier init and sampling (and the random trunk's init)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProbeConfig":
+        _check_init(self.init)
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers={self.layers} lists a layer twice")
+        return self
+
+
 class UnsupConfig(Section):
     dataset: Literal["auto", "scenes", "cocostuff27", "cocostuff", "voc", "cityscapes", "ade20k"] = "auto"
     data_root: str = ""  # empty = the scenes shards' val split; a COCO-Stuff root -> COCO-Stuff-27 (PiCIE protocol)
     # short side resize + centre crop; PiCIE on COCO-Stuff-27: 320. The demo upsamples its 128 px scenes 2x so the
     # stride-32 teacher sees an 8x8 grid and objects near their pretraining scale (64 px crops of 128 px images)
     resolution: int = Field(default=256, ge=32)
-    compare_random: bool = True  # same path from a randomly initialised SlotCon (same model_kwargs), the baseline
-    seed: int = 0  # init seed of that random baseline
+    compare_random: bool = True  # same path from the same method's model randomly initialised, the baseline
+    seed: int = 0  # init seed of that random baseline and of k-means
     batch_size: int = Field(default=16, ge=1)
+    # clusters: auto = the method's prototypes if it has them (SlotCon), else k-means (K = classes) on its dense
+    # features (MoCo, SIM); kmeans = k-means for every method (compares the features, not the prototypes)
+    assign: Literal["auto", "kmeans"] = "auto"
 
 
 class VizConfig(Section):
-    num_images: int = Field(default=6, ge=1)  # val images shown beside their prototype maps
+    num_images: int = Field(default=6, ge=1)  # val images shown beside their cluster maps
     top_prototypes: int = Field(default=6, ge=1)  # most used prototypes in the concept figure
     num_neighbors: int = Field(default=5, ge=1)  # nearest segments per prototype (paper: 5)
     resolution: int = Field(default=256, ge=32)  # short side resize + centre crop of the val images (as unsup)
     batch_size: int = Field(default=16, ge=1)
+    num_clusters: int = Field(default=0, ge=0)  # k-means K for methods without prototypes; 0 = the semantic classes
+    seed: int = 0  # k-means seed
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -423,6 +479,7 @@ SECTIONS: dict[str, type[Section]] = {
     "export": ExportConfig,
     "detect": DetectConfig,
     "segment": SegmentConfig,
+    "probe": ProbeConfig,
     "unsup": UnsupConfig,
     "viz": VizConfig,
 }

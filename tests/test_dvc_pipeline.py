@@ -38,6 +38,7 @@ TINY = {
                "proposals_test": 50, "mask_head": [16, 16], "rpn_batch_size": 16, "roi_batch_size": 16,
                "detections_per_img": 10, "save_every": 1},
     "segment": {"iters": 2, "batch_size": 2, "crop_size": 64, "compare_random": False, "head_channels": 16},
+    "probe": {"resolution": 64, "steps": 5, "compare_random": False, "layers": ["layer4"], "batch_size": 8},
     "unsup": {"resolution": 64, "compare_random": False, "batch_size": 8},
     "viz": {"num_images": 2, "top_prototypes": 2, "num_neighbors": 2, "resolution": 64, "batch_size": 8},
 }

@@ -7,10 +7,14 @@ from components.transfer.viz import CELL, LABEL_W, PAD, palette, render_slots
 
 
 def _model():
+    """A fitted cluster head on a random SlotCon (its prototypes)."""
+    from components.slotcon.method import SlotConMethod
     from components.slotcon.model import SlotCon
+    from components.transfer.clusters import ClusterHead
 
     torch.manual_seed(0)
-    return SlotCon(arch="resnet18", num_prototypes=6, dim_hidden=16, dim_out=8).eval()
+    model = SlotCon(arch="resnet18", num_prototypes=6, dim_hidden=16, dim_out=8).eval()
+    return ClusterHead(model, SlotConMethod, 0).fit(lambda: iter([torch.zeros(1, 3, 64, 64)]))
 
 
 def _samples(n=5, size=(72, 64)):
@@ -42,9 +46,30 @@ def test_viz_writes_valid_pngs_of_the_expected_size(tmp_path):
     assert {tuple(c) for c in np.unique(panel, axis=0).tolist()} <= pal
     with Image.open(tmp_path / "slots" / "concepts.png") as im:
         assert im.format == "PNG" and im.size == (LABEL_W + 4 * CELL + 5 * PAD, 2 * CELL + 3 * PAD)
-    assert summary["num_images"] == 5 and 1 <= summary["prototypes_used"] <= 6
+    assert summary["num_images"] == 5 and 1 <= summary["clusters_used"] <= 6 and summary["clusters"] == "prototypes"
     assert list(summary["top"]) == ["rank0", "rank1"]
     assert summary["top"]["rank0"]["usage"] >= summary["top"]["rank1"]["usage"]
+
+
+def test_viz_of_a_model_without_prototypes_draws_kmeans_clusters(tmp_path):
+    """MoCo v2 has no prototypes: the figures show k-means clusters (K given) of its query trunk's features."""
+    from components.mocov2.method import MocoV2Method
+    from components.mocov2.model import MoCoV2
+    from components.transfer.clusters import ClusterHead
+    from components.transfer.unsup_seg import image_batches
+
+    samples = _samples()
+    torch.manual_seed(0)
+    model = MoCoV2(arch="resnet18", dim_hidden=16, dim=8, queue_size=8).eval()
+    head = ClusterHead(model, MocoV2Method, 3).fit(image_batches(lambda: iter(samples), 2, 64, torch.device("cpu")))
+    summary = render_slots(head, lambda: iter(samples), tmp_path / "slots", num_images=2, top_prototypes=3,
+                           num_neighbors=2, resolution=64, batch_size=2)
+    assert summary["clusters"] == "kmeans" and summary["num_clusters"] == 3 and summary["clusters_used"] >= 2
+    with Image.open(tmp_path / "slots" / "assignments.png") as im:
+        arr = np.asarray(im)
+    panel = arr[PAD : PAD + 64, 2 * PAD + 64 : 2 * PAD + 128].reshape(-1, 3)
+    assert {tuple(c) for c in np.unique(panel, axis=0).tolist()} <= {tuple(c) for c in palette(3).tolist()}
+    assert -1.0 <= summary["neighbor_similarity_mean"] <= 1.0
 
 
 def test_palette_is_fixed_and_distinct():

@@ -39,6 +39,7 @@ from components.train.optim import lr_at, momentum_at, scaled_lr
 METHODS: dict[str, str] = {
     "slotcon": "components.slotcon.method:SlotConMethod",
     "sim": "components.sim.method:SimMethod",
+    "mocov2": "components.mocov2.method:MocoV2Method",
 }
 
 

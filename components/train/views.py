@@ -48,8 +48,10 @@ class DrawCrops:
     re-draws exactly the same ones.
     """
 
-    def __init__(self, seed: int, epoch: int, rank: int, scale: tuple[float, float] = (0.08, 1.0)):
+    def __init__(self, seed: int, epoch: int, rank: int, scale: tuple[float, float] = (0.08, 1.0),
+                 min_overlap: float = 0.01):
         self.seed, self.epoch, self.rank, self.scale = seed, epoch, rank, tuple(scale)
+        self.min_overlap = min_overlap  # 0: two independent crops (image-level methods such as MoCo)
         self._seen: dict[str, int] = {}
 
     def __call__(self, sample: dict) -> dict:
@@ -61,7 +63,7 @@ class DrawCrops:
         n = self._seen[key] = self._seen.get(key, -1) + 1
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, self.rank, worker, key, n))
         h, w = image_size(sample)
-        sample["crops"] = sample_two_crops(h, w, gen, scale=self.scale)
+        sample["crops"] = sample_two_crops(h, w, gen, scale=self.scale, min_overlap=self.min_overlap)
         return sample
 
 
@@ -83,14 +85,15 @@ def collate_pairs(samples: list[dict]) -> dict[str, Any]:
 
 def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, epoch: int, rank: int,
                  world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 pin_memory: bool = False, expected_counts=None):
+                 min_overlap: float = 0.01, pin_memory: bool = False, expected_counts=None):
     """This rank's loader for ``epoch``: resampled, ``samples_per_epoch // world_size // rank_batch`` batches of
-    ``rank_batch`` two-crop samples (see the module docstring); ``expected_counts`` (``{url: samples}``) makes it
-    count lost samples exactly."""
+    ``rank_batch`` two-crop samples (see the module docstring). ``min_overlap``: the second crop must cover at least
+    this share of its area inside the first (SlotCon's 1 %); 0 draws the two crops independently. ``expected_counts``
+    (``{url: samples}``) makes it count lost samples exactly."""
     from components.data.loader import make_loader
 
     return make_loader(
-        list(urls), batch_size=rank_batch, decode=decode, map_fn=DrawCrops(seed, epoch, rank, crop_scale),
+        list(urls), batch_size=rank_batch, decode=decode, map_fn=DrawCrops(seed, epoch, rank, crop_scale, min_overlap),
         collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True,
         pin_memory=pin_memory, expected_counts=expected_counts,

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.errors import UserError
 from components.backbone import RESNET_ARCHS, build_resnet, check_arch, is_vit, load_trunk, trunk_channels
+from components.errors import UserError
 
 
 def build_trunk(arch: str, output_stride: int = 8) -> nn.Module:

@@ -1,18 +1,21 @@
-"""Stage ``unsup_seg``: unsupervised semantic segmentation straight from the teacher's prototypes (SlotCon §4).
+"""Stage ``unsup_seg``: unsupervised semantic segmentation from a pretrained model's clusters (SlotCon §4).
 
 Prediction: every val image is resized (short side -> ``resolution``, bilinear) and centre-cropped to
-``resolution x resolution``; the teacher's cosine scores ``(B, K, h, w)`` (h = resolution/32) are bilinearly upsampled to
-the label resolution and the prototype with the highest score wins each pixel (argmax over K). Labels get the same
-resize (nearest) and crop. One ``(K, C)`` cluster x class confusion matrix is accumulated over the *whole* val split
-(ignore 255), then clusters are matched to classes:
+``resolution x resolution``; the model's cluster scores ``(B, K, h, w)`` (h = resolution/32) are bilinearly upsampled
+to the label resolution and the cluster with the highest score wins each pixel (argmax over K). The clusters come
+from the checkpoint's method (:class:`components.transfer.clusters.ClusterHead`): its learned prototypes when it has
+them (SlotCon: the teacher's cosine scores, K = number of prototypes), else spherical k-means with K = the number of
+classes on its dense features (MoCo, SIM); ``unsup.assign: kmeans`` forces k-means for every method. Labels get the
+same resize (nearest) and crop. One ``(K, C)`` cluster x class confusion matrix is accumulated over the *whole* val
+split (ignore 255), then clusters are matched to classes:
 
 - Hungarian matching (``scipy.optimize.linear_sum_assignment``, maximising the matched pixels): one cluster per class;
   mIoU and pixel accuracy of the matched prediction are the headline figures (the PiCIE/STEGO/SlotCon protocol);
 - many-to-one majority mapping (each cluster -> its most overlapped class), reported as ``majority/*`` when K > C:
   it always scores at least as high and rewards over-clustering, so it is a second figure only.
 
-Baseline: a randomly initialised SlotCon with the checkpoint's ``model_kwargs`` (seed ``unsup.seed``) through the same
-path (``random/*``), so the gain of pretraining is visible.
+Baseline: the same method's model randomly initialised with the checkpoint's ``model_kwargs`` (seed ``unsup.seed``)
+through the same path (``random/*``), so the gain of pretraining is visible.
 
 COCO-Stuff-27 (the paper's benchmark, PiCIE protocol): give ``unsup.data_root`` = a COCO-Stuff 164k root with the
 curated IIC lists (``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``, 2175 val images) and the stuffthingmaps;
@@ -87,35 +90,52 @@ def batched(samples: Iterable[dict], batch_size: int, resolution: int, with_labe
         yield {"keys": keys, "images": torch.stack(imgs), "labels": torch.stack(lbls) if with_label else None}
 
 
-@torch.no_grad()
-def assign_prototypes(model, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """``(B,3,H,W)`` uint8 -> ``(B, H', W')`` int64 prototype index: argmax_k of the teacher scores, upsampled first.
+def image_batches(samples_fn, batch_size: int, resolution: int, device: torch.device):
+    """``samples_fn()`` -> normalised ``(B, 3, R, R)`` batches on ``device`` (for :meth:`ClusterHead.fit`)."""
+    def gen():
+        for b in batched(samples_fn(), batch_size, resolution, with_label=False):
+            yield normalize(b["images"].to(device))
+    return gen
 
-    ``size`` defaults to the image size; upsampling the scores (not the argmax) gives smooth boundaries.
+
+@torch.no_grad()
+def assign_clusters(head, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """``(B,3,H,W)`` uint8 -> ``(B, H', W')`` int64 cluster index: argmax_k of the head's scores, upsampled first.
+
+    ``head`` is a fitted :class:`~components.transfer.clusters.ClusterHead` (or anything with ``device`` and
+    ``scores``); ``size`` defaults to the image size; upsampling the scores (not the argmax) gives smooth boundaries.
     """
-    dev = next(model.parameters()).device
-    scores = model.teacher_scores(normalize(images.to(dev)))  # (B, K, h, w)
+    scores = head.scores(normalize(images.to(head.device)))  # (B, K, h, w)
     scores = F.interpolate(scores.float(), size=size or tuple(images.shape[-2:]), mode="bilinear",
                            align_corners=False)
     return scores.argmax(dim=1)
 
 
 @torch.no_grad()
-def cluster_confusion(model, samples: Iterable[dict], *, num_classes: int, resolution: int, batch_size: int,
+def cluster_confusion(head, samples: Iterable[dict], *, num_classes: int, resolution: int, batch_size: int,
                       desc: str = "unsup_seg") -> tuple[torch.Tensor, int]:
     """The ``(K, C)`` cluster x class confusion over all ``samples`` (``{"key","image","label"}``) and their count."""
     from tqdm import tqdm
 
-    k = int(model.num_prototypes)
+    k = int(head.k)
     conf = torch.zeros(k, num_classes, dtype=torch.int64)
     n, t0 = 0, time.perf_counter()
     for b in tqdm(batched(samples, batch_size, resolution), desc=desc, leave=False, mininterval=5):
-        pred = assign_prototypes(model, b["images"]).cpu()
+        pred = assign_clusters(head, b["images"]).cpu()
         conf += confusion_matrix(pred, b["labels"], k, num_classes)
         n += len(b["keys"])
     log.info("%s: %d images in %.1fs (%.1f img/s)", desc, n, time.perf_counter() - t0,
              n / max(time.perf_counter() - t0, 1e-9))
     return conf, n
+
+
+def fit_head(model, method, src, cfg, device: torch.device):
+    """A :class:`ClusterHead` for ``model`` fitted on the images of ``src`` (prototypes, or k-means with K = the
+    number of classes, seed ``cfg.seed``)."""
+    from components.transfer.clusters import ClusterHead
+
+    head = ClusterHead(model, method, src.num_classes, seed=cfg.seed, mode=cfg.assign)
+    return head.fit(image_batches(src.iterate, cfg.batch_size, cfg.resolution, device), len(src))
 
 
 def score_clusters(conf: torch.Tensor | np.ndarray, class_names: list[str], prefix: str = "") -> dict:
@@ -150,32 +170,36 @@ def _source(cfg, shards):
 
 def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tracker=None,
                   device: str | None = None) -> dict:
-    """Hungarian-matched mIoU / pixel acc of the pretrained prototypes (and of a random model); the metrics dict."""
+    """Hungarian-matched mIoU / pixel acc of the pretrained model's clusters (and of a random one); the metrics."""
     from components.tracking import Tracker
     from components.train.checkpoint import load_checkpoint, load_pretrained
+    from components.train.pretrain import method_class
 
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src = _source(cfg, shards)  # cheap layout checks before loading anything heavy
     model = load_pretrained(checkpoint).to(device).eval()
-    kwargs = load_checkpoint(checkpoint).get("model_kwargs", {})
-    k, c = int(model.num_prototypes), src.num_classes
-    log.info("unsup_seg: %s val (%d images, %d classes), K=%d prototypes, resolution %d on %s", src.kind, len(src),
-             c, k, cfg.resolution, device)
+    state = load_checkpoint(checkpoint)
+    kwargs, name = state.get("model_kwargs", {}), state.get("method", "slotcon")
+    method = method_class(name)
+    c = src.num_classes
+    head = fit_head(model, method, src, cfg, device)
+    log.info("unsup_seg: %s val (%d images, %d classes), %s (%s, K=%d), resolution %d on %s", src.kind, len(src), c,
+             name, head.kind, head.k, cfg.resolution, device)
 
-    metrics: dict = {"num_prototypes": k, "num_classes": c, "dataset": src.kind, "resolution": cfg.resolution}
-    conf, n = cluster_confusion(model, src.iterate(), num_classes=c, resolution=cfg.resolution,
+    metrics: dict = {"method": name, "clusters": head.kind, "num_clusters": head.k, "num_classes": c,
+                     "dataset": src.kind, "resolution": cfg.resolution}
+    conf, n = cluster_confusion(head, src.iterate(), num_classes=c, resolution=cfg.resolution,
                                 batch_size=cfg.batch_size, desc="unsup_seg pretrained")
     if n == 0 or conf.sum() == 0:
         raise UserError(f"{shards if not cfg.data_root else cfg.data_root}: no labelled val pixels to evaluate")
     metrics.update(score_clusters(conf, src.class_names))
     metrics["num_images"] = n
-    if cfg.compare_random:
-        from components.slotcon.model import SlotCon
-
+    if cfg.compare_random:  # the same method's model, randomly initialised, through the same path
         torch.manual_seed(cfg.seed)
-        rand = SlotCon(**kwargs).to(device).eval()
-        rconf, _ = cluster_confusion(rand, src.iterate(), num_classes=c, resolution=cfg.resolution,
+        rand = method.model_from_kwargs(kwargs).to(device).eval()
+        rhead = fit_head(rand, method, src, cfg, device)
+        rconf, _ = cluster_confusion(rhead, src.iterate(), num_classes=c, resolution=cfg.resolution,
                                      batch_size=cfg.batch_size, desc="unsup_seg random")
         metrics.update(score_clusters(rconf, src.class_names, "random/"))
         metrics["gain/mIoU"] = metrics["mIoU"] - metrics["random/mIoU"]
@@ -200,5 +224,5 @@ STAGE = Stage(
     name="unsup_seg", section="unsup", run=_run_stage, metrics="metrics/unsup_seg.json", summary=_summary,
     headline=("mIoU",),
     args=(Arg("shards", "data/shards", "shards root (scenes val split with seg.png)"),
-          Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint")),
+          Arg("checkpoint", "models/pretrain/last.pt", "pretrained model (last.pt of any pretrain.method)")),
 )

@@ -1,16 +1,19 @@
-"""Stage ``viz``: pictures of what the slots found (PNGs under ``plots/slots/``, DVC plots + MLflow artifacts).
+"""Stage ``viz``: pictures of what the model's clusters found (PNGs under ``plots/slots/``, DVC plots + MLflow artifacts).
+
+The clusters are those of :class:`components.transfer.clusters.ClusterHead`: the method's learned prototypes when it
+has them (SlotCon: the teacher's scores), else k-means on its dense features (MoCo, SIM; K = ``viz.num_clusters``,
+or the val split's number of semantic classes), so any ``last.pt`` can be drawn.
 
 - ``assignments.png``: for the first ``num_images`` val images (a fixed set: the shards' order), the image, its
-  prototype-assignment map (argmax over K of the teacher's scores upsampled to the image; one fixed colour per
-  prototype, the same in every figure) and the two blended.
-- ``concepts.png`` (the paper's concept figure, Fig. 3): the ``top_prototypes`` prototypes that win most val pixels,
-  one row each; a row shows the ``num_neighbors`` val *segments* nearest to that prototype. A segment is the set of
-  pixels of one image assigned to the prototype; its feature is the mean of the teacher's projections
-  ``teacher_features`` over those pixels (each pixel takes the feature of the stride-32 cell it lies in), and
-  "nearest" is the cosine similarity of that pooled feature to the prototype vector. Segments under 1% of the image
-  are skipped (too small to see). Each cell is a crop around the segment, the segment kept bright and outlined in the
-  prototype's colour, the rest dimmed.
-- ``metrics/viz.json``: prototype usage (how many prototypes win any pixel, the entropy of their usage) and the
+  cluster-assignment map (argmax over K of the scores upsampled to the image; one fixed colour per cluster, the same
+  in every figure) and the two blended.
+- ``concepts.png`` (the paper's concept figure, Fig. 3): the ``top_prototypes`` clusters that win most val pixels,
+  one row each; a row shows the ``num_neighbors`` val *segments* nearest to that cluster. A segment is the set of
+  pixels of one image assigned to the cluster; its similarity is the cluster's score averaged over those pixels
+  (each pixel takes the score of the stride-32 cell it lies in: the cosine to the prototype or centroid). Segments
+  under 1% of the image are skipped (too small to see). Each cell is a crop around the segment, the segment kept
+  bright and outlined in the cluster's colour, the rest dimmed.
+- ``metrics/viz.json``: cluster usage (how many clusters win any pixel, the entropy of their usage) and the
   similarities shown.
 
 Images are composed pixel by pixel with numpy/PIL (no matplotlib): sizes are exact, so tests can check them.
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from components.stage import Arg, Stage
-from components.transfer.unsup_seg import assign_prototypes, batched, normalize
+from components.transfer.unsup_seg import batched, image_batches, normalize
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +119,16 @@ def concept_figure(cells: list[list[np.ndarray | None]], protos: list[int], usag
 
 
 @torch.no_grad()
-def _pass(model, samples: Iterable[dict], resolution: int, batch_size: int):
-    """Yield per batch: images (B,3,R,R) uint8, assignment (B,R,R), pooled (B,K,D) segment features, pixels (B,K)."""
-    dev = next(model.parameters()).device
-    k = int(model.num_prototypes)
+def _pass(head, samples: Iterable[dict], resolution: int, batch_size: int):
+    """Yield per batch: keys, images (B,3,R,R) uint8, assignment (B,R,R), the mean score of each segment (B,K),
+    pixels per segment (B,K)."""
+    dev = head.device
+    k = int(head.k)
     for b in batched(samples, batch_size, resolution, with_label=False):
         images = b["images"]
-        x = normalize(images.to(dev))
-        feats = model.teacher_features(x).float()  # (B, D, h, w)
-        scores = model.teacher_scores(x)
-        assign = F.interpolate(scores.float(), size=images.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-        bsz, d, h, w = feats.shape
+        scores = head.scores(normalize(images.to(dev))).float()  # (B, K, h, w)
+        assign = F.interpolate(scores, size=images.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+        bsz, _, h, w = scores.shape
         r = images.shape[-1]
         # pixel -> its stride cell; counts[b, k, cell] = pixels of segment k in that cell
         cy = (torch.arange(r, device=dev) * h // r).view(r, 1)
@@ -135,34 +137,32 @@ def _pass(model, samples: Iterable[dict], resolution: int, batch_size: int):
         flat = (torch.arange(bsz, device=dev).view(bsz, 1, 1) * k + assign) * (h * w) + cell_idx
         counts = torch.bincount(flat.reshape(-1), minlength=bsz * k * h * w).view(bsz, k, h * w).float()
         pixels = counts.sum(-1)  # (B, K)
-        pooled = torch.einsum("bkn,bdn->bkd", counts, feats.flatten(2)) / pixels.clamp_min(1)[..., None]
+        pooled = (counts * scores.flatten(2)).sum(-1) / pixels.clamp_min(1)  # (B, K) mean score over the segment
         yield b["keys"], images.cpu(), assign.cpu(), pooled.cpu(), pixels.cpu()
 
 
-def render_slots(model, samples_fn: Callable[[], Iterable[dict]], out_dir: str | Path, *, num_images: int,
+def render_slots(head, samples_fn: Callable[[], Iterable[dict]], out_dir: str | Path, *, num_images: int,
                  top_prototypes: int, num_neighbors: int, resolution: int, batch_size: int = 16) -> dict:
     """Write ``assignments.png`` and ``concepts.png`` under ``out_dir``; return a summary (usage, similarities).
 
+    ``head`` is a fitted :class:`~components.transfer.clusters.ClusterHead` (``k``, ``device``, ``scores``).
     ``samples_fn()`` returns the val samples (``{"key", "image": uint8 (3,H,W)}``) in a fixed order; it is called
     twice (statistics, then the crops of the chosen segments), so nothing image-sized is held for the whole split.
     """
-    from PIL import Image
-
     from components.io import write_bytes_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    k = int(model.num_prototypes)
+    k = int(head.k)
     colors = palette(k)
-    protos = F.normalize(model.teacher_prototypes.detach().float().cpu(), dim=1)  # (K, D)
     min_px = MIN_SEGMENT_FRAC * resolution * resolution
 
     usage = torch.zeros(k, dtype=torch.float64)
     sims, firsts_img, firsts_assign = [], [], []
     n = 0
-    for keys, images, assign, pooled, pixels in _pass(model, samples_fn(), resolution, batch_size):
+    for keys, images, assign, pooled, pixels in _pass(head, samples_fn(), resolution, batch_size):
         usage += pixels.sum(0).double()
-        sim = torch.einsum("bkd,kd->bk", F.normalize(pooled, dim=-1), protos)
+        sim = pooled.clone()
         sim[pixels < min_px] = float("-inf")  # absent or too small to show
         sims.append(sim)
         if n < num_images:
@@ -194,7 +194,7 @@ def render_slots(model, samples_fn: Callable[[], Iterable[dict]], out_dir: str |
     cell = CELL
     cells: list[list[np.ndarray | None]] = [[None] * num_neighbors for _ in top]
     idx = 0
-    for keys, images, assign, _, _ in _pass(model, samples_fn(), resolution, batch_size):
+    for keys, images, assign, _, _ in _pass(head, samples_fn(), resolution, batch_size):
         for j in range(len(keys)):
             for row, col in wanted.get(idx + j, []):
                 p = top[row]
@@ -208,8 +208,9 @@ def render_slots(model, samples_fn: Callable[[], Iterable[dict]], out_dir: str |
     ent = -(frac[frac > 0] * frac[frac > 0].log()).sum().item()
     return {
         "num_images": n,
-        "num_prototypes": k,
-        "prototypes_used": int((usage > 0).sum()),
+        "clusters": getattr(head, "kind", None) or "prototypes",
+        "num_clusters": k,
+        "clusters_used": int((usage > 0).sum()),
         "usage_entropy": ent,
         "usage_entropy_max": math.log(k),
         # nested dicts of numbers (not lists) so that `dvc metrics show` lists every value
@@ -231,25 +232,41 @@ def _png(arr: np.ndarray) -> bytes:
     return b.getvalue()
 
 
+def viz_num_clusters(cfg, shards: str | Path) -> int:
+    """K for k-means: ``viz.num_clusters``, else the number of semantic classes the shards' index lists (0: none)."""
+    from components.data.shards import read_index
+
+    return cfg.num_clusters or len(read_index(shards).get("semantic_classes") or [])
+
+
 def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path, *, tracker=None,
             device: str | None = None) -> dict:
-    """Load the pretrained SlotCon, draw the figures from the shards' val split; returns the summary."""
+    """Load the pretrained model (any method), draw the figures from the shards' val split; returns the summary."""
     from components.data.loader import iterate_samples
     from components.data.shards import read_index, split_urls
     from components.tracking import Tracker
-    from components.train.checkpoint import load_pretrained
+    from components.train.checkpoint import load_checkpoint, load_pretrained
+    from components.train.pretrain import method_class
+    from components.errors import UserError
+    from components.transfer.clusters import ClusterHead
 
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = read_index(shards)
     urls = split_urls(shards, index.get("val", "val2017"))
     model = load_pretrained(checkpoint).to(device).eval()
+    method = method_class(load_checkpoint(checkpoint).get("method", "slotcon"))
 
     def samples():
         for s in iterate_samples(urls, decode="rgb"):
             yield {"key": s["key"], "image": s["image"]}
 
-    summary = render_slots(model, samples, out_dir, num_images=cfg.num_images, top_prototypes=cfg.top_prototypes,
+    head = ClusterHead(model, method, viz_num_clusters(cfg, shards), seed=cfg.seed)
+    try:
+        head.fit(image_batches(samples, cfg.batch_size, cfg.resolution, device))
+    except ValueError as exc:  # k-means without a K (no semantic classes, no viz.num_clusters), or no images
+        raise UserError(f"{shards}: viz: {exc}") from None
+    summary = render_slots(head, samples, out_dir, num_images=cfg.num_images, top_prototypes=cfg.top_prototypes,
                            num_neighbors=cfg.num_neighbors, resolution=cfg.resolution, batch_size=cfg.batch_size)
     tracker.log_metrics(summary)
     tracker.log_artifact(out_dir, "slots")
@@ -261,14 +278,14 @@ def _run_stage(ctx) -> dict:
 
 
 def _summary(summary: dict) -> str:
-    return (f"{summary['prototypes_used']}/{summary['num_prototypes']} prototypes used on {summary['num_images']} "
-            "val images")
+    return (f"{summary['clusters_used']}/{summary['num_clusters']} {summary['clusters']} clusters used on "
+            f"{summary['num_images']} val images")
 
 
 STAGE = Stage(
     name="viz", section="viz", run=_run_stage, metrics="metrics/viz.json", summary=_summary,
     headline=("prototypes_used",),
     args=(Arg("shards", "data/shards", "shards root (the val split is drawn)"),
-          Arg("checkpoint", "models/pretrain/last.pt", "pretrained SlotCon checkpoint"),
+          Arg("checkpoint", "models/pretrain/last.pt", "pretrained model (last.pt of any pretrain.method)"),
           Arg("out", "plots/slots", "folder for the PNGs (DVC plots)")),
 )
