@@ -139,12 +139,14 @@ def run_cell_stage(label: str, root: str, cell_dir: str, data_dir: str, stage: s
 # --------------------------------------------------------------------------------------------------------------------
 # MLflow: the comparison parent and one child per cell
 # --------------------------------------------------------------------------------------------------------------------
-def _open_runs(root: Path, params: dict, cells: list[tuple[str, int]], flow_run_id: str | None, name: str):
+def _open_runs(root: Path, params_file: Path, params: dict, cells: list[tuple[str, int]], flow_run_id: str | None,
+               name: str):
     from components.config import parse_section
     from pipelines import mlflow_runs
 
     tcfg = mlflow_runs.resolve_store(parse_section("tracking", params.get("tracking")), root)
-    parent = mlflow_runs.open_parent_run(tcfg, root, run_name=name, flow_run_id=flow_run_id, params=params,
+    parent = mlflow_runs.open_parent_run(tcfg, root, run_name=name, flow_run_id=flow_run_id,
+                                         params_file=str(params_file.resolve()),
                                          tags={"slotcon.compare": "1", "mlflow.source.name": "pipelines/compare.py"})
     if parent is None:
         return tcfg, None, {}
@@ -254,7 +256,7 @@ def slotcon_compare(
 
     thread_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
     flow_run_id, flow_run_name = _flow_run_info()
-    tcfg, parent, children = _open_runs(root, data_params, cells, flow_run_id, f"compare {flow_run_name}")
+    tcfg, parent, children = _open_runs(root, data / "params.yaml", data_params, cells, flow_run_id, f"compare {flow_run_name}")
     failed, cell_metrics, timings = False, {}, {}
     try:
         data_env = {"MLFLOW_TRACKING_URI": tcfg.tracking_uri, **thread_env,
