@@ -39,8 +39,11 @@ BASELINES: tuple[str, ...] = ("random",)
 #: the comparison's schedule: longer than the demo's (3 epochs of 192 images), on harder scenes (more, smaller
 #: objects, more categories: the existing generator knobs), downstream comparisons off (random is its own row)
 DEFAULT_OVERRIDES: dict[str, Any] = {
-    "scenes.num_train": 256, "scenes.num_val": 64, "scenes.min_objects": 3, "scenes.max_objects": 7,
-    "scenes.min_object_frac": 0.12, "scenes.max_object_frac": 0.4, "scenes.num_thing_classes": 8,
+    # harder scenes than the demo's (the generator's "harder" variant): more, smaller and larger objects of more
+    # categories, piled around one focus point (occlusion) among unannotated clutter
+    "scenes.num_train": 256, "scenes.num_val": 64, "scenes.min_objects": 3, "scenes.max_objects": 8,
+    "scenes.min_object_frac": 0.1, "scenes.max_object_frac": 0.45, "scenes.num_thing_classes": 8,
+    "scenes.clutter_shapes": 4, "scenes.object_spread": 0.6,
     "pretrain.epochs": 10, "pretrain.warmup_epochs": 1, "pretrain.save_every_steps": 20,
     "probe.steps": 200,
     # Mask R-CNN: more iterations at a lower, single scale (the demo: 40 at [96, 112, 128])

@@ -2,8 +2,8 @@
 
 One command runs the grid::
 
-    python -m pipelines.compare                                   # random, mocov2, slotcon x seeds 0 1 2
-    python -m pipelines.compare --methods random mocov2 slotcon sim --seeds 0 1 2 -S pretrain.epochs=20
+    python -m pipelines.compare                                   # random, mocov2, slotcon, sim x seeds 0 1 2
+    python -m pipelines.compare --methods random mocov2 slotcon --seeds 0 1 2 3 4 -S pretrain.epochs=20
 
 Every **cell** (method, seed) is the pipeline's own stage CLIs (``python -m components <stage>``), run one at a time
 as Prefect tasks on its own params file (``params.yaml`` + the comparison's overrides + method + seed, see
@@ -43,7 +43,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from components import compare as cmp  # noqa: E402
 from pipelines.flow import StageFailed, run_streamed, stage_env  # noqa: E402
 
-DEFAULT_METHODS = ("random", "mocov2", "slotcon")
+DEFAULT_METHODS = ("random", "mocov2", "slotcon", "sim")
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -213,7 +213,7 @@ def slotcon_compare(
     threads: int | None = 1,
 ) -> dict[str, Any]:
     """Run the grid ``methods x seeds`` through ``stages`` and aggregate (see the module docstring). Defaults:
-    :data:`DEFAULT_METHODS` (add ``sim`` once it is a ``pretrain.method``), :data:`DEFAULT_SEEDS`, every stage.
+    :data:`DEFAULT_METHODS`, :data:`DEFAULT_SEEDS`, every stage.
     ``threads``: intra-op threads of every stage process (``OMP_NUM_THREADS``; None: the libraries' default). One by
     default: the grid runs one stage at a time on a CPU that is usually shared, where spinning OpenMP threads cost
     far more than a second core gains (this box: Mask R-CNN 13.5 s/iteration with 2 threads under load).

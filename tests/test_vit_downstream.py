@@ -96,3 +96,31 @@ def test_vit_fcn_head_on_the_stride16_map():
     model.eval()
     assert model(torch.randn(1, 3, 80, 96)).shape == (1, 3, 80, 96)
     assert model(x, train_logits=True)[1] is None  # no auxiliary head at test time
+
+
+def test_vit_probe_features_are_the_token_map():
+    """The frozen-trunk probes on a ViT: strict load at the weights' size, one stride-16 token map, RoI features of
+    the boxes (so SIM lands in the comparison's probe rows like the ResNets)."""
+    from components.backbone import vit_feature_map
+    from components.transfer.probe import VIT_LAYERS, extract, frozen_trunk
+
+    torch.manual_seed(0)
+    sd = build_vit("vit_demo_16", 96, head="none").state_dict()
+    net = frozen_trunk("vit_demo_16", sd, seed=1, source="backbone.pt")
+    torch.testing.assert_close(net.encoder.pos_embedding, sd["encoder.pos_embedding"])
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(UserError, match=r"^backbone\.pt: "):
+        frozen_trunk("vit_demo_16", {k: v for k, v in sd.items() if k != "class_token"}, seed=1, source="backbone.pt")
+    meta = {"annotations": [{"bbox": [8, 8, 40, 30], "category_id": 7, "iscrowd": 0},
+                            {"bbox": [0, 0, 64, 64], "category_id": 7, "iscrowd": 1}]}  # the crowd box is left out
+    samples = [{"image": torch.randint(0, 255, (3, 64, 80), dtype=torch.uint8),
+                "label": torch.zeros(64, 80, dtype=torch.uint8), "meta": meta} for _ in range(3)]
+    out = extract(net, samples, layers=VIT_LAYERS, resolution=64, batch_size=2, cat_index={7: 0},
+                  device=torch.device("cpu"))
+    assert out["dense"].shape == (3, 192, 4, 4) and out["labels"].shape == (3, 64, 64)
+    assert out["obj"].shape == (3, 192) and out["obj_cls"].tolist() == [0, 0, 0]
+    from components.constants import normalize_uint8
+    from components.transfer.unsup_seg import resize_center_crop
+
+    x = normalize_uint8(resize_center_crop(samples[0]["image"], samples[0]["label"], 64)[0][None])
+    torch.testing.assert_close(out["dense"][:1].float(), vit_feature_map(net, x), atol=2e-3, rtol=1e-3)  # fp16 store

@@ -37,18 +37,22 @@ from components.stage import Arg, Stage
 log = logging.getLogger(__name__)
 
 STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+VIT_LAYERS = ("tokens",)  # a ViT trunk: its final patch tokens as one map (stride = patch size, 16 for our archs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the frozen trunk and its features
 # --------------------------------------------------------------------------------------------------------------------
 def frozen_trunk(arch: str, state_dict: dict | None, *, seed: int, source: str) -> torch.nn.Module:
-    """A torchvision trunk (no fc/avgpool), loaded strictly from ``state_dict`` (None: random init from ``seed``),
-    in eval mode without gradients."""
-    from components.backbone import build_resnet, load_trunk
+    """A torchvision trunk (ResNet without fc/avgpool, or ViT without its classifier), loaded strictly from
+    ``state_dict`` (None: random init from ``seed``), in eval mode without gradients."""
+    from components.backbone import build_resnet, build_vit, is_vit, load_trunk, vit_image_size
 
     torch.manual_seed(seed)
-    net = build_resnet(arch, head="none")
+    if is_vit(arch):  # built at the weights' own size; other sizes resize the position table on the fly
+        net = build_vit(arch, vit_image_size(arch, state_dict) if state_dict is not None else 224)
+    else:
+        net = build_resnet(arch, head="none")
     if state_dict is not None:
         load_trunk(net, state_dict, arch=arch, source=source)
     for p in net.parameters():
@@ -58,7 +62,12 @@ def frozen_trunk(arch: str, state_dict: dict | None, *, seed: int, source: str) 
 
 @torch.no_grad()
 def trunk_maps(net: torch.nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The requested stage outputs of a headless ResNet: ``{layer: (B, C_l, H/s_l, W/s_l)}``."""
+    """The requested stage outputs of a headless ResNet: ``{layer: (B, C_l, H/s_l, W/s_l)}``; a ViT:
+    ``{"tokens": (B, D, H/p, W/p)}``."""
+    if layers == VIT_LAYERS:
+        from components.backbone import vit_feature_map
+
+        return {"tokens": vit_feature_map(net, x)}
     out = {}
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
         x = getattr(net, name)(x)
@@ -94,7 +103,8 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
     from torchvision.ops import roi_align
 
     dense, labels, obj, obj_cls = [], [], [], []
-    finest = min(layers, key=lambda n: STRIDES[n])
+    strides = {**STRIDES, "tokens": getattr(net, "patch_size", 16)}
+    finest = min(layers, key=lambda n: strides[n])
     buf: list[tuple[torch.Tensor, torch.Tensor, list]] = []
 
     def flush():
@@ -107,7 +117,7 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
         rois = [torch.tensor([[i] + box[:4] for box in b[2]], dtype=torch.float32) for i, b in enumerate(buf) if b[2]]
         if rois:
             rois_t = torch.cat(rois).to(device)
-            pooled = [roi_align(maps[n], rois_t, output_size=1, spatial_scale=1.0 / STRIDES[n], sampling_ratio=-1,
+            pooled = [roi_align(maps[n], rois_t, output_size=1, spatial_scale=1.0 / strides[n], sampling_ratio=-1,
                                 aligned=True).flatten(1) for n in layers]
             obj.append(torch.cat(pooled, 1).cpu())
             obj_cls.append(torch.tensor([box[4] for b in buf for box in b[2]], dtype=torch.long))
@@ -240,7 +250,7 @@ def eval_object_probe(head, std, feats: torch.Tensor, cls: torch.Tensor, num_cla
 # the stage
 # --------------------------------------------------------------------------------------------------------------------
 def _probe_one(cfg, net, train_src, val_src, cat_index, num_things, device) -> dict[str, Any]:
-    layers = tuple(cfg.layers)
+    layers = VIT_LAYERS if hasattr(net, "patch_size") else tuple(cfg.layers)  # probe.layers name ResNet stages
     kw = dict(layers=layers, resolution=cfg.resolution, batch_size=cfg.batch_size, cat_index=cat_index, device=device)
     t0 = time.perf_counter()
     tr = extract(net, labelled_samples(train_src), **kw)
@@ -276,7 +286,10 @@ def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, de
         arch, sd = cfg.arch, None
     else:
         arch, sd = load_backbone(cfg.init if cfg.init.endswith(".pt") else backbone)
-    metrics: dict[str, Any] = {"init": cfg.init, "arch": arch, "layers": ",".join(cfg.layers),
+    from components.backbone import is_vit
+
+    metrics: dict[str, Any] = {"init": cfg.init, "arch": arch,
+                               "layers": ",".join(VIT_LAYERS if is_vit(arch) else cfg.layers),
                                "num_train_images": len(train_src), "num_val_images": len(val_src)}
     net = frozen_trunk(arch, sd, seed=cfg.seed, source=str(backbone)).to(device)
     metrics.update(_probe_one(cfg, net, train_src, val_src, cat_index, len(cats), device))
