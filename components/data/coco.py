@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.io import sha1_file
 from components.stage import Arg, Stage
 
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -141,12 +142,6 @@ def image_key(file_name: str) -> str:
     return Path(file_name).stem.replace(".", "_")
 
 
-def _sha1_file(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_instances(path: Path, source: str) -> dict[str, Any]:
@@ -167,7 +162,7 @@ def load_instances(path: Path, source: str) -> dict[str, Any]:
 
 def _discover_labeled(plan: SplitPlan, root: Path, source: str, seg_dir: Path | None) -> None:
     data = load_instances(plan.annotations_file, source)
-    plan.annotations_sha1 = _sha1_file(plan.annotations_file)
+    plan.annotations_sha1 = sha1_file(plan.annotations_file)
     plan.categories = data["categories"]
     per_image: Counter = Counter()
     image_ids: set[int] = set()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from components.config import ScenesConfig
+from components.constants import IGNORE_INDEX
 from components.data.scenes_shapes import (
     _place, _rasterize, _rle_compressed, _rle_uncompressed, _shape_outline, _trace_polygons, clutter_outline,
 )
@@ -32,7 +33,7 @@ from components.data.scenes_textures import _random_colour, _stuff_image, _thing
 CROWD_PROB = 0.2  # fraction of images holding one crowd region (COCO: ~1% of annotations are crowds)
 RLE_PROB = 0.15  # non-crowd instances stored as compressed RLE instead of polygons
 TWO_STUFF_PROB = 0.5  # images whose background is two stuff regions (sky/ground-like)
-IGNORE = 255
+IGNORE = IGNORE_INDEX  # unlabelled pixels of the semantic maps
 
 # (name, shape, texture, supercategory). Shapes AND textures are all distinct, so either cue separates classes.
 THING_CATALOGUE: tuple[tuple[str, str, str, str], ...] = (

@@ -141,7 +141,7 @@ def plan_split(cfg, raw_dir: Path, raw_index: dict[str, Any], root: Path, split:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from components.data.coco import _sha1_file
+    from components.io import sha1_file
 
     info = raw_index["splits"][split]
     mpath = raw_dir / info["manifest"]
@@ -154,7 +154,7 @@ def plan_split(cfg, raw_dir: Path, raw_index: dict[str, Any], root: Path, split:
         ann_path = root / info["annotations"]
         if not ann_path.is_file():
             raise UserError(f"{ann_path}: not found (prepare saw it); re-run `slotcon prepare`")
-        if info.get("annotations_sha1") and _sha1_file(ann_path) != info["annotations_sha1"]:
+        if info.get("annotations_sha1") and sha1_file(ann_path) != info["annotations_sha1"]:
             raise UserError(f"{ann_path}: changed since `slotcon prepare` (sha1 differs); re-run prepare")
         plan.images, plan.anns = _group_annotations(ann_path)
     # sorted by key, then shuffled once at write time, seeded per split: shards are random mixes, order reproducible
