@@ -112,12 +112,13 @@ def test_segment_unsup_seg_and_viz_clis_on_real_shards(tmp_path, mlflow_store):
     sh, m = str(tmp_path / "shards"), tmp_path / "metrics"
     common = ["--params", str(params), "--shards", sh]
     assert main(["segment", *common, "--backbone", str(tmp_path / "bb.pt"), "--out", str(tmp_path / "seg"),
-                 "--metrics", str(m / "segment.json")]) == 0
+                 "--plots", str(tmp_path / "seg_plots"), "--metrics", str(m / "segment.json")]) == 0
     assert main(["unsup_seg", *common, "--checkpoint", str(tmp_path / "last.pt"),
                  "--metrics", str(m / "unsup_seg.json")]) == 0
     assert main(["viz", *common, "--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "slots"),
                  "--metrics", str(m / "viz.json")]) == 0
     seg, unsup = json.loads((m / "segment.json").read_text()), json.loads((m / "unsup_seg.json").read_text())
+    assert (tmp_path / "seg_plots" / "loss.png").is_file()  # nothing written into the repository's plots/
     assert seg["num_val_images"] == 3 and set(seg["per_class_IoU"]) == {"sky", "disc", "square", "bar"}
     assert unsup["num_images"] == 3 and 0 <= unsup["mIoU"] <= 1 and "random/mIoU" in unsup
     assert (tmp_path / "slots" / "assignments.png").is_file() and (tmp_path / "slots" / "concepts.png").is_file()
