@@ -80,14 +80,6 @@ class MocoV2Method(PretrainMethod):
     def momentum_at(self, step: int) -> float | None:
         return self.params.key_momentum  # constant, as MoCo (no cosine schedule)
 
-    def batches(self, epoch: int):
-        from components.train.views import build_loader
-
-        return build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
-                            samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
-                            rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
-                            decode=self.decode, crop_scale=self.crop_scale, min_overlap=self.crop_min_overlap)
-
     def shuffle(self, step: int) -> torch.Tensor:
         """The key encoder's global sample order at ``step``: the same on every rank and after a resume."""
         from components.mocov2.losses import shuffle_plan

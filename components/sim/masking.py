@@ -101,8 +101,8 @@ class DrawCropsAndMask(DrawCrops):
     ``(B, L)``. The mask's generator is seeded like the crops' (same key and occurrence, its own stream)."""
 
     def __init__(self, seed: int, epoch: int, rank: int, scale: tuple[float, float], *, grid: tuple[int, int],
-                 num_masked: int, min_block: int | None = None):
-        super().__init__(seed, epoch, rank, scale)
+                 num_masked: int, min_block: int | None = None, min_overlap: float = 0.01):
+        super().__init__(seed, epoch, rank, scale, min_overlap)
         self.grid, self.num_masked, self.min_block = tuple(grid), int(num_masked), min_block
 
     def __call__(self, sample: dict) -> dict:

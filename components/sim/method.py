@@ -8,10 +8,9 @@ the gradients; the global gradient norm is clipped to ``clip_grad``; AdamW (beta
 matrices only: none on norms, biases, position embedding, class and mask tokens) steps with the scheduled lr; then
 the target (encoder, ``decoder_embed``, projector) follows by EMA with the cosine momentum from ``teacher_momentum``.
 
-The crops come from the shared two-view sampler (:func:`components.slotcon.transforms.sample_two_crops`), which
-re-draws view B until it overlaps view A by >= 1 % of its area; the authors draw the two crops independently. With
-crop scale (0.08, 1) that only removes the rare pairs whose B lies wholly outside A, for which every mask token's
-position is outside A's frame anyway.
+The crops come from the shared two-view sampler (:func:`components.slotcon.transforms.sample_two_crops`) with
+``crop_min_overlap = 0``: the two crops are drawn independently, as the authors do (SlotCon re-draws view B until it
+overlaps view A by >= 1 % of its area); a mask token of a B patch outside A's frame gets a position outside [0, 1].
 """
 from __future__ import annotations
 
@@ -45,6 +44,7 @@ class SimMethod(PretrainMethod):
     stat_keys = ("loss", "loss_dense", "loss_global", "loss_pos", "loss_neg", "target_std", "target_erank")
     plot_keys = ("loss", "loss_dense", "loss_global")
     backbone_prefix = "student_encoder."  # SIM transfers the online encoder (the released fine-tuning loads it)
+    crop_min_overlap = 0.0  # the authors draw the two crops independently (see the module docstring)
 
     def __init__(self, cfg, plan, device: torch.device):
         from components.constants import VIT_SPECS
@@ -78,23 +78,12 @@ class SimMethod(PretrainMethod):
         return torch.optim.AdamW(param_groups(model, self.params.weight_decay), lr=self.peak_lr,
                                  betas=(0.9, self.params.beta2))
 
-    def batches(self, epoch: int):
-        """The shared two-view loader (:func:`components.train.views.build_loader`'s settings) whose workers also
-        draw view A's block mask; lost samples are counted as for every method (:meth:`_count_lost`)."""
-        from components.data.loader import make_loader
+    def crop_drawer(self, epoch: int):
+        """The shared two-view loader's draw plus view A's block mask (drawn in the loader workers)."""
         from components.sim.masking import DrawCropsAndMask
-        from components.train.views import collate_pairs
 
-        plan, cfg = self.plan, self.cfg
-        draw = DrawCropsAndMask(cfg.seed, epoch, plan.rank, self.crop_scale, grid=self.grid,
-                                num_masked=self.num_masked)
-        loader = make_loader(
-            list(plan.urls), batch_size=plan.rank_batch, decode=self.decode, map_fn=draw, collate_fn=collate_pairs,
-            shuffle=True, resampled=True, samples_per_epoch=plan.samples_per_epoch, num_workers=cfg.num_workers,
-            seed=cfg.seed, epoch=epoch, rank=plan.rank, world_size=plan.world_size, drop_last=True,
-            pin_memory=self.device.type == "cuda", expected_counts=self.lost.expected,
-        )
-        return self._count_lost(loader)
+        return DrawCropsAndMask(self.cfg.seed, epoch, self.plan.rank, self.crop_scale, grid=self.grid,
+                                num_masked=self.num_masked, min_overlap=self.crop_min_overlap)
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
         """The shared two views plus ``mask`` ``(B', L)``: an image no decoder accepted is dropped with its crops by

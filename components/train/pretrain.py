@@ -125,6 +125,7 @@ class PretrainMethod(Method):
     plot_keys: tuple[str, ...] = ("loss",)  # columns of loss.csv / loss.png
     backbone_prefix = ""  # state_dict prefix of the trunk that export writes (torchvision keys after it)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_min_overlap = 0.01  # view 2 covers >= this share of its area inside view 1 (SlotCon); 0: independent crops
     prefetch = True  # on CUDA: decode + augment the next batch on a side stream during the step
 
     def __init__(self, cfg, plan: Plan, device: torch.device):
@@ -189,9 +190,16 @@ class PretrainMethod(Method):
         loader = build_loader(self.plan.urls, rank_batch=self.plan.rank_batch,
                               samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
                               rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
-                              decode=self.decode, crop_scale=self.crop_scale, expected_counts=self.lost.expected,
-                              pin_memory=self.device.type == "cuda")
+                              decode=self.decode, expected_counts=self.lost.expected,
+                              pin_memory=self.device.type == "cuda", map_fn=self.crop_drawer(epoch))
         return self._count_lost(loader)
+
+    def crop_drawer(self, epoch: int):
+        """The loader workers' per-sample draw (:class:`~components.train.views.DrawCrops`: two crop boxes and
+        flips); a method that needs more per sample returns a subclass (SIM: view A's block mask)."""
+        from components.train.views import DrawCrops
+
+        return DrawCrops(self.cfg.seed, epoch, self.plan.rank, self.crop_scale, self.crop_min_overlap)
 
     def _count_lost(self, loader):
         """The loader's batches, its loss records folded into :attr:`lost` before each batch is handed on; every

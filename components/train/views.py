@@ -85,16 +85,17 @@ def collate_pairs(samples: list[dict]) -> dict[str, Any]:
 
 def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, epoch: int, rank: int,
                  world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0),
-                 min_overlap: float = 0.01, pin_memory: bool = False, expected_counts=None):
+                 min_overlap: float = 0.01, pin_memory: bool = False, expected_counts=None, map_fn=None):
     """This rank's loader for ``epoch``: resampled, ``samples_per_epoch // world_size // rank_batch`` batches of
     ``rank_batch`` two-crop samples (see the module docstring). ``min_overlap``: the second crop must cover at least
     this share of its area inside the first (SlotCon's 1 %); 0 draws the two crops independently. ``expected_counts``
-    (``{url: samples}``) makes it count lost samples exactly."""
+    (``{url: samples}``) makes it count lost samples exactly. ``map_fn``: a :class:`DrawCrops` (subclass) that draws
+    more per sample (SIM: the block mask); default ``DrawCrops(seed, epoch, rank, crop_scale, min_overlap)``."""
     from components.data.loader import make_loader
 
     return make_loader(
-        list(urls), batch_size=rank_batch, decode=decode, map_fn=DrawCrops(seed, epoch, rank, crop_scale, min_overlap),
-        collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
+        list(urls), batch_size=rank_batch, decode=decode,
+        map_fn=map_fn or DrawCrops(seed, epoch, rank, crop_scale, min_overlap), collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True,
         pin_memory=pin_memory, expected_counts=expected_counts,
     )

@@ -296,6 +296,34 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(shards, tmp
     assert json.loads((tmp_path / "metrics.json").read_text())["lost_samples"] == 12
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mocov2", "sim"])
+def test_every_pretraining_method_counts_lost_samples(shards, tmp_path, method):
+    """MoCo v2 and SIM read through the same counting loader as SlotCon: the same damaged shard stops them with the
+    same one-line error (their crop draws differ: independent crops, SIM's block mask)."""
+    import shutil
+
+    from components.config import PretrainConfig
+    from components.data.shards import expected_counts
+    from components.errors import UserError
+    from components.train.pretrain import run_pretrain
+
+    root = tmp_path / "shards"
+    shutil.copytree(shards, root)
+    counts = expected_counts(root, "train2017")
+    victim = sorted(counts)[0]
+    _damage(victim, "checksum_first_member")
+    sub = {"mocov2": dict(arch="resnet18", dim_hidden=32, dim=16, queue_size=16, bn_splits=2),
+           "sim": dict(decoder_dim=32, decoder_heads=2, predictor_depth=1)}[method]
+    cfg = PretrainConfig(method=method, image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1,
+                         warmup_epochs=0, samples_per_epoch=16, **{method: sub})
+    torch.set_num_threads(1)
+    with pytest.raises(UserError) as err:
+        run_pretrain(cfg, root, tmp_path / "m", tmp_path / "ck", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and f"12 of {sum(counts.values())} samples" in msg and victim in msg
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # fewer than 2 kept slot queries on a rank
 # --------------------------------------------------------------------------------------------------------------------
