@@ -61,7 +61,8 @@ def stage_command(stage: str, cell: Path, data: Path) -> list[str]:
         "export": ["--checkpoint", last, "--out", backbone],
         "probe": ["--shards", shards, "--backbone", backbone],
         "unsup_seg": ["--shards", shards, "--checkpoint", last],
-        "segment": ["--shards", shards, "--backbone", backbone, "--out", str(cell / "models" / "segment")],
+        "segment": ["--shards", shards, "--backbone", backbone, "--out", str(cell / "models" / "segment"),
+                    "--plots", str(cell / "plots" / "segment")],
         "detect": ["--shards", shards, "--backbone", backbone, "--out", str(cell / "models" / "detect"),
                    "--checkpoints", str(cell / "checkpoints" / "detect"), "--plots", str(cell / "plots" / "detect")],
     }[stage]

@@ -200,3 +200,23 @@ def test_compare_flow_on_a_tiny_grid(prefect_server, tmp_path, monkeypatch, repo
     # a second run finds every stage done (stamps of the same params) and only re-aggregates
     again = slotcon_compare(**kw)
     assert again["seconds"] < res["seconds"] and again["summary"] == res["summary"]
+
+
+def test_stage_commands_write_only_inside_the_cell(tmp_path):
+    """Every output path option of a cell's stage commands is given (none falls back to a default under the
+    repository's models/, plots/, metrics/ or checkpoints/), and points inside the cell."""
+    import importlib
+
+    from components.cli import STAGES as CLI
+    from pipelines.compare import stage_command
+
+    cell, data = tmp_path / "cells" / "slotcon-s0", tmp_path / "data"
+    for stage in ("pretrain", "export", *cmp.STAGES):
+        cmd = stage_command(stage, cell, data)
+        spec = importlib.import_module(CLI[stage][0]).STAGE
+        for arg in spec.all_args():
+            default = str(arg.default or "")
+            if arg.flag or not default.startswith(("models/", "plots/", "metrics/", "checkpoints/")):
+                continue
+            assert arg.option in cmd, f"{stage}: {arg.option} left at its default {default}"
+            assert cmd[cmd.index(arg.option) + 1].startswith(str(cell)), (stage, arg.option)

@@ -319,6 +319,7 @@ def _summary(m: dict) -> str:
 
 STAGE = Stage(
     name="probe", section="probe", run=_run_stage, metrics="metrics/probe.json", summary=_summary,
+    headline=("dense_mIoU", "object_acc", "random/dense_mIoU", "random/object_acc"),
     args=(Arg("shards", "data/shards", "shards root (train/val splits with seg.png and COCO boxes)"),
           Arg("backbone", "models/backbone.pt", "exported backbone (slotcon export)")),
 )
