@@ -20,7 +20,8 @@ def test_dry_run_runs_every_phase_and_writes_one_json(tmp_path, monkeypatch):
     res = gpu_check.main(["--dry-run", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["dry_run"] is True and saved["device"].startswith("cpu")
-    for phase in ("pytest_gpu", "pretrain_slotcon_eager", "scenes_shards", "detect", "segment", "nvjpeg"):
+    for phase in ("pytest_gpu", "pretrain_slotcon_eager", "pretrain_sim_eager", "scenes_shards", "detect", "segment",
+                  "nvjpeg"):
         assert res[phase]["ok"], (phase, res[phase])
     pre = res["pretrain_slotcon_eager"]
     assert pre["end_to_end_img_s"] > 0 and pre["model_only_img_s"] > 0 and pre["data_only_img_s"] > 0
