@@ -330,7 +330,8 @@ def mlflow_run_url(tcfg: Any, run_id: str | None) -> str | None:
         exp_id = _client(tcfg).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a link is a convenience
         return None
-    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+    # workflowType: MLflow 3's UI otherwise opens its GenAI side (a per-browser choice, not the experiment's kind tag)
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def summary_markdown(results: Mapping[str, Any], seconds: float, headline: Mapping[str, float], url: str | None,

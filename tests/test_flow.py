@@ -115,7 +115,7 @@ def test_flow_runs_stages_in_order_then_nothing(prefect_server, tiny):
     assert parent.info.run_name.startswith("HEAD ")  # nothing varied against the committed params
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"params.yaml", "dvc.lock"}
     assert result["headline"]["d.value"] == parent.data.metrics["d.value"]
-    assert result["mlflow_url"].endswith(f"/runs/{parent.info.run_id}")
+    assert result["mlflow_url"].endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")
 
     # a second run re-executes nothing: DVC reports every stage up to date, and no MLflow run is kept for it
     state2 = slotcon_pipeline(repo_dir=str(tiny), retries=0, return_state=True)
