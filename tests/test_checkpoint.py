@@ -55,6 +55,36 @@ def test_find_latest_skips_a_corrupt_newest(tmp_path):
     assert state["step"] == 3
 
 
+def test_flipped_bytes_inside_a_tensor_are_caught_by_the_crc(tmp_path):
+    """torch.load reads a checkpoint with flipped payload bytes as wrong weights, silently (the chaos campaign found
+    it: a resumed run ended 899 away from the straight run); the CRC check makes it an unreadable file, skipped for
+    the previous one. The same check guards the exported backbone."""
+    import zipfile
+
+    from components.errors import UserError
+    from components.transfer.convert import load_backbone
+
+    run = tmp_path / "abc"
+    ckpt.save_checkpoint(_state(3), run, 3)
+    newest = ckpt.save_checkpoint({"model": {"w": torch.arange(4096, dtype=torch.float32)}, "step": 7}, run, 7)
+    with zipfile.ZipFile(newest) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/data/0"))
+    data = bytearray(newest.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # the member's payload
+    data[start + 100:start + 104] = b"\xff\xff\xff\x7f"
+    newest.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(newest, weights_only=False)["model"]["w"], torch.arange(4096.0))  # silent
+    with pytest.raises(UserError, match=r"step_000000007\.pt: not a readable checkpoint \(damaged bytes in member"):
+        ckpt.load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="CRC-32 mismatch"):
+        path, state = ckpt.find_latest(run)
+    assert state["step"] == 3
+    bb = tmp_path / "backbone.pt"
+    bb.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="backbone.pt: not a readable backbone file .*CRC-32"):
+        load_backbone(bb)
+
+
 def test_fingerprint_ignores_cadence_but_not_epochs_or_lr():
     base = {"base_lr": 1.0, "epochs": 3, "num_workers": 2, "log_every_steps": 5, "seed": 0}
     h0, fp = ckpt.fingerprint(base, {"world_size": 1})

@@ -74,7 +74,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`; UserError naming the file if it is not one."""
+    from components.io import torch_file_damage
+
     path = Path(path)
+    damage = torch_file_damage(path) if path.is_file() else None
+    if damage:
+        raise UserError(f"{path}: not a readable checkpoint ({damage}); delete it to start over")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / not a torch file
@@ -87,8 +92,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The newest loadable checkpoint in ``run_dir`` as ``(path, state)``, or None.
 
-    A file that fails to load (cannot happen with atomic saves, but a disk can still lie) is skipped in favour of the
-    previous one, with a warning.
+    A file that fails to load or whose bytes fail their CRC-32 (cannot happen with atomic saves, but a disk can still
+    lie) is skipped in favour of the previous one, with a warning.
     """
     import warnings
 

@@ -108,6 +108,11 @@ def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: backbone not found; run `dvc repro export` (slotcon export) first")
+    from components.io import torch_file_damage
+
+    damage = torch_file_damage(path)
+    if damage:
+        raise UserError(f"{path}: not a readable backbone file ({damage}); re-run `slotcon export`")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
