@@ -88,14 +88,15 @@ def test_vit_fcn_head_on_the_stride16_map():
         load_trunk_(model, {**sd, "extra.weight": torch.zeros(1)}, "backbone.pt")
     model.train()
     x = torch.randn(2, 3, 64, 64)
-    logits, aux = model(x, train_logits=True)
-    assert logits.shape == aux.shape == (2, 3, 4, 4)
-    loss = seg_loss(logits, aux, torch.randint(0, 3, (2, 64, 64)), 0.4)
+    out = model(x, train_logits=True)  # the contract every segmenter keeps (FCN, DeepLabv3+)
+    assert set(out) == {"logits", "aux", "rep"} and out["rep"] is None
+    assert out["logits"].shape == out["aux"].shape == (2, 3, 4, 4)
+    loss = seg_loss(out["logits"], out["aux"], torch.randint(0, 3, (2, 64, 64)), 0.4)
     loss.backward()
     assert model.backbone.encoder.layers.encoder_layer_0.ln_1.weight.grad is not None
     model.eval()
     assert model(torch.randn(1, 3, 80, 96)).shape == (1, 3, 80, 96)
-    assert model(x, train_logits=True)[1] is None  # no auxiliary head at test time
+    assert model(x, train_logits=True)["aux"] is None  # no auxiliary head at test time
 
 
 def test_vit_probe_features_are_the_token_map():
@@ -124,3 +125,28 @@ def test_vit_probe_features_are_the_token_map():
 
     x = normalize_uint8(resize_center_crop(samples[0]["image"], samples[0]["label"], 64)[0][None])
     torch.testing.assert_close(out["dense"][:1].float(), vit_feature_map(net, x), atol=2e-3, rtol=1e-3)  # fp16 store
+
+
+@pytest.mark.slow
+def test_segment_stage_trains_a_vit_trunk(tmp_path):
+    """The segment stage's own training (`train_one`: the engine, SegmentMethod's loss) on a ViT trunk: the
+    comparison's SIM cells go through it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_segmentation import _scenes_folder
+
+    from components.config import SegmentConfig
+    from components.data.segdatasets import open_source
+    from components.transfer.segmentation import train_one
+
+    root = _scenes_folder(tmp_path / "scenes", n=4)
+    cfg = SegmentConfig(data_root=str(root), iters=2, batch_size=2, crop_size=32, head_channels=8)
+    sd = build_vit("vit_demo_16", 96, head="none").state_dict()
+    torch.save({"arch": "vit_demo_16", "state_dict": sd}, tmp_path / "backbone.pt")
+    model, result = train_one(cfg, init="pretrained", arch="vit_demo_16", state_dict=sd,
+                              where=str(tmp_path / "backbone.pt"),
+                              train_src=open_source(str(root), None, "auto", "train"), checkpoints=None,
+                              tracker=None, prefix="")
+    assert len(result.curve) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.curve)

@@ -182,9 +182,10 @@ class ViTFCN(nn.Module):
         return self.head(c16), aux
 
     def forward(self, x: torch.Tensor, *, train_logits: bool = False):
+        """As :meth:`FCN.forward`: logits at the input size, or ``{"logits", "aux", "rep": None}`` at stride 16."""
+        logits, aux = self.forward_logits(x)
         if train_logits:
-            return self.forward_logits(x)
-        logits, _ = self.forward_logits(x)
+            return {"logits": logits, "aux": aux, "rep": None}
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
