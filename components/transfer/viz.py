@@ -278,8 +278,8 @@ def _run_stage(ctx) -> dict:
 
 
 def _summary(summary: dict) -> str:
-    return (f"{summary['clusters_used']}/{summary['num_clusters']} {summary['clusters']} clusters used on "
-            f"{summary['num_images']} val images")
+    what = {"prototypes": "prototypes", "kmeans": "k-means clusters"}.get(summary.get("clusters"), "clusters")
+    return f"{summary['clusters_used']}/{summary['num_clusters']} {what} used on {summary['num_images']} val images"
 
 
 STAGE = Stage(
