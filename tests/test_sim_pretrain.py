@@ -148,6 +148,9 @@ def test_sim_demo_cli_loss_falls_without_collapse_and_exports(shards, tmp_path, 
     (version,) = client.search_model_versions("name='test-backbone-sim'")
     loaded = mlflow.pytorch.load_model(f"models:/test-backbone-sim/{version.version}")
     assert isinstance(loaded, torchvision.models.VisionTransformer)
+    assert "online encoder of sim pretraining" in version.description and "VisionTransformer keys" in version.description
+    sig = mlflow.models.get_model_info(f"models:/test-backbone-sim/{version.version}").signature
+    assert sig is not None and list(sig.inputs.to_dict()[0]["tensor-spec"]["shape"])[1:] == [3, 64, 64]  # its size
 
 
 # --------------------------------------------------------------------------------------------------------------------

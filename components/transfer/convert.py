@@ -138,9 +138,15 @@ def checkpoint_method(path: str | os.PathLike) -> str:
     return str(state.get("method", "slotcon")) if isinstance(state, dict) else "slotcon"
 
 
+def _trunk_name(source: Mapping[str, Any]) -> str:
+    """Which network of the method the export holds (what each method transfers)."""
+    return {"slotcon": "teacher backbone", "sim": "online encoder",
+            "mocov2": "query encoder"}.get(str(source.get("method", "slotcon")), "backbone")
+
+
 def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, tracker=None,
                registered_model: str = "slotcon-backbone") -> dict[str, Any]:
-    """Convert ``checkpoint``'s teacher backbone, write ``out`` atomically, and (optionally) register it in MLflow.
+    """Convert ``checkpoint``'s transferred trunk, write ``out`` atomically, and (optionally) register it in MLflow.
 
     ``cfg`` is the :class:`~components.config.ExportConfig`; returns a small summary dict. The new registry version
     gets the alias ``@candidate``, a description and tags (arch, source step, git commit, and the md5s of ``out`` and
@@ -148,6 +154,7 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
     ``@champion`` is the explicit step ``python -m pipelines.registry promote``. A registry failure (store locked or
     gone) is a warning: ``out`` is written either way.
     """
+    from components.backbone import is_vit
     from components.io import save_torch_atomic
     from components.lineage import file_md5
 
@@ -160,9 +167,10 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
         if cfg.register_model:
             tags = {"arch": arch, "source_step": source.get("step"), "source_checkpoint": str(checkpoint),
                     "slotcon.backbone_md5": file_md5(out), "slotcon.checkpoint_md5": file_md5(checkpoint)}
-            description = (f"{arch} teacher backbone of SlotCon pretraining ({source.get('step')} steps), torchvision "
-                           "ResNet keys. Downstream stages add their headline figures as tags (detect.bbox_AP, "
-                           "segment.mIoU, unsup_seg.mIoU).")
+            description = (f"{arch} {_trunk_name(source)} of {source.get('method', 'slotcon')} pretraining "
+                           f"({source.get('step')} steps), torchvision "
+                           f"{'VisionTransformer' if is_vit(arch) else 'ResNet'} keys. Downstream stages add their "
+                           "headline figures as tags (detect.bbox_AP, segment.mIoU, unsup_seg.mIoU).")
             try:
                 summary.update(_log_model(tracker, build_backbone(arch, sd).eval(), registered_model,
                                           description=description, tags=tags))
@@ -170,7 +178,7 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
                 print(f"slotcon export: warning: backbone not registered in MLflow ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); re-run `dvc repro -f export` to register it",
                       file=sys.stderr)
-    print(f"slotcon export: {arch} teacher backbone ({n_params:,} parameters, step {source['step']}) -> {out}")
+    print(f"slotcon export: {arch} {_trunk_name(source)} ({n_params:,} parameters, step {source['step']}) -> {out}")
     return summary
 
 
@@ -193,6 +201,7 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, descri
         lg.addFilter(quiet)
     active = mlflow.active_run()
     ctx = mlflow.start_run(run_id=tracker.run_id) if active is None or active.info.run_id != tracker.run_id else None
+    size = int(getattr(model, "image_size", 224))
     try:
         import numpy as np
 
@@ -202,7 +211,8 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, descri
             registered_model_name=registered_model,
             # pickle: loads back as the torchvision module (pt2 would need a torch.export trace, seconds per export)
             serialization_format="pickle",
-            input_example=np.zeros((1, 3, 224, 224), dtype=np.float32),  # -> a tensor signature in the model card
+            # -> a tensor signature in the model card (a ViT takes only its own image size)
+            input_example=np.zeros((1, 3, size, size), dtype=np.float32),
             # explicit: inferring requirements would import/probe the environment (and may try the network)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}"],
