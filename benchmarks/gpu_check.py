@@ -76,8 +76,7 @@ def phase_pretrain(dry: bool, compile_: bool, method: str = "slotcon") -> dict:
                 "10", "--synthetic", "3072", "--synthetic-size", "480x640", "--num-workers", "14"]
     if method != "slotcon":
         argv += ["--method", method]
-        if not dry:
-            argv[argv.index("--arch") + 1] = "vit_base"
+        argv[argv.index("--arch") + 1] = "vit_demo_16" if dry else "vit_b_16"  # the arch table's ViT names
     if compile_:
         argv.append("--compile")
     return pretrain_throughput.main(argv)
