@@ -322,6 +322,20 @@ def start_system_metrics(run_id: str, uri: str, interval_s: float = 5.0) -> Any:
         return None
 
 
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop MLflow's monitor; a stage shorter than one sampling interval gets the one sample it took.
+
+    (The monitor publishes only after a whole interval; a shutdown during the first wait drops the sample it
+    collected, so a short stage had no system metrics at all.)"""
+    first_step = monitor._logging_step
+    monitor.finish()
+    if monitor._logging_step == first_step:
+        metrics = monitor.aggregate_metrics()
+        if metrics:
+            monitor.publish_metrics(metrics)
+            monitor.mlflow_logger.flush()
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -377,7 +391,7 @@ def stage_run(
     finally:
         if monitor is not None:
             with contextlib.suppress(Exception):
-                monitor.finish()
+                stop_system_metrics(monitor)
         tracker.terminate(status)
         tracker.flush()
         if implicit:

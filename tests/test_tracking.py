@@ -47,6 +47,15 @@ def test_stage_run_writes_params_metrics_tags(mlflow_store, tmp_path):
     assert json.loads((tmp_path / "artifacts" / run.info.run_id / "artifacts" / "info.json").read_text()) == {"a": 1}
 
 
+def test_a_stage_shorter_than_one_sampling_interval_still_has_system_metrics(mlflow_store):
+    """MLflow's monitor publishes after a whole interval (5 s); a short stage used to end with none (the real pipeline
+    test failed on an idle machine, where the tiny pretraining took under 5 s)."""
+    with stage_run("pretrain", ScenesConfig(), mlflow_store, rank=0, system_metrics=True) as tracker:
+        tracker.log_metrics({"loss": 1.0})
+    (run,) = _runs(_client(), mlflow_store)
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+
+
 def test_stage_run_failure_marks_run_failed(mlflow_store):
     with pytest.raises(RuntimeError, match="boom"):
         with stage_run("shard", {"x": 1}, mlflow_store, rank=0):
