@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.data.segdatasets import (
+from components.data.seglayouts import (
     COCOSTUFF27_CLASSES,
     CURATED_LIST,
     detect_layout,

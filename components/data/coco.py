@@ -32,6 +32,11 @@ the same bytes under two ids are reported (``duplicate_content``) and kept: each
 
 COCO's annotations are in stored-pixel coordinates (COCO ignores EXIF orientation), so the COCO and scenes paths keep
 every JPEG's bytes and never rotate: every decoder in the pipeline ignores the orientation tag too, so all paths agree.
+
+Kept as one file (a little over the house's 450 lines): discovering a COCO-layout root and the manifest recording
+what was found are one concept; the streamed ImageNet/folder discovery already lives in
+:mod:`components.data.prepare_tree` and :mod:`components.data.sources`, the per-image checks in
+:mod:`components.data.images`.
 """
 from __future__ import annotations
 

@@ -23,6 +23,10 @@ updates an EMA teacher after the optimiser step. The engine owns everything else
 
 :func:`fit` returns a :class:`FitResult` (history per epoch, the logged curve, steps, time, throughput); what a stage
 writes from it (``last.pt``, metrics files, pictures) stays in the stage.
+
+Kept as one file (at the house's 450-line mark): the loop's state (resume, stop, checkpoint, logging cadence) reads
+top to bottom in one place; one step is already in :mod:`components.train.trainer`, the loss plot in
+:mod:`components.train.plots`.
 """
 from __future__ import annotations
 

@@ -24,6 +24,10 @@ Trunk init: ``pretrained`` = ``models/backbone.pt`` (loaded strictly), a ``.pt``
 torchvision's default init. ``compare_random`` also trains from random init with the same seed, schedule and data
 order, so the gain of pretraining is one subtraction. Not included (small demo): photometric distortion and
 multi-scale testing.
+
+Kept as one file (a little over the house's 450 lines): the stage's augmentation, method, evaluation and the run of
+every (init, method) belong together; the models are in :mod:`components.transfer.seg_models`, the semi-supervised
+parts in :mod:`components.transfer.semisup`, :mod:`~components.transfer.reco` and :mod:`~components.transfer.mixing`.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ the 182 fine labels are merged into 27 coarse classes (12 thing + 15 stuff super
 ``fine_to_coarse``), images and labels are resized to 320 on the short side and centre-cropped to 320x320
 (``resolution: 320``), and Hungarian matching is done once over the whole curated val set. The official SlotCon code
 never released this evaluation; this follows PiCIE's ``eval_coco``/STEGO's data module. The layout is recognised by
-``components.data.segdatasets`` (``dataset: auto`` picks ``cocostuff27`` when the curated list exists).
+``components.data.seglayouts`` (``dataset: auto`` picks ``cocostuff27`` when the curated list exists).
 """
 from __future__ import annotations
 
@@ -159,7 +159,8 @@ def score_clusters(conf: torch.Tensor | np.ndarray, class_names: list[str], pref
 
 def _source(cfg, shards):
     """The labelled val split: shards (scenes) or ``cfg.data_root`` (COCO-Stuff-27 etc.)."""
-    from components.data.segdatasets import CURATED_LIST, detect_layout, open_source
+    from components.data.segdatasets import open_source
+    from components.data.seglayouts import CURATED_LIST, detect_layout
 
     kind = cfg.dataset
     if cfg.data_root and kind == "auto" and detect_layout(cfg.data_root) == "cocostuff":
