@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from data_fixtures import run_pretrain_in, tiny_scene_shards
 
-from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
+from components.config import PretrainConfig
 from components.mocov2.losses import enqueue, info_nce_queue, shuffle_plan
 from components.mocov2.model import MoCoV2
 
@@ -198,23 +199,10 @@ TINY = dict(method="mocov2", image_size=64, num_workers=0, log_every_steps=1, ba
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """48 + 8 generated scenes (64 px) in 4 shards: the real scenes -> prepare -> shard path, tiny."""
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
-
-    root = tmp_path_factory.mktemp("mocov2_data")
-    generate_scenes(ScenesConfig(num_train=48, num_val=8, image_size=64), root / "scenes")
-    run_prepare(DataConfig(), root / "scenes", root / "raw", progress=False)
-    run_shard(ShardConfig(max_count=16, workers=1), root / "raw", root / "shards", progress=False)
-    return root / "shards"
+    return tiny_scene_shards(tmp_path_factory.mktemp("mocov2_data"))
 
 
-def _run(cfg, shards, out, **kw):
-    from components.train.pretrain import run_pretrain
-
-    return run_pretrain(cfg, shards, out / "models", out / "ckpt", out / "metrics.json", out / "plots",
-                        progress=False, **kw)
+_run = run_pretrain_in
 
 
 def _fixed_views(shards, n=16, offset=0):

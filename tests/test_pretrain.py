@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import run_pretrain_in, tiny_scene_shards
 
-from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
+from components.config import PretrainConfig
 
 TINY = dict(image_size=64, num_workers=0, log_every_steps=1,
             slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
@@ -30,23 +31,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """48 + 8 generated scenes (64 px) in 4 + 1 shards: the real scenes -> prepare -> shard path, tiny."""
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
-
-    root = tmp_path_factory.mktemp("pretrain_data")
-    generate_scenes(ScenesConfig(num_train=48, num_val=8, image_size=64), root / "scenes")
-    run_prepare(DataConfig(), root / "scenes", root / "raw", progress=False)
-    run_shard(ShardConfig(max_count=16, workers=1), root / "raw", root / "shards", progress=False)
-    return root / "shards"
+    return tiny_scene_shards(tmp_path_factory.mktemp("pretrain_data"))
 
 
-def _run(cfg, shards, out, **kw):
-    from components.train.pretrain import run_pretrain
-
-    return run_pretrain(cfg, shards, out / "models", out / "ckpt", out / "metrics.json", out / "plots",
-                        progress=False, **kw)
+_run = run_pretrain_in
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import run_pretrain_in, tiny_scene_shards
 
-from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
+from components.config import PretrainConfig
 
 SIM_TINY = dict(arch="vit_demo_16", decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1)
 # 8x the demo's base lr: 9 steps at batch 16 must show the loss falling
@@ -29,23 +30,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """48 + 8 generated scenes (64 px) in 4 + 1 shards: the real scenes -> prepare -> shard path, tiny."""
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
-
-    root = tmp_path_factory.mktemp("sim_data")
-    generate_scenes(ScenesConfig(num_train=48, num_val=8, image_size=64), root / "scenes")
-    run_prepare(DataConfig(), root / "scenes", root / "raw", progress=False)
-    run_shard(ShardConfig(max_count=16, workers=1), root / "raw", root / "shards", progress=False)
-    return root / "shards"
+    return tiny_scene_shards(tmp_path_factory.mktemp("sim_data"))
 
 
-def _run(cfg, shards, out, **kw):
-    from components.train.pretrain import run_pretrain
-
-    return run_pretrain(cfg, shards, out / "models", out / "ckpt", out / "metrics.json", out / "plots",
-                        progress=False, **kw)
+_run = run_pretrain_in
 
 
 # --------------------------------------------------------------------------------------------------------------------

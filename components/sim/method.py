@@ -70,9 +70,7 @@ class SimMethod(PretrainMethod):
     def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.student_features(images)
 
-    @staticmethod
-    def prototype_scores(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor | None:
-        return None  # no prototypes: downstream clusters dense_features with k-means
+    # prototype_scores: None (the base class): SIM has no prototypes; downstream clusters dense_features
 
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(param_groups(model, self.params.weight_decay), lr=self.peak_lr,
