@@ -110,9 +110,9 @@ class Campaign:
     # ---- references --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from components.config import DataConfig, ScenesConfig, ShardConfig
-        from components.data.coco import run_prepare
-        from components.data.scenes import generate_scenes
-        from components.data.shards import run_shard
+        from components.data.prepare.coco import run_prepare
+        from components.data.scenes.stage import generate_scenes
+        from components.data.shards.stage import run_shard
 
         w = self.work
         generate_scenes(ScenesConfig(**TINY["scenes"]), w / "scenes")
@@ -170,8 +170,8 @@ class Campaign:
         return self.pretrain_kill(n, damage=True)
 
     def shard_damage(self, n: int) -> dict:
-        from components.data.loader import iterate_samples
-        from components.data.shards import expected_counts, read_index, split_urls
+        from components.data.loading.loader import iterate_samples
+        from components.data.shards.stage import expected_counts, read_index, split_urls
 
         out = self.work / f"damaged_{n}"
         shutil.copytree(self.work / "shards", out)

@@ -9,7 +9,7 @@ Phases (each timed; one failing phase is recorded and the others still run):
    synthetic COCO-size shards, model only, data only, peak memory; SIM ViT-B/16 when that method is registered.
 3. **detection** and **segmentation**: N iterations of the stages' own ``train_one`` with AMP on generated scenes;
    seconds per iteration, images per second, peak memory.
-4. **nvJPEG** on a colour, a grayscale, a CMYK and a corrupt JPEG through ``components.data.decode.decode_images``:
+4. **nvJPEG** on a colour, a grayscale, a CMYK and a corrupt JPEG through ``components.data.loading.decode.decode_images``:
    what decodes, what is skipped, the largest difference to the CPU decode.
 
 ``--dry-run`` runs the same code paths on the CPU at tiny settings (the test suite runs it), so the script is known
@@ -84,9 +84,9 @@ def phase_pretrain(dry: bool, compile_: bool, method: str = "slotcon") -> dict:
 
 def _scenes_shards(root: Path, size: int, n_train: int) -> Path:
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
+    from components.data.prepare.coco import run_prepare
+    from components.data.scenes.stage import generate_scenes
+    from components.data.shards.stage import run_shard
 
     generate_scenes(ScenesConfig(num_train=n_train, num_val=8, image_size=size, workers=max(1, os.cpu_count() // 2)),
                     root / "scenes")
@@ -99,7 +99,7 @@ def phase_detect(dry: bool, shards: Path, device: torch.device) -> dict:
     from components.backbone import build_resnet
     from components.io import save_torch_atomic
     from components.config import DetectConfig
-    from components.transfer.detection import _check_data, train_one
+    from components.transfer.detect.stage import _check_data, train_one
 
     arch = "resnet18" if dry else "resnet50"
     iters = 2 if dry else 40
@@ -120,8 +120,8 @@ def phase_detect(dry: bool, shards: Path, device: torch.device) -> dict:
 
 def phase_segment(dry: bool, shards: Path, device: torch.device) -> dict:
     from components.config import SegmentConfig
-    from components.data.segdatasets import open_source
-    from components.transfer.segmentation import train_one
+    from components.data.segmentation.sources import open_source
+    from components.transfer.segment.stage import train_one
 
     arch = "resnet18" if dry else "resnet50"
     cfg = SegmentConfig(iters=2 if dry else 40, batch_size=2 if dry else 16, crop_size=64 if dry else 512,
@@ -149,8 +149,8 @@ def _jpeg(mode: str) -> bytes:
 
 
 def phase_nvjpeg(device: torch.device) -> dict:
-    from components.data.decode import decode_images
-    from components.data.loader import decode_rgb
+    from components.data.loading.decode import decode_images
+    from components.data.loading.loader import decode_rgb
 
     kinds = {"rgb": _jpeg("rgb"), "gray": _jpeg("gray"), "cmyk": _jpeg("cmyk"), "corrupt": _jpeg("rgb")[:300]}
     out: dict[str, Any] = {}
@@ -186,7 +186,7 @@ def run(dry: bool, json_path: str | None) -> dict:
     _phase(results, "pretrain_slotcon_eager", lambda: phase_pretrain(dry, False))
     if not dry:  # compile on the CPU costs minutes of C++ builds and proves nothing about the GPU
         _phase(results, "pretrain_slotcon_compiled", lambda: phase_pretrain(dry, True))
-    from components.train.pretrain import METHODS
+    from components.pretrain.stage import METHODS
 
     if "sim" in METHODS:
         _phase(results, "pretrain_sim_eager", lambda: phase_pretrain(dry, False, "sim"))

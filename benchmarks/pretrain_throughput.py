@@ -5,7 +5,7 @@ Prints three figures (images per second, one image = one two-view pair) and thei
 - ``end_to_end``: shards -> loader workers (read + crop parameters; JPEG decode too on CPU) -> nvJPEG batch decode
   (CUDA) -> TwoViewAugment on the device -> the method's step (SlotCon: forward, backward, LARS, EMA; SIM: the same
   with block masks drawn in the workers, AdamW and gradient clipping) -- exactly the stage's code (the method
-  object's loader and ``prepare``, the engine's :class:`components.train.engine.Trainer` step).
+  object's loader and ``prepare``, the engine's :class:`components.engine.loop.Trainer` step).
 - ``model_only``: the same step on ready-made normalised views already on the device (the bound the input pipeline
   can at best reach).
 - ``data_only``: loader + decode + augmentation without the model (the input pipeline's own ceiling).
@@ -96,7 +96,7 @@ def synthetic_views(batch: int, size: int, device: torch.device, channels_last: 
     views.update({f"coords{v + 1}": coords[:, v].to(device) for v in range(2)})
     views.update({f"flip{v + 1}": flips[:, v].to(device) for v in range(2)})
     if getattr(method, "name", "") == "sim":
-        from components.sim.masking import block_mask
+        from components.pretrain.methods.sim.masking import block_mask
 
         views["boxes"] = (coords * 400).to(device)  # any overlapping pixel boxes
         views["mask"] = torch.stack([block_mask(method.grid, method.num_masked, g).flatten()
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch_size = args.batch_size or (256 if cuda else 8 if sim else 32)
 
     from components.config import PretrainConfig
-    from components.train.engine import RunSpec, Trainer
-    from components.train.pretrain import cpu_threads, make_plan, method_class
+    from components.engine.loop import RunSpec, Trainer
+    from components.pretrain.stage import cpu_threads, make_plan, method_class
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -68,10 +68,10 @@ def make_cfg(method: str, seed: int, args):
 
 def train(work: Path, method: str, init: str, seed: int, args):
     """``(model to evaluate, FitResult, split info)``; a finished run resumes from its last checkpoint (no step)."""
-    from components.data.segdatasets import open_source
-    from components.tracking import Tracker
-    from components.transfer.convert import load_backbone
-    from components.transfer.segmentation import split_train, train_one
+    from components.data.segmentation.sources import open_source
+    from components.tracking.runs import Tracker
+    from components.transfer.export import load_backbone
+    from components.transfer.segment.stage import split_train, train_one
 
     cfg = make_cfg(method, seed, args)
     src = open_source("", work / "shards", "auto", "train")
@@ -85,8 +85,8 @@ def train(work: Path, method: str, init: str, seed: int, args):
 
 
 def run_one(work: Path, method: str, init: str, seed: int, args) -> dict:
-    from components.data.segdatasets import open_source
-    from components.transfer.segmentation import evaluate
+    from components.data.segmentation.sources import open_source
+    from components.transfer.segment.stage import evaluate
 
     val = open_source("", work / "shards", "auto", "val")
     val_samples = list(val.iterate())
@@ -111,9 +111,9 @@ def picture(work: Path, seed: int, init: str, args, num: int = 4) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    from components.data.segdatasets import open_source
+    from components.data.segmentation.sources import open_source
     from components.transfer.draw import draw_segmentation
-    from components.transfer.segmentation import normalize, predict
+    from components.transfer.segment.stage import normalize, predict
 
     val = open_source("", work / "shards", "auto", "val")
     samples = list(itertools.islice(val.iterate(), num))

@@ -14,7 +14,7 @@ Case ``loader``:
 1. Generates ``--images`` scene images of ``--size`` px with the scenes generator into a temp dir (COCO layout),
    runs ``prepare`` (decode check of every file) and ``shard`` with 1 and N writer processes: img/s, MB/s.
 2. Reads + decodes every training image to a uint8 (3, H, W) RGB tensor, with 1 and N loader workers:
-   - from the shards: ``components.data.loader.make_loader(decode="rgb")`` (tar streams, torchvision/libjpeg-turbo)
+   - from the shards: ``components.data.loading.loader.make_loader(decode="rgb")`` (tar streams, torchvision/libjpeg-turbo)
    - from the folder: a ``torch.utils.data.Dataset`` that opens each file with ``PIL.Image.open(path).convert("RGB")``
      (ImageFolder-style, as the official SlotCon loader does), same batch size, same output tensors
    and prints img/s and the shards/folder ratio. Also the bytes-only read rate from shards (``decode="bytes"``: what
@@ -72,7 +72,7 @@ def time_folder(paths: list[str], workers: int, batch: int) -> float:
 
 
 def time_shards(urls: list[str], workers: int, batch: int, decode: str = "rgb") -> tuple[float, float]:
-    from components.data.loader import make_loader
+    from components.data.loading.loader import make_loader
 
     def one_pass() -> tuple[int, int]:
         loader = make_loader(urls, batch_size=batch, decode=decode, shuffle=True, num_workers=workers, seed=0)
@@ -168,8 +168,8 @@ def plain_shard(root: Path, manifest: Path, out: Path, per_shard: int) -> tuple[
 
 def many_files_case(work: Path, n: int, workers: int, per_shard: int) -> None:
     from components.config import DataConfig, ShardConfig
-    from components.data.coco import run_prepare
-    from components.data.shards import run_shard
+    from components.data.prepare.coco import run_prepare
+    from components.data.shards.stage import run_shard
 
     t = time.perf_counter()
     files, nbytes = write_many_files(work / "tree", n)
@@ -228,9 +228,9 @@ def main() -> None:
 
 def loader_case(args, work: Path) -> None:
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard, split_urls
+    from components.data.prepare.coco import run_prepare
+    from components.data.scenes.stage import generate_scenes
+    from components.data.shards.stage import run_shard, split_urls
 
     n_workers = sorted({1, args.workers})
     t = time.perf_counter()

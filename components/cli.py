@@ -14,16 +14,20 @@ import sys
 # stage name -> (module, one-line help). Order = the DAG's order.
 STAGES: dict[str, tuple[str, str]] = {
     "check": ("components.check", "validate every section of params.yaml and exit"),
-    "scenes": ("components.data.scenes", "generate the scene-centric demo dataset in COCO format"),
-    "prepare": ("components.data.coco", "discover and check a source; write per-split Parquet manifests"),
-    "shard": ("components.data.shards", "write WebDataset shards + manifest (or --verify them)"),
-    "pretrain": ("components.train.pretrain", "self-supervised pretraining (SlotCon by default, SIM or MoCo v2) from shards; torchrun when asked"),
-    "export": ("components.transfer.convert", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),
-    "detect": ("components.transfer.detection", "Mask R-CNN FPN fine-tuning + COCO evaluation (AP^b, AP^m)"),
-    "segment": ("components.transfer.segmentation", "semantic segmentation: FCN / DeepLabv3+, supervised or semi-supervised (ClassMix, ReCo); mIoU"),
+    "scenes": ("components.data.scenes.stage", "generate the scene-centric demo dataset in COCO format"),
+    "prepare": ("components.data.prepare.coco", "discover and check a source; write per-split Parquet manifests"),
+    "shard": ("components.data.shards.stage", "write WebDataset shards + manifest (or --verify them)"),
+    "pretrain": ("components.pretrain.stage", "self-supervised pretraining (SlotCon by default, SIM or MoCo v2) from shards; torchrun when asked"),
+    "export": ("components.transfer.export", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),
+    "detect": ("components.transfer.detect.stage", "Mask R-CNN FPN fine-tuning + COCO evaluation (AP^b, AP^m)"),
+    "segment": ("components.transfer.segment.stage", "semantic segmentation: FCN / DeepLabv3+, supervised or semi-supervised (ClassMix, ReCo); mIoU"),
     "probe": ("components.transfer.probe", "frozen-trunk linear probes: dense (semantic) and object (box classes)"),
-    "unsup_seg": ("components.transfer.unsup_seg", "prototypes or k-means clusters -> Hungarian-matched mIoU"),
-    "viz": ("components.transfer.viz", "pictures of what the slots (or k-means clusters) found"),
+    "unsup_seg": ("components.transfer.unsup.stage", "prototypes or k-means clusters -> Hungarian-matched mIoU"),
+    "viz": ("components.transfer.unsup.viz", "pictures of what the slots (or k-means clusters) found"),
+}
+# project tools beside the stages (not in dvc.yaml): same calling convention as ``check`` (a plain ``main(args)``)
+TOOLS: dict[str, tuple[str, str]] = {
+    "deps": ("components.dvcdeps", "write (or --check) each dvc.yaml stage's code deps: its module's import closure"),
 }
 
 
@@ -31,7 +35,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``stage``'s module is imported (to add its own options), so ``--help`` stays fast."""
     parser = argparse.ArgumentParser(prog="slotcon", description="SlotCon pipeline stages (see dvc.yaml).")
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
-    for name, (module, help_text) in STAGES.items():
+    for name, (module, help_text) in {**STAGES, **TOOLS}.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         p.set_defaults(_module=module)
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    args = build_parser(stage if stage in STAGES or stage in TOOLS else None).parse_args(argv)
     try:
         mod = importlib.import_module(args._module)
         spec = getattr(mod, "STAGE", None)

@@ -112,7 +112,7 @@ def write_random_init(out_dir: str | Path, *, arch: str, seed: int) -> Path:
     import torch
 
     from components.io import save_torch_atomic
-    from components.mocov2.method import MocoV2Method
+    from components.pretrain.methods.mocov2.method import MocoV2Method
 
     kwargs = {"arch": arch, "dim_hidden": 64, "dim": 16, "queue_size": 16, "temperature": 0.2, "bn_splits": 1}
     torch.manual_seed(seed)

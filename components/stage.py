@@ -5,7 +5,7 @@ whether it may run on several processes) and a ``run(ctx) -> metrics`` function 
 runtime (:func:`run_stage`) then, in this order:
 
 1. loads and validates the params section (and ``tracking``): a bad value, or a missing section, is a one-line error
-   before any work; so is an unusable MLflow store (:func:`components.tracking.open_store`);
+   before any work; so is an unusable MLflow store (:func:`components.tracking.runs.open_store`);
 2. launches ``python -m torch.distributed.run ... -m components <stage> <same arguments>`` when the section asks for
    more than one process (``nproc_per_node * nnodes > 1``) and we are not already under torchrun -- the one torchrun
    self-launch of the project -- after creating the MLflow experiment (several ranks migrating a fresh SQLite store
@@ -60,7 +60,7 @@ class StageContext:
     cfg: Any  # the params section (a frozen pydantic model)
     tracking_cfg: Any
     args: argparse.Namespace
-    tracker: Any  # components.tracking.Tracker (no-op off rank 0 or when disabled)
+    tracker: Any  # components.tracking.runs.Tracker (no-op off rank 0 or when disabled)
     rank: int = 0
     world_size: int = 1
 
@@ -228,7 +228,8 @@ def load_sections(stage: Stage, params: str) -> tuple[Any, Any]:
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> int:
     """Everything around ``stage.run`` (see the module docstring); returns the process exit status."""
-    from components import dist, tracking
+    from components import dist
+    from components.tracking import runs as tracking
 
     params = str(getattr(args, "params", "params.yaml"))
     cfg, tcfg = load_sections(stage, params)
@@ -292,7 +293,7 @@ def _log_inputs(stage: Stage, args: argparse.Namespace, tracker: Any) -> None:
     if not tracker.active:
         return
     try:
-        from components.lineage import datasets_for
+        from components.tracking.lineage import datasets_for
 
         tracker.log_inputs(datasets_for(stage.name, args))
     except Exception as exc:  # noqa: BLE001
@@ -302,7 +303,7 @@ def _log_inputs(stage: Stage, args: argparse.Namespace, tracker: Any) -> None:
 def _record(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any], tracker: Any, tcfg: Any) -> None:
     """Rank 0, after the metrics files: every figure on the stage's MLflow run (the ones the stage did not log
     itself), the full dict as an artifact, and the headline figures as tags of the registered backbone evaluated."""
-    from components.tracking import numeric_items
+    from components.tracking.runs import numeric_items
 
     if not tracker.active:
         return
@@ -314,7 +315,7 @@ def _record(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any], 
         return
     headline = numeric_items(split_metrics(full, stage.headline))
     try:
-        from components.lineage import tag_model_versions
+        from components.tracking.lineage import tag_model_versions
 
         tag_model_versions(stage.name, args, headline, tcfg, tracker._client)
     except Exception as exc:  # noqa: BLE001 - the registry is a record, never a reason to fail a stage

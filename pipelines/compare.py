@@ -170,7 +170,7 @@ def _close_runs(tcfg, parent, children, cell_metrics, summary, files, failed: bo
         return
     import mlflow
 
-    from components.tracking import Tracker, flatten
+    from components.tracking.runs import Tracker, flatten
 
     client = mlflow.MlflowClient(tcfg.tracking_uri)
     for cell, run_id in children.items():

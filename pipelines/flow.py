@@ -401,7 +401,7 @@ def slotcon_pipeline(
     the flow. A run in which every stage was up to date keeps no MLflow run (see ``discard_noop_run``).
     """
     from components.config import load_section
-    from components.pipeline_run import run_name
+    from components.tracking.parent import run_name
     from pipelines import mlflow_runs
 
     logger = get_run_logger()

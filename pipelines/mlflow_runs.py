@@ -1,7 +1,7 @@
 """The Prefect flow's side of the MLflow parent run: resolve the store, open the parent, hand its id on, close it.
 
-The parent itself is written by :mod:`components.pipeline_run` (the same code a plain ``dvc repro`` uses). Every
-stage's :func:`components.tracking.stage_run` becomes its child because the flow exports ``SLOTCON_PARENT_RUN_ID``
+The parent itself is written by :mod:`components.tracking.parent` (the same code a plain ``dvc repro`` uses). Every
+stage's :func:`components.tracking.runs.stage_run` becomes its child because the flow exports ``SLOTCON_PARENT_RUN_ID``
 (and ``SLOTCON_FLOW_RUN_ID``) to the stage subprocesses. The parent carries the whole (overridden) ``params.yaml`` as
 params and, at the end, the headline metrics of every stage (``detect.bbox_AP``) read from the DVC metrics files.
 
@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from components import pipeline_run, tracking
+from components.tracking import parent as pipeline_run
+from components.tracking import runs as tracking
 from components.config import TrackingConfig
 
 
@@ -38,7 +39,7 @@ def _client(cfg: TrackingConfig):
 
 
 def _store(cfg: TrackingConfig):
-    """``(client, experiment id)`` through :func:`components.tracking.open_store` with ``cfg``'s URI."""
+    """``(client, experiment id)`` through :func:`components.tracking.runs.open_store` with ``cfg``'s URI."""
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri  # tracking_uri() reads the variable first
     try:
@@ -60,7 +61,7 @@ def open_parent_run(
     tags: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Check the store (one-line error if unusable), create the experiment before any stage (SQLite migrations race
-    otherwise), open the parent run (:func:`components.pipeline_run.open_parent`). ``cfg`` must come from
+    otherwise), open the parent run (:func:`components.tracking.parent.open_parent`). ``cfg`` must come from
     :func:`resolve_store`. Returns the run id, or None when tracking is disabled."""
     if not cfg.enabled:
         return None

@@ -25,7 +25,7 @@ DEFAULT_METRICS = ("detect.bbox_AP", "segment.mIoU", "unsup_seg.mIoU")
 
 def _client_and_name(params: str):
     from components.config import load_section
-    from components.tracking import open_store
+    from components.tracking.runs import open_store
 
     cfg = load_section("tracking", params)
     client, _ = open_store(cfg)

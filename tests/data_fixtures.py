@@ -113,9 +113,9 @@ def tiny_scene_shards(root: Path) -> Path:
     """48 + 8 generated scenes (64 px) in 4 + 1 shards under ``root``: the real scenes -> prepare -> shard path, tiny
     (the pretraining tests' data, each module building its own copy once)."""
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.coco import run_prepare
-    from components.data.scenes import generate_scenes
-    from components.data.shards import run_shard
+    from components.data.prepare.coco import run_prepare
+    from components.data.scenes.stage import generate_scenes
+    from components.data.shards.stage import run_shard
 
     generate_scenes(ScenesConfig(num_train=48, num_val=8, image_size=64), root / "scenes")
     run_prepare(DataConfig(), root / "scenes", root / "raw", progress=False)
@@ -125,7 +125,7 @@ def tiny_scene_shards(root: Path) -> Path:
 
 def run_pretrain_in(cfg, shards: Path, out: Path, **kw):
     """``run_pretrain`` with every output under ``out`` (models/, ckpt/, metrics.json, plots/), no progress bars."""
-    from components.train.pretrain import run_pretrain
+    from components.pretrain.stage import run_pretrain
 
     return run_pretrain(cfg, shards, out / "models", out / "ckpt", out / "metrics.json", out / "plots",
                         progress=False, **kw)

@@ -25,13 +25,13 @@ def test_params_accept_exactly_the_backbone_archs():
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_params_accept_is_accepted_by_export_detect_and_segment(arch):
-    from components.transfer.convert import build_backbone
-    from components.transfer.maskrcnn import build_model
-    from components.transfer.seg_models import FCN, load_trunk_
+    from components.transfer.export import build_backbone
+    from components.transfer.detect.maskrcnn import build_model
+    from components.transfer.segment.models import FCN, load_trunk_
 
     torch.manual_seed(0)
     if is_vit(arch):  # what `slotcon export` writes for a ViT: torchvision VisionTransformer keys minus heads
-        from components.transfer.seg_models import ViTFCN
+        from components.transfer.segment.models import ViTFCN
 
         sd = build_vit(arch, 64, head="none").state_dict()
         key = "encoder.layers.encoder_layer_0.mlp.0.weight"

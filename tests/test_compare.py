@@ -114,7 +114,7 @@ def test_random_init_is_a_seeded_torchvision_trunk(tmp_path):
     import torch
     import torchvision
 
-    from components.transfer.convert import convert_checkpoint
+    from components.transfer.export import convert_checkpoint
 
     a = cmp.write_random_init(tmp_path / "a", arch="resnet18", seed=3)
     b = cmp.write_random_init(tmp_path / "b", arch="resnet18", seed=3)

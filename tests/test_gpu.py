@@ -37,8 +37,8 @@ def _jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def test_nvjpeg_batch_decode_matches_cpu_decode():
-    from components.data.decode import decode_images
-    from components.data.loader import decode_rgb
+    from components.data.loading.decode import decode_images
+    from components.data.loading.loader import decode_rgb
 
     data = _jpegs(4)
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
@@ -50,7 +50,7 @@ def test_nvjpeg_batch_decode_matches_cpu_decode():
 
 
 def _views_inputs(b: int = 4):
-    from components.slotcon.transforms import collate_crop_params, sample_two_crops
+    from components.pretrain.crops import collate_crop_params, sample_two_crops
 
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 72 + 4 * i, 96), generator=g, dtype=torch.uint8) for i in range(b)]
@@ -59,7 +59,7 @@ def _views_inputs(b: int = 4):
 
 
 def test_device_augmentation_on_cuda_equals_cpu():
-    from components.slotcon.augment import TwoViewAugment
+    from components.pretrain.augment import TwoViewAugment
 
     images, params = _views_inputs()
     aug = TwoViewAugment(48)
@@ -71,10 +71,10 @@ def test_device_augmentation_on_cuda_equals_cpu():
 
 
 def _slotcon_steps(amp: bool, steps: int = 3, compiled: bool = False) -> list[float]:
-    from components.slotcon.augment import TwoViewAugment
-    from components.slotcon.model import SlotCon
-    from components.train.ema import ema_update_
-    from components.train.optim import LARS
+    from components.pretrain.augment import TwoViewAugment
+    from components.pretrain.methods.slotcon.model import SlotCon
+    from components.engine.ema import ema_update_
+    from components.engine.optim import LARS
 
     torch.manual_seed(0)
     model = SlotCon(**TINY).cuda().train()

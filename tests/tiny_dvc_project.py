@@ -1,6 +1,6 @@
 """A tiny, real DVC project for the flow and tracking tests: git + dvc init, four python stages a -> b -> d, a -> c.
 
-The stages are small python scripts that open a real ``components.tracking.stage_run`` and write DVC metrics, so the
+The stages are small python scripts that open a real ``components.tracking.runs.stage_run`` and write DVC metrics, so the
 flow, DVC and MLflow all run for real; only the ML work is left out. Stage X fails while the file ``FAIL_X`` exists;
 ``attempts/X`` counts how often X really ran.
 """
@@ -26,7 +26,7 @@ STAGE_PY = textwrap.dedent(
     import json, pathlib, sys
     from components.config import load_section
     from components.io import write_json_atomic
-    from components.tracking import stage_run
+    from components.tracking.runs import stage_run
 
     name, inputs = sys.argv[1], sys.argv[2:]
     attempts = pathlib.Path("attempts")

@@ -99,7 +99,7 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
     """One pass over ``samples`` (``{"image", "label", "meta"}``): dense features (N, C, h, w) on the finest chosen
     grid, labels (N, R, R) uint8, object features (M, C) and object classes (M,)."""
     from components.constants import normalize_uint8
-    from components.transfer.unsup_seg import resize_center_crop
+    from components.transfer.unsup.stage import resize_center_crop
     from torchvision.ops import roi_align
 
     dense, labels, obj, obj_cls = [], [], [], []
@@ -142,9 +142,9 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
 
 
 def labelled_samples(src):
-    """The samples of a :class:`~components.data.segdatasets.ShardSource` split with their COCO record kept:
+    """The samples of a :class:`~components.data.segmentation.sources.ShardSource` split with their COCO record kept:
     ``{"key", "image", "label" (class ids, 255 ignore), "meta"}`` in a fixed order."""
-    from components.data.loader import iterate_samples
+    from components.data.loading.loader import iterate_samples
 
     lut = torch.from_numpy(src.lut)
     for s in iterate_samples(src.urls, decode="rgb", with_seg=True):
@@ -272,10 +272,10 @@ def _probe_one(cfg, net, train_src, val_src, cat_index, num_things, device) -> d
 
 def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, device: str | None = None) -> dict:
     """Dense and object linear probes of the frozen trunk (and of a random one with ``compare_random``)."""
-    from components.data.segdatasets import open_shards
-    from components.data.shards import read_index
-    from components.tracking import Tracker
-    from components.transfer.convert import load_backbone
+    from components.data.segmentation.sources import open_shards
+    from components.data.shards.stage import read_index
+    from components.tracking.runs import Tracker
+    from components.transfer.export import load_backbone
 
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

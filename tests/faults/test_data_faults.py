@@ -17,8 +17,8 @@ import pytest
 from data_fixtures import write_coco
 
 from components.config import DataConfig, ShardConfig
-from components.data.coco import run_prepare
-from components.data.shards import run_shard, verify_shards
+from components.data.prepare.coco import run_prepare
+from components.data.shards.stage import run_shard, verify_shards
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # each starts a fresh interpreter: 10-30 s on a busy 2-core box
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARD_CHILD = r"""
 import sys, time
 from pathlib import Path
-import components.data.shard_write as sw
+import components.data.shards.write as sw
 raw, out, gate, delay, params, metrics = sys.argv[1:7]
 real = sw._image_member
 def held(s, q):
@@ -41,7 +41,7 @@ sys.exit(main(["shard", "--raw", raw, "--out", out, "--params", params, "--metri
 
 PREPARE_CHILD = r"""
 import sys, time
-import components.data.prepare_tree as pt
+import components.data.prepare.tree as pt
 from components.config import DataConfig
 root, out, delay = sys.argv[1:4]
 real = pt.probe_image
@@ -195,7 +195,7 @@ def test_kill9_mid_shard_then_resume_keeps_finished_shards_and_is_byte_identical
 def test_kill9_mid_prepare_then_resume_reuses_parts_and_is_byte_identical(tmp_path):
     from tree_fixtures import write_messy_folder
 
-    from components.data.prepare_tree import run_prepare_tree
+    from components.data.prepare.tree import run_prepare_tree
 
     root = write_messy_folder(tmp_path / "photos")
     out = tmp_path / "raw"

@@ -15,7 +15,7 @@ from data_fixtures import jpeg_bytes
 from test_loader import write_shards
 from test_pretrain import _free_port, shards  # noqa: F401  (shards: the module-scoped fixture, 48 + 8 scenes)
 
-from components.data.loader import iterate_samples, make_loader
+from components.data.loading.loader import iterate_samples, make_loader
 
 pytestmark = pytest.mark.faults
 
@@ -103,7 +103,7 @@ def test_damaged_header_checksum_loses_are_counted(tmp_path):
 def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_path):
     """Resampled: every visit of the damaged shard loses its 12 again (the loader's per-visit count), the ledger
     counts the 12 once (per shard, maximum over visits and ranks), so a resumed or longer run does not inflate it."""
-    from components.data.ledger import DataLossLedger
+    from components.data.loading.ledger import DataLossLedger
 
     urls = _write(tmp_path, 3)
     expected = {u: PER_SHARD for u in urls}
@@ -130,7 +130,7 @@ def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_pat
 def test_corrupt_jpeg_in_a_shard_is_counted_on_both_paths(tmp_path):
     """A garbage JPEG is skipped by the worker (rgb: decode fails; bytes: the header check fails); a truncated JPEG
     with a good header passes a bytes-mode worker and is dropped, with its crops, when the device decodes."""
-    from components.data.decode import decode_batch
+    from components.data.loading.decode import decode_batch
 
     urls = _write(tmp_path, 2, per_shard=6)
     rng = np.random.default_rng(5)
@@ -204,7 +204,7 @@ def _jpegs():
 
 
 def test_device_decode_falls_back_per_image_and_drops_corrupt():
-    from components.data.decode import decode_batch, decode_images, decode_rgb
+    from components.data.loading.decode import decode_batch, decode_images, decode_rgb
 
     jpegs = _jpegs()
     names = list(jpegs)
@@ -229,7 +229,7 @@ def test_device_decode_falls_back_per_image_and_drops_corrupt():
 @pytest.mark.gpu
 def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
     """The real thing on CUDA: grey and CMYK JPEGs decode (CMYK on the CPU, alone), a corrupt one is dropped."""
-    from components.data.decode import decode_batch, decode_rgb
+    from components.data.loading.decode import decode_batch, decode_rgb
 
     jpegs = _jpegs()
     names = list(jpegs)
@@ -245,9 +245,9 @@ def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
 def test_make_views_drops_the_crops_of_a_dropped_image():
     """The views of a batch with a corrupt image equal the views of the same batch without it (same generator):
     the dropped image's boxes, flips and coords went with it."""
-    from components.slotcon.augment import TwoViewAugment
-    from components.slotcon.transforms import sample_two_crops
-    from components.train.views import collate_pairs, make_views
+    from components.pretrain.augment import TwoViewAugment
+    from components.pretrain.crops import sample_two_crops
+    from components.pretrain.views import collate_pairs, make_views
 
     jpegs = _jpegs()
     g = torch.Generator().manual_seed(0)
@@ -273,9 +273,9 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(shards, tmp
     import shutil
 
     from components.config import PretrainConfig
-    from components.data.shards import expected_counts
+    from components.data.shards.stage import expected_counts
     from components.errors import UserError
-    from components.train.pretrain import run_pretrain
+    from components.pretrain.stage import run_pretrain
 
     root = tmp_path / "shards"
     shutil.copytree(shards, root)
@@ -304,9 +304,9 @@ def test_every_pretraining_method_counts_lost_samples(shards, tmp_path, method):
     import shutil
 
     from components.config import PretrainConfig
-    from components.data.shards import expected_counts
+    from components.data.shards.stage import expected_counts
     from components.errors import UserError
-    from components.train.pretrain import run_pretrain
+    from components.pretrain.stage import run_pretrain
 
     root = tmp_path / "shards"
     shutil.copytree(shards, root)
@@ -341,13 +341,13 @@ class _Toy(torch.nn.Module):
 
     def __init__(self, d: int = 6):
         super().__init__()
-        from components.slotcon.heads import MLPPredictor
+        from components.pretrain.methods.slotcon.heads import MLPPredictor
 
         self.proj = torch.nn.Linear(d, d)
         self.predictor = MLPPredictor(d, 8, d)
 
     def forward(self, x, s, t, gather):
-        from components.slotcon.losses import slot_contrastive_loss
+        from components.pretrain.methods.slotcon.losses import slot_contrastive_loss
 
         slots = self.proj(x)
         return slot_contrastive_loss(slots, slots.detach() + 0.1, s, t, predictor=self.predictor, gather=gather)
@@ -381,8 +381,8 @@ def _kept_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             losses.append(float(loss))
         params = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
         # SyncBN (CUDA only, so not run here): its choice is taken on every rank's query count together
-        from components.slotcon.heads import MLPPredictor
-        from components.slotcon.losses import _predictor_plan
+        from components.pretrain.methods.slotcon.heads import MLPPredictor
+        from components.pretrain.methods.slotcon.losses import _predictor_plan
 
         sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(MLPPredictor(6, 8, 6)).train()
         plans = [_predictor_plan(sync, here, lambda e=everywhere: e, synced=True)
@@ -413,7 +413,7 @@ def test_fewer_than_two_kept_queries_one_process():
     """The crash of issue 11.2 ("Expected more than 1 value per channel when training" from the predictor's
     BatchNorm1d on one kept query) is gone; 2 queries still train the predictor; a Linear predictor (no batch
     statistics) still contrasts a single query."""
-    from components.slotcon.losses import slot_contrastive_loss
+    from components.pretrain.methods.slotcon.losses import slot_contrastive_loss
 
     model = _Toy().train()
     x = torch.randn(3, 4, 6)

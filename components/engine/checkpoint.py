@@ -1,0 +1,239 @@
+"""Atomic checkpoints, finding the latest one, exact resume, and loading the pretrained model for downstream stages.
+
+Layout: ``<ckpt_dir>/<fingerprint>/step_<step:09d>.pt``. The fingerprint is a short hash of every param that changes
+what the run computes (model, optimisation, schedule length ``epochs``, seed, data identity, world size) but not of
+knobs that don't change the numbers (workers, logging/checkpoint cadence, compile). ``epochs`` is in it because the
+cosine lr/EMA schedules span the whole run: ``dvc exp run -S pretrain.epochs=N`` must give the same model as a fresh
+N-epoch run, never a longer run's checkpoint with its schedule bent. So:
+
+- same params  -> the stage resumes from the newest checkpoint of that fingerprint (``torchrun --max-restarts`` and a
+  re-run of ``dvc repro`` after a crash both land here);
+- changed params (``dvc exp run -S pretrain.base_lr=0.5``) -> a clean restart in a fresh sub-folder; the old run's
+  checkpoints stay untouched (switching back resumes it), and the log says which of the two happened and why.
+
+A checkpoint holds what an exact resume needs (see :func:`make_state`): model state (student, teacher and the
+group-loss center, which is a buffer of the model), optimiser state, the global step, the epoch and the number of
+batches consumed in it (the loader is rebuilt for that epoch with the same seed and skips them), per-rank RNG states
+(torch CPU/CUDA and the augmentation generator of every rank), the per-epoch running loss sums, and the config.
+
+Every file is written with :func:`components.io.save_torch_atomic` (temp file in the same folder, fsync, rename): a
+crash mid-save leaves the previous checkpoint intact; only the newest ``keep`` files are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from components.errors import UserError
+from components.io import save_torch_atomic
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
+
+# Params that do not change what a step computes: they may differ between a checkpoint and the resuming run.
+RESUME_FREE_KEYS = frozenset(
+    {"num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes",  # pretrain
+     "save_every", "num_vis", "log_model", "compare_random"}  # detect / segment (the world size is in the extras)
+)
+
+
+def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``(short hash, dict)`` of the run-defining params (all but :data:`RESUME_FREE_KEYS`) plus ``extra``.
+
+    ``extra`` carries resolved facts that also define the run: world size, samples per epoch, a hash of the shard
+    index (different data -> different run).
+    """
+    fp = {k: v for k, v in sorted(params.items()) if k not in RESUME_FREE_KEYS}
+    fp.update({f"_{k}": v for k, v in sorted((extra or {}).items())})
+    text = json.dumps(fp, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12], fp
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / f"step_{step:09d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, path), ...]`` sorted by step; temp files of interrupted saves are ignored."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`; UserError naming the file if it is not one."""
+    from components.io import torch_file_damage
+
+    path = Path(path)
+    damage = torch_file_damage(path) if path.is_file() else None
+    if damage:
+        raise UserError(f"{path}: not a readable checkpoint ({damage}); delete it to start over")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated / not a torch file
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it to start over")
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a SlotCon checkpoint (no 'model' entry); point to a pretrain checkpoint")
+    return state
+
+
+def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint in ``run_dir`` as ``(path, state)``, or None.
+
+    A file that fails to load or whose bytes fail their CRC-32 (cannot happen with atomic saves, but a disk can still
+    lie) is skipped in favour of the previous one, with a warning.
+    """
+    import warnings
+
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as exc:
+            warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=2)
+    return None
+
+
+def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
+    """Atomically write ``state`` as ``run_dir/step_<step>.pt`` and delete all but the newest ``keep`` files."""
+    path = checkpoint_path(run_dir, step)
+    save_torch_atomic(dict(state, format=FORMAT_VERSION), path)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def other_runs(ckpt_dir: str | os.PathLike, current: str) -> list[str]:
+    """Fingerprints of other configurations that have checkpoints under ``ckpt_dir`` (for the restart message)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name != current and list_checkpoints(p))
+
+
+def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """``"base_lr: 1.0 -> 0.5, seed: 0 -> 1"`` for the restart message."""
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(diffs) if diffs else "nothing"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# RNG states (per rank)
+# --------------------------------------------------------------------------------------------------------------------
+def _as_list(generators) -> list[torch.Generator]:
+    if generators is None:
+        return []
+    return [generators] if isinstance(generators, torch.Generator) else list(generators)
+
+
+def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, Any]:
+    """This rank's RNG states: torch CPU, CUDA (current device), Python's and NumPy's global generators, and the
+    given generators (e.g. the augmentation generator)."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    gens = _as_list(generators)
+    if gens:
+        state["generators"] = [g.get_state() for g in gens]
+        state["generator"] = state["generators"][0]  # (format 1 readers)
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generators: torch.Generator | Sequence[torch.Generator] | None = None) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("generators") or ([state["generator"]] if "generator" in state else [])
+    for g, s in zip(_as_list(generators), saved):
+        g.set_state(s)
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> int:
+    """Delete the temp files of checkpoint writes a crash interrupted (``.step_*.pt.*.tmp``); returns how many.
+
+    Only the run's own folder is cleaned, by rank 0 before training, when no write of this run can be in flight.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in d.iterdir():
+        if p.name.startswith(".step_") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the pretrained model for downstream stages
+# --------------------------------------------------------------------------------------------------------------------
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP / torch.compile wrappers (so state_dict keys carry no ``module.`` prefix)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop ``module.`` / ``_orig_mod.`` prefixes anywhere in the keys (DDP, torch.compile)."""
+    from components.backbone import clean_keys
+
+    return clean_keys(sd)
+
+
+def load_pretrained(path: str | os.PathLike):
+    """``models/pretrain/last.pt`` (or any pretrain checkpoint) -> the method's model in eval mode on the CPU.
+
+    The model class comes from the file's ``method`` (``components.pretrain.stage.METHODS``; SlotCon for files that
+    name none). Raises UserError naming the file if it is missing, unreadable, or its weights do not match.
+    """
+    from components.pretrain.stage import method_class
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: pretrained model not found; run `dvc repro pretrain` (or `slotcon pretrain`) first")
+    state = load_checkpoint(path)
+    kwargs = state.get("model_kwargs")
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{path}: no 'model_kwargs' entry; it was not written by `slotcon pretrain`")
+    method = state.get("method", "slotcon")
+    model = method_class(method).model_from_kwargs(kwargs)
+    try:
+        model.load_state_dict(clean_state_dict(state["model"]), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path}: weights do not match the {method} model {kwargs}: {first}; re-run "
+                        "`slotcon pretrain`") from None
+    return model.eval()

@@ -1,0 +1,105 @@
+"""MoCo v2 as a pretraining method of the engine: model, optimiser, one step, the key encoder's momentum update.
+
+Per step: :class:`components.pretrain.methods.mocov2.model.MoCoV2` encodes view 1 with the query encoder and view 2 with the key
+encoder on shuffled BatchNorm groups of the global batch (the permutation is drawn from ``(seed, step)``: the same on
+every rank without a broadcast, and the same after a resume), computes InfoNCE against the queue and enqueues the
+gathered keys; DDP averages the gradients; SGD steps with ``lr = base_lr · batch / 256`` (warm-up, then cosine);
+then the key encoder follows the query encoder with the constant momentum ``key_momentum`` (vectorised EMA).
+
+Views (MoCo v2's "aug+", Chen et al. 2020, Sec. 3): random resized crops with scale (0.2, 1), colour jitter
+(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5 on both views, flips; no
+solarisation. The two crops are drawn **independently** (``min_overlap = 0``), not with the shared sampler's forced
+overlap: MoCo's positive is the *image*, no pixel correspondence is used, and forcing an overlap would hand the
+baseline SlotCon's prior of easier, more similar pairs (at scale (0.2, 1) the 1 % rule rejects only a few per cent
+of pairs; the point is that the baseline is MoCo's, not a variant of it).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from components import dist
+from components.errors import UserError
+from components.engine.ema import ema_update_
+from components.engine.optim import build_optimizer
+from components.pretrain.stage import PretrainMethod
+
+# MoCo v2's augmentation where it differs from TwoViewAugment's defaults (SlotCon/BYOL's asymmetric recipe)
+MOCOV2_AUGMENT = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(0.5, 0.5),
+                      solarize_prob=(0.0, 0.0))
+
+
+class MocoV2Method(PretrainMethod):
+    name = "mocov2"
+    stat_keys = ("loss", "acc", "pos_sim", "neg_sim")
+    plot_keys = ("loss",)
+    backbone_prefix = "query_encoder.backbone."  # MoCo transfers the query encoder (the official convert script)
+    crop_scale = (0.2, 1.0)
+    crop_min_overlap = 0.0  # independent crops (see the module docstring)
+
+    def __init__(self, cfg, plan, device: torch.device):
+        from components.pretrain.augment import TwoViewAugment
+
+        super().__init__(cfg, plan, device)
+        p = self.params
+        if p.queue_size % plan.global_batch:
+            raise UserError(f"params: pretrain.mocov2.queue_size={p.queue_size} must be a multiple of "
+                            f"pretrain.batch_size={plan.global_batch} (a batch of keys never wraps the queue)")
+        if p.queue_size > plan.samples_per_epoch:
+            raise UserError(f"params: pretrain.mocov2.queue_size={p.queue_size} exceeds the {plan.samples_per_epoch} "
+                            "samples per epoch: images would meet their own older keys as negatives; lower it")
+        if plan.rank_batch % p.bn_splits:
+            raise UserError(f"params: pretrain.mocov2.bn_splits={p.bn_splits} must divide the per-rank batch "
+                            f"{plan.rank_batch} (batch_size / world size)")
+        self.augment = TwoViewAugment(image_size=cfg.image_size, **MOCOV2_AUGMENT).to(device)
+
+    # -- the model ----------------------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        from components.pretrain.methods.mocov2.model import model_kwargs_from_params
+
+        return model_kwargs_from_params(self.params)
+
+    @classmethod
+    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
+        from components.pretrain.methods.mocov2.model import MoCoV2
+
+        return MoCoV2(**kwargs)
+
+    @staticmethod
+    def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.query_features(images)
+
+    # prototype_scores: None (the base class): MoCo has no prototypes; downstream clusters dense_features
+
+    # -- engine hooks ---------------------------------------------------------------------------------------------------
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, name=self.params.optimizer, lr=self.peak_lr,
+                               weight_decay=self.params.weight_decay)
+
+    def momentum_at(self, step: int) -> float | None:
+        return self.params.key_momentum  # constant, as MoCo (no cosine schedule)
+
+    def shuffle(self, step: int) -> torch.Tensor:
+        """The key encoder's global sample order at ``step``: the same on every rank and after a resume."""
+        from components.pretrain.methods.mocov2.losses import shuffle_plan
+        from components.pretrain.views import sample_seed
+
+        gen = torch.Generator().manual_seed(sample_seed("mocov2-shuffle-bn", self.cfg.seed, step))
+        perm, _ = shuffle_plan(self.plan.global_batch, self.plan.world_size * self.params.bn_splits, gen)
+        return perm
+
+    def forward(self, model: torch.nn.Module, views: dict, step: int) -> dict[str, torch.Tensor]:
+        world = self.plan.world_size
+        return model(views["view1"], views["view2"], perm=self.shuffle(step),
+                     gather=dist.gather_cat if world > 1 else None, rank=self.plan.rank, world=world)
+
+    def after_update(self, model: torch.nn.Module, step: int, momentum: float | None) -> None:
+        cached = getattr(self, "_pairs", None)
+        if cached is None or cached[0] is not model:
+            self._pairs = (model, *model.momentum_parameters())
+        ema_update_(self._pairs[1], self._pairs[2], momentum)
+
+    def compile(self, model: torch.nn.Module) -> None:
+        model.query_encoder.compile()
+        model.key_encoder.compile()

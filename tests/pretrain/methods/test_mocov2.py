@@ -1,0 +1,357 @@
+"""MoCo v2 (the image-level baseline): the loss against the paper's formula written as a loop, the queue as a ring
+buffer, shuffle BN, 2 gloo ranks == 1 process on the concatenated batch, and runs through the engine (the loss
+falls, exact resume, export into torchvision, unsup_seg / viz on its last.pt)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from data_fixtures import run_pretrain_in, tiny_scene_shards
+
+from components.config import PretrainConfig
+from components.pretrain.methods.mocov2.losses import enqueue, info_nce_queue, shuffle_plan
+from components.pretrain.methods.mocov2.model import MoCoV2
+
+MODEL_KW = dict(arch="resnet18", dim_hidden=32, dim=16, queue_size=12, temperature=0.2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the loss and the queue, against plain formulas
+# --------------------------------------------------------------------------------------------------------------------
+def _loop_info_nce(q, k, queue, tau):
+    """MoCo Eq. 1 sample by sample: -log(exp(q.k+/t) / (exp(q.k+/t) + sum_j exp(q.n_j/t))), averaged."""
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / tau)
+        neg = sum(math.exp(float(q[i] @ queue[j]) / tau) for j in range(queue.shape[0]))
+        total += -math.log(pos / (pos + neg))
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("n,kq,d,tau", [(1, 1, 4, 0.2), (5, 7, 8, 0.2), (6, 32, 16, 0.07), (3, 9, 128, 1.0)])
+def test_info_nce_matches_the_loop_formula(n, kq, d, tau):
+    g = torch.Generator().manual_seed(n * 100 + kq)
+    q = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    queue = F.normalize(torch.randn(kq, d, generator=g, dtype=torch.float64), dim=1)
+    loss, logits = info_nce_queue(q.float(), k.float(), queue.float(), tau)
+    assert loss.item() == pytest.approx(_loop_info_nce(q, k, queue, tau), rel=1e-5, abs=1e-5)
+    assert logits.shape == (n, 1 + kq)
+    torch.testing.assert_close(logits[:, 0], ((q * k).sum(1) / tau).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_info_nce_gradient_flows_to_the_query_only():
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
+    k = F.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_()
+    info_nce_queue(q, k, queue, 0.2)[0].backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert k.grad is None and queue.grad is None  # keys and negatives are constants (stop-gradient)
+
+
+def test_enqueue_is_a_ring_buffer_of_the_newest_keys():
+    queue = torch.zeros(6, 2)
+    ptr = torch.zeros((), dtype=torch.long)
+    seen = []
+    for step in range(5):
+        keys = torch.full((2, 2), float(step + 1))
+        queue, ptr = enqueue(queue, ptr, keys)
+        seen.append(step + 1)
+        assert int(ptr) == 2 * (step + 1) % 6
+        # the queue holds exactly the last three batches, each where it was written
+        newest = seen[-3:]
+        assert sorted(set(queue[:, 0].tolist()) - {0.0}) == sorted(newest)
+    assert queue[:, 0].tolist() == [4, 4, 5, 5, 3, 3]  # step 4 overwrote slots 0-1, step 5 slots 2-3
+    with pytest.raises(ValueError, match="not a multiple"):
+        enqueue(torch.zeros(5, 2), torch.zeros((), dtype=torch.long), torch.zeros(2, 2))
+
+
+def test_shuffle_plan_is_a_permutation_with_its_inverse():
+    perm, unperm = shuffle_plan(12, 4, torch.Generator().manual_seed(3))
+    assert sorted(perm.tolist()) == list(range(12)) and torch.equal(perm[unperm], torch.arange(12))
+    again, _ = shuffle_plan(12, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(perm, again)  # same seed on every rank -> same permutation, no broadcast needed
+    with pytest.raises(ValueError, match="not divisible"):
+        shuffle_plan(10, 4, torch.Generator())
+
+
+def test_shuffle_bn_keys_do_not_depend_on_the_permutation_in_eval_mode():
+    """Shuffling only changes which samples share BN statistics: with BN on running stats, keys are identical."""
+    torch.manual_seed(0)
+    model = MoCoV2(**MODEL_KW, bn_splits=2).eval()
+    x = torch.randn(4, 3, 64, 64)
+    a = model._keys(x, torch.tensor([2, 0, 3, 1]), None, 0, 1)
+    b = model._keys(x, None, None, 0, 1)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DDP: 2 gloo processes == 1 process on the whole batch
+# --------------------------------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
+    import torch.distributed as tdist
+
+    from components import dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        inp = torch.load(Path(tmpdir) / "inputs.pt", weights_only=False)
+        b = inp["view1"].shape[0] // world
+        half = slice(rank * b, (rank + 1) * b)
+        # (a) the queue alone: every rank enqueues its own keys -> the queue of the concatenated batch, everywhere
+        q_alone, p_alone = enqueue(inp["queue"], inp["ptr"], inp["keys"][half], gather=dist.gather_cat)
+        # (b) the whole model under DDP, BN in train mode: one BN group per rank == 2 groups in one process
+        torch.manual_seed(0)
+        model = MoCoV2(**MODEL_KW, bn_splits=1)
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        outs = []
+        for step in range(2):  # two steps: the second sees the keys the first enqueued
+            out = ddp(inp["view1"][half], inp["view2"][half], perm=inp["perms"][step], gather=dist.gather_cat,
+                      rank=rank, world=world)
+            if step == 0:
+                out["loss"].backward()
+            outs.append({k: dist.all_reduce_mean(v.detach()) for k, v in out.items()})
+        torch.save({"queue_alone": q_alone, "ptr_alone": p_alone, "outs": outs, "queue": model.queue.clone(),
+                    "ptr": model.queue_ptr.clone(),
+                    "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}},
+                   Path(tmpdir) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ddp
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    world, b = 2, 3
+    g = torch.Generator().manual_seed(0)
+    inp = {"view1": torch.randn(world * b, 3, 64, 64, generator=g), "view2": torch.randn(world * b, 3, 64, 64, generator=g),
+           "keys": F.normalize(torch.randn(world * b, 16, generator=g), dim=1),
+           "queue": F.normalize(torch.randn(12, 16, generator=g), dim=1), "ptr": torch.tensor(6),
+           "perms": [torch.randperm(world * b, generator=g) for _ in range(2)]}
+    torch.save(inp, tmp_path / "inputs.pt")
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+    # (a) enqueue across ranks == enqueue of the concatenated keys (wrapping to slot 0 after slot 11)
+    q_full, p_full = enqueue(inp["queue"], inp["ptr"], inp["keys"])
+    assert int(p_full) == 0
+    for r in ranks:
+        torch.testing.assert_close(r["queue_alone"], q_full, rtol=0, atol=0)
+        assert int(r["ptr_alone"]) == 0
+
+    # (b) one process, two BN groups (= the two ranks' halves; keys on the same shuffled groups): same losses,
+    # same statistics, same queue after two steps, and DDP's averaged gradients == the full batch's gradients
+    torch.manual_seed(0)
+    model = MoCoV2(**MODEL_KW, bn_splits=2)
+    model.train()
+    outs = []
+    for step in range(2):
+        out = model(inp["view1"], inp["view2"], perm=inp["perms"][step])
+        if step == 0:
+            out["loss"].backward()
+        outs.append({k: v.detach() for k, v in out.items()})
+    for r in ranks:
+        for step in range(2):
+            for k in ("loss", "acc", "pos_sim", "neg_sim"):
+                assert r["outs"][step][k].item() == pytest.approx(outs[step][k].item(), abs=1e-5), (step, k)
+        torch.testing.assert_close(r["queue"], model.queue, rtol=0, atol=1e-6)
+        assert int(r["ptr"]) == int(model.queue_ptr) == 0
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ranks[0]["grads"]) and not any(n.startswith("key_encoder") for n in grads)
+    for name, gr in grads.items():
+        for r in ranks:  # train-mode BN subtracts batch means: small true gradients carry float32 cancellation
+            diff = (r["grads"][name] - gr).abs().max().item()
+            assert diff <= 1e-4 * gr.abs().max().item() + 1e-7, (name, diff, gr.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# through the engine: learning, exact resume, export, downstream
+# --------------------------------------------------------------------------------------------------------------------
+TINY = dict(method="mocov2", image_size=64, num_workers=0, log_every_steps=1, batch_size=16,
+            mocov2=dict(arch="resnet18", dim_hidden=128, dim=32, queue_size=16, base_lr=1.0, bn_splits=2))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tiny_scene_shards(tmp_path_factory.mktemp("mocov2_data"))
+
+
+_run = run_pretrain_in
+
+
+def _fixed_views(shards, n=16, offset=0):
+    """Two augmented views of n train images from ``offset`` on (fixed seed), as the method makes them."""
+    from components.data.loading.loader import iterate_samples
+    from components.data.shards.stage import read_index, split_urls
+    from components.pretrain.methods.mocov2.method import MOCOV2_AUGMENT
+    from components.pretrain.augment import TwoViewAugment
+    from components.pretrain.crops import collate_crop_params, sample_two_crops
+
+    urls = split_urls(shards, read_index(shards)["train"])
+    images = [s["image"] for _, s in zip(range(offset + n), iterate_samples(urls))][offset:]
+    g = torch.Generator().manual_seed(0)
+    crops = collate_crop_params([sample_two_crops(*im.shape[-2:], g, scale=(0.2, 1.0), min_overlap=0.0)
+                                 for im in images])
+    v = TwoViewAugment(64, **MOCOV2_AUGMENT)(images, crops, generator=g)
+    return v["view1"], v["view2"]
+
+
+@pytest.fixture(scope="module")
+def trained(shards, tmp_path_factory):
+    """A tiny MoCo v2 run through the engine (2 epochs x 3 steps) and the model it started from."""
+    from components.pretrain.methods.mocov2.model import model_kwargs_from_params
+
+    out = tmp_path_factory.mktemp("mocov2_run")
+    cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=0, samples_per_epoch=48)
+    torch.manual_seed(cfg.seed)  # what PretrainMethod.build does: the run starts from this model
+    init = MoCoV2(**model_kwargs_from_params(cfg.mocov2))
+    metrics = _run(cfg, shards, out)
+    return {"out": out, "metrics": metrics, "init": init, "cfg": cfg}
+
+
+@pytest.mark.slow
+def test_engine_run_fills_the_queue_and_moves_the_key_encoder_by_momentum(trained):
+    m = trained["metrics"]
+    assert m["method"] == "mocov2" and m["steps"] == 6 and m["epochs"] == 2 and math.isfinite(m["loss"])
+    last = torch.load(trained["out"] / "models" / "last.pt", weights_only=False)
+    assert last["method"] == "mocov2" and last["backbone_prefix"] == "query_encoder.backbone."
+    sd, init = last["model"], trained["init"].state_dict()
+    assert int(sd["queue_ptr"]) == 6 * 16 % 16 == 0 and sd["queue"].shape == (16, 32)
+    assert not torch.equal(sd["queue"], init["queue"])  # real keys replaced the random start
+    torch.testing.assert_close(sd["queue"].norm(dim=1), torch.ones(16))
+    # the key encoder moved, by momentum only: k_6 = m^6 k_0 + (1 - m) sum_s m^(5-s) q_s, so it stays close to init
+    name = "backbone.conv1.weight"
+    k0, k6, q6 = init[f"key_encoder.{name}"], sd[f"key_encoder.{name}"], sd[f"query_encoder.{name}"]
+    assert not torch.equal(k6, k0) and not torch.equal(k6, q6)
+    assert (k6 - k0).norm() < (q6 - k0).norm()
+    rows = list(csv.DictReader((trained["out"] / "plots" / "loss.csv").open()))
+    assert list(rows[0]) == ["epoch", "loss"] and len(rows) == 2
+
+
+@pytest.mark.slow
+def test_repeated_steps_lower_the_loss(shards):
+    """Two fixed batches of 16 images, alternated (the queue then always holds the other batch's keys): 16 SGD steps
+    with the momentum update must lower the InfoNCE loss. (A short run on fresh crops stays near chance,
+    log(1 + K): MoCo's random-init embeddings are nearly parallel, cos ~0.8, and it needs far more steps.)"""
+    from components.engine.ema import ema_update_
+    from components.engine.optim import build_optimizer
+
+    batches = [_fixed_views(shards, 16, offset=0), _fixed_views(shards, 16, offset=16)]
+    torch.manual_seed(0)
+    model = MoCoV2(arch="resnet18", dim_hidden=128, dim=32, queue_size=16, bn_splits=2).train()
+    opt = build_optimizer(model, name="sgd", lr=0.1, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(16):
+        v1, v2 = batches[step % 2]
+        out = model(v1, v2, perm=torch.randperm(16, generator=g))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        ema_update_(*model.momentum_parameters(), 0.99)
+        losses.append(out["loss"].item())
+    early, late = sum(losses[1:5]) / 4, sum(losses[-4:]) / 4  # step 0 met the random initial queue
+    assert late < early - 0.05, losses
+
+
+@pytest.mark.slow
+def test_export_loads_strictly_into_torchvision(trained, tmp_path):
+    import torchvision
+
+    from components.config import ExportConfig
+    from components.transfer.export import load_backbone, run_export
+
+    ckpt = trained["out"] / "models" / "last.pt"
+    run_export(ExportConfig(register_model=False), ckpt, tmp_path / "backbone.pt")
+    _, sd = load_backbone(tmp_path / "backbone.pt")
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(sd, strict=True)  # every trunk key, nothing else
+    state = torch.load(ckpt, weights_only=False)["model"]
+    for k, v in net.state_dict().items():  # the QUERY encoder's trunk (MoCo transfers it), not the key encoder's
+        torch.testing.assert_close(v, state[f"query_encoder.backbone.{k}"], rtol=0, atol=0, msg=k)
+    assert not torch.equal(state["query_encoder.backbone.conv1.weight"], state["key_encoder.backbone.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_unsup_seg_and_viz_run_on_a_mocov2_last_pt(shards, trained, tmp_path, mlflow_store):
+    import yaml
+
+    from components.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "tracking": {"artifact_location": mlflow_store.artifact_location},
+        "unsup": {"resolution": 64, "batch_size": 4},
+        "viz": {"num_images": 2, "top_prototypes": 3, "num_neighbors": 2, "resolution": 64, "batch_size": 4},
+    }))
+    ckpt = str(trained["out"] / "models" / "last.pt")
+    common = ["--params", str(params), "--shards", str(shards), "--checkpoint", ckpt]
+    assert main(["unsup_seg", *common, "--metrics", str(tmp_path / "unsup.json")]) == 0
+    assert main(["viz", *common, "--out", str(tmp_path / "slots"), "--metrics", str(tmp_path / "viz.json")]) == 0
+    unsup, viz = json.loads((tmp_path / "unsup.json").read_text()), json.loads((tmp_path / "viz.json").read_text())
+    assert unsup["clusters"] == "kmeans" and unsup["num_clusters"] == unsup["num_classes"] == 9
+    assert 0 <= unsup["mIoU"] <= 1 and 0 <= unsup["random/mIoU"] <= 1 and unsup["num_images"] == 8
+    assert viz["clusters"] == "kmeans" and viz["num_clusters"] == 9 and viz["num_images"] == 8
+    assert (tmp_path / "slots" / "assignments.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_exact_resume_equals_straight_run(shards, tmp_path):
+    """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step figures, weights, queue and pointer."""
+    cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=1, samples_per_epoch=48, save_every_steps=2)
+    straight: dict[int, dict] = {}
+    _run(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
+    resumed: dict[int, dict] = {}
+    assert _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st),
+                stop_after_step=2) == {"stopped_at_step": 2}
+    torch.manual_seed(12345)  # the process's RNG moved on: resume must restore what it needs
+    metrics = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
+    assert metrics["resumed"] and metrics["steps_this_run"] == 4
+    assert sorted(straight) == sorted(resumed) == list(range(1, 7))
+    for s in straight:
+        for k in ("loss", "acc", "pos_sim", "neg_sim", "lr", "momentum"):
+            assert resumed[s][k] == pytest.approx(straight[s][k], abs=1e-6), (s, k)
+    a = torch.load(tmp_path / "a" / "models" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "models" / "last.pt", weights_only=False)["model"]
+    assert set(a) == set(b) and int(a["queue_ptr"]) == int(b["queue_ptr"])
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_bad_queue_and_splits_are_user_errors(shards, tmp_path):
+    from components.errors import UserError
+
+    base = dict(TINY, epochs=1, warmup_epochs=0, samples_per_epoch=48)
+    with pytest.raises(UserError, match="queue_size=24 must be a multiple of pretrain.batch_size=16"):
+        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=24))), shards, tmp_path)
+    with pytest.raises(UserError, match="exceeds the 48 samples per epoch"):
+        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=64))), shards, tmp_path)
+    with pytest.raises(UserError, match="bn_splits=3 must divide"):
+        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], bn_splits=3))), shards, tmp_path)
