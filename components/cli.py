@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from components.errors import UserError
+
 # stage name -> (module, one-line help). Order = the DAG's order.
 STAGES: dict[str, tuple[str, str]] = {
     "check": ("components.check", "validate every section of params.yaml and exit"),
@@ -28,6 +30,7 @@ STAGES: dict[str, tuple[str, str]] = {
 # project tools beside the stages (not in dvc.yaml): same calling convention as ``check`` (a plain ``main(args)``)
 TOOLS: dict[str, tuple[str, str]] = {
     "deps": ("components.dvcdeps", "write (or --check) each dvc.yaml stage's code deps: its module's import closure"),
+    "params": ("components.config.params_file", "write (or --check) params.yaml from the schema's defaults and comments"),
 }
 
 
@@ -50,8 +53,6 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(stage if stage in STAGES or stage in TOOLS else None).parse_args(argv)

@@ -1,6 +1,16 @@
-import pytest
+import difflib
 
-from components.config import SECTIONS, ConfigError, load_all, load_section, parse_section
+import pytest
+import yaml
+from pydantic import create_model
+
+from components.check import required_sections
+from components.cli import main
+from components.config import (SECTIONS, ConfigError, PretrainConfig, knob, load_all, load_section, parse_section,
+                               parse_yaml, resume_safe_keys)
+from components.config import params_file
+from components.config.schema import resume_safe_fields, subsection
+from components.engine import checkpoint as ckpt
 
 
 def test_defaults_of_params_yaml_load(repo_root):
@@ -9,11 +19,65 @@ def test_defaults_of_params_yaml_load(repo_root):
     assert sections["pretrain"].slotcon.teacher_temp == 0.07 and sections["pretrain"].slotcon.student_temp == 0.1
 
 
-def test_every_section_model_defaults_equal_params_yaml(repo_root):
-    """params.yaml is the demo; the typed defaults must say the same thing (one source of truth for docs)."""
-    sections = load_all(repo_root / "params.yaml")
-    for name, cls in SECTIONS.items():
-        assert sections[name] == cls(), f"params.yaml section {name} differs from components/config.py defaults"
+def test_params_yaml_is_what_the_schema_generates(repo_root, capsys):
+    """params.yaml is written by `slotcon params --write`; an edit of one without the other fails here (and in CI)."""
+    assert main(["params", "--check", "--params", str(repo_root / "params.yaml")]) == 0, capsys.readouterr().err
+
+
+def test_generated_params_hold_the_schema_defaults():
+    """What DVC tracks (the values of the generated file, read as YAML 1.1 and 1.2) is every section's default."""
+    text = params_file.render()
+    defaults = {name: cls().model_dump() for name, cls in SECTIONS.items()}
+    assert yaml.safe_load(text) == defaults and parse_yaml(text, "params.yaml") == defaults
+
+
+def test_a_changed_default_or_an_edited_file_fails_the_check(repo_root, tmp_path, monkeypatch, capsys):
+    changed = create_model("PretrainConfig", __base__=PretrainConfig,
+                           epochs=(int, knob(4, "paper: 800 (COCO / COCO+)", ge=1)))
+    before, after = params_file.render(), params_file.render({**SECTIONS, "pretrain": changed})
+    assert [d for d in difflib.ndiff(before.splitlines(), after.splitlines()) if d[:1] in "+-"] == [
+        "-   epochs: 3              # paper: 800 (COCO / COCO+)",
+        "+   epochs: 4              # paper: 800 (COCO / COCO+)"]
+    repo_params = repo_root / "params.yaml"
+    monkeypatch.setitem(SECTIONS, "pretrain", changed)
+    assert main(["params", "--check", "--params", str(repo_params)]) == 1
+    assert capsys.readouterr().err.strip() == (f"{repo_params}: differs from what the schema in components/config/ "
+                                               "generates; run `slotcon params --write`")
+    p = tmp_path / "params.yaml"
+    p.write_text(before)
+    assert main(["params", "--write", "--params", str(p)]) == 0
+    assert yaml.safe_load(p.read_text())["pretrain"]["epochs"] == 4 and p.read_text() == after
+    monkeypatch.undo()
+    p.write_text(before.replace("  seed: 0                # write-time shuffle", "  seed: 1  # write-time shuffle"))
+    assert main(["params", "--check", "--params", str(p)]) == 1
+    assert "run `slotcon params --write`" in capsys.readouterr().err
+
+
+def _other(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return [*value, value[-1]] if isinstance(value, list) else f"{value}x"
+
+
+def test_resume_free_keys_are_the_fields_marked_resume_safe():
+    """engine/checkpoint.py leaves the resume_safe keys out of a run's fingerprint (by top-level name): exactly the
+    marked fields of each checkpointed section, and none of their run-defining ones."""
+    assert ckpt.RESUME_FREE_KEYS == resume_safe_keys() == {
+        "num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes",
+        "save_every", "num_vis", "log_model", "compare_random"}
+    for cls in SECTIONS.values():  # the fingerprint filters top-level keys only: a subsection can't mark one
+        for info in cls.model_fields.values():
+            assert subsection(info) is None or not resume_safe_fields(subsection(info))
+    for name in ("pretrain", "detect", "segment"):
+        cls = SECTIONS[name]
+        assert set(cls.model_fields) & ckpt.RESUME_FREE_KEYS == set(resume_safe_fields(cls)), name
+        base = {k: v for k, v in cls().model_dump().items() if not isinstance(v, dict)}
+        h0 = ckpt.fingerprint(base)[0]
+        for key, value in base.items():
+            same = ckpt.fingerprint(dict(base, **{key: _other(value)}))[0] == h0
+            assert same == (key in resume_safe_fields(cls)), f"{name}.{key}"
 
 
 @pytest.mark.parametrize(
@@ -50,8 +114,6 @@ def test_unknown_section_and_missing_file(tmp_path):
 
 
 def test_cli_reports_bad_params_in_one_line(tmp_path, capsys, repo_root):
-    from components.cli import main
-
     p = tmp_path / "params.yaml"
     p.write_text((repo_root / "params.yaml").read_text().replace("  epochs: 3 ", "  epochs: 0 "))
     assert main(["check", "--params", str(p)]) == 2
@@ -61,9 +123,6 @@ def test_cli_reports_bad_params_in_one_line(tmp_path, capsys, repo_root):
 
 def test_check_requires_the_sections_dvc_yaml_uses(tmp_path, capsys):
     """`slotcon check` beside a dvc.yaml requires tracking + the sections its stages list under params."""
-    from components.check import required_sections
-    from components.cli import main
-
     (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    params: [scenes.seed]\n")
     p = tmp_path / "params.yaml"
     p.write_text("tracking: {}\nscenes:\n  seed: 1\n")
@@ -76,8 +135,6 @@ def test_check_requires_the_sections_dvc_yaml_uses(tmp_path, capsys):
 
 
 def test_params_yaml_numbers_follow_yaml_1_2(tmp_path):
-    from components.config import parse_yaml
-
     data = parse_yaml("a: 1e-6\nb: -2E+3\nc: 10\nd: 1.5\ne: 1e5x\nf: '1e-6'\n", "p.yaml")
     assert data == {"a": 1e-6, "b": -2000.0, "c": 10, "d": 1.5, "e": "1e5x", "f": "1e-6"}
     assert isinstance(data["a"], float) and isinstance(data["c"], int)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from components.config import parse_section, read_params
+from components.pretrain.methods.sim.masking import num_masked_patches
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "docs" / "presets").glob("*.yaml"))
 
@@ -54,8 +55,6 @@ def test_pretrain_preset_is_faithful(path):
 @pytest.mark.parametrize("path", SIM_PRESETS, ids=lambda p: p.stem)
 def test_sim_preset_is_the_released_vitb16_recipe(path):
     """configs/pretrain/dist_sim_base_1600ep.sh of OpenGVLab/Siamese-Image-Modeling (+ main_pretrain.py defaults)."""
-    from components.pretrain.methods.sim.masking import num_masked_patches
-
     sections = {name: parse_section(name, raw, path) for name, raw in read_params(path).items()}
     common = sections["pretrain"]
     sim = common.sim

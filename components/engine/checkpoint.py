@@ -30,17 +30,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from components.config import resume_safe_keys
 from components.errors import UserError
 from components.io import save_torch_atomic
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
-# Params that do not change what a step computes: they may differ between a checkpoint and the resuming run.
-RESUME_FREE_KEYS = frozenset(
-    {"num_workers", "save_every_steps", "log_every_steps", "compile", "nproc_per_node", "nnodes",  # pretrain
-     "save_every", "num_vis", "log_model", "compare_random"}  # detect / segment (the world size is in the extras)
-)
+# Params that do not change what a step computes (marked ``resume_safe`` in the schema of components.config): they
+# may differ between a checkpoint and the resuming run. The world size is in the extras.
+RESUME_FREE_KEYS = resume_safe_keys()
 
 
 def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
