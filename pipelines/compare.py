@@ -1,26 +1,12 @@
-"""Prefect flow ``slotcon-compare``: is SlotCon better here? Methods x seeds, each through the same stages.
-
-One command runs the grid::
+"""Prefect flow ``slotcon-compare``: is SlotCon better here? Methods x seeds, each cell through the same stages.
 
     python -m pipelines.compare                                   # random, mocov2, slotcon, sim x seeds 0 1 2
     python -m pipelines.compare --methods random mocov2 slotcon --seeds 0 1 2 3 4 -S pretrain.epochs=20
 
-Every **cell** (method, seed) is the pipeline's own stage CLIs (``python -m components <stage>``), run one at a time
-as Prefect tasks on its own params file (``params.yaml`` + the comparison's overrides + method + seed, see
-:func:`components.compare.cell_params`) and its own folder ``<out>/cells/<method>-s<seed>/``:
-``pretrain`` (``random``: the trunk's random initialisation instead) -> ``export`` -> ``probe`` -> ``unsup_seg`` ->
-``segment`` -> ``detect``. The data is generated once for the grid (``scenes`` -> ``prepare`` -> ``shard`` into
-``<out>/data``, from the same overrides, e.g. harder scenes). A stage whose metrics exist for the same cell params is
-skipped (``done/<stage>`` stamps), and pretraining resumes from its checkpoints, so an interrupted comparison
-continues where it stopped; ``--force`` re-runs everything.
-
-At the end the figures of every cell are aggregated (:mod:`components.compare`: mean, std, 95 % CI per method and
-metric; Welch's t-test per pair) into ``metrics/compare.json``, ``plots/compare.png`` and ``metrics/compare.md`` (the
-README table). MLflow: one comparison parent run (tag ``slotcon.compare=1``) with one child per cell, whose children
-are that cell's stage runs; the parent carries ``<method>.<stage>.<metric>.mean/std`` and the files as artifacts.
-
-This is not part of ``make test`` (a full grid takes tens of minutes on a CPU); ``tests/test_compare.py`` runs the
-aggregation and a tiny grid.
+A cell runs the stage CLIs on its own params file and folder (``<out>/cells/<method>-s<seed>/``); the data is made
+once per grid; finished stages are stamped, so an interrupted grid continues. The figures are aggregated by
+:mod:`components.compare` into ``metrics/compare.{json,md}`` and ``plots/compare.png``, and logged as one MLflow parent
+run (tag ``slotcon.compare=1``) with a child per cell.
 """
 from __future__ import annotations
 
@@ -32,18 +18,18 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# run without a Prefect server, the flow starts a temporary one; its default 20 s start-up timeout fails on a busy CPU
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+import mlflow
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from components import compare as cmp  # noqa: E402
-from pipelines.flow import StageFailed, run_streamed, stage_env  # noqa: E402
+from components import compare as cmp
+from components.config import SECTIONS, parse_section
+from components.io import write_json_atomic, write_text_atomic
+from components.tracking.runs import Tracker, flatten
+from pipelines import mlflow_runs
+from pipelines.reports import flow_run_info
+from pipelines.shell import StageFailed, run_streamed, stage_env
 
 DEFAULT_METHODS = ("random", "mocov2", "slotcon", "sim")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -92,8 +78,6 @@ def _is_done(folder: Path, name: str, key: str) -> bool:
 
 
 def _mark_done(folder: Path, name: str, key: str) -> None:
-    from components.io import write_text_atomic
-
     write_text_atomic(_stamp(folder, name), key + "\n")
 
 
@@ -144,17 +128,12 @@ def run_cell_stage(label: str, root: str, cell_dir: str, data_dir: str, stage: s
 # --------------------------------------------------------------------------------------------------------------------
 def _open_runs(root: Path, params_file: Path, params: dict, cells: list[tuple[str, int]], flow_run_id: str | None,
                name: str):
-    from components.config import parse_section
-    from pipelines import mlflow_runs
-
     tcfg = mlflow_runs.resolve_store(parse_section("tracking", params.get("tracking")), root)
     parent = mlflow_runs.open_parent_run(tcfg, root, run_name=name, flow_run_id=flow_run_id,
                                          params_file=str(params_file.resolve()),
                                          tags={"slotcon.compare": "1", "mlflow.source.name": "pipelines/compare.py"})
     if parent is None:
         return tcfg, None, {}
-    import mlflow
-
     client = mlflow.MlflowClient(tcfg.tracking_uri)
     exp_id = client.get_run(parent).info.experiment_id
     children = {}
@@ -168,10 +147,6 @@ def _open_runs(root: Path, params_file: Path, params: dict, cells: list[tuple[st
 def _close_runs(tcfg, parent, children, cell_metrics, summary, files, failed: bool) -> None:
     if parent is None:
         return
-    import mlflow
-
-    from components.tracking.runs import Tracker, flatten
-
     client = mlflow.MlflowClient(tcfg.tracking_uri)
     for cell, run_id in children.items():
         Tracker(run_id, client).log_metrics(flatten(cell_metrics.get(cell, {})))
@@ -224,12 +199,6 @@ def slotcon_compare(
     ``params_overrides`` (``["pretrain.epochs=20"]`` or a mapping) apply to every cell on top of
     :data:`components.compare.DEFAULT_OVERRIDES`. Returns ``{"summary", "cells", "seconds", "parent_run_id"}``.
     """
-    import yaml
-
-    from components.config import SECTIONS, parse_section
-    from components.io import write_json_atomic, write_text_atomic
-    from pipelines.flow import _flow_run_info
-
     logger = get_run_logger()
     t0 = time.perf_counter()
     methods = list(methods or DEFAULT_METHODS)
@@ -237,50 +206,33 @@ def slotcon_compare(
     stages = list(stages or cmp.STAGES)
     root = Path(repo_dir or os.getcwd()).resolve()
     out = (root / out_dir).resolve()
-    unknown = [s for s in stages if s not in cmp.STAGES]
-    if unknown:
-        raise ValueError(f"stages {unknown} unknown (allowed: {', '.join(cmp.STAGES)})")
-    base = yaml.safe_load((root / params_file).read_text()) or {}
     overrides = {**cmp.DEFAULT_OVERRIDES, **cmp.parse_overrides(params_overrides)}
     cells = [(m, int(s)) for s in seeds for m in methods]  # seed-major: a stopped grid still compares every method
-
-    # every cell's params validated before anything runs (a typo fails here, not after an hour)
-    cell_params = {c: cmp.cell_params(base, overrides, *c) for c in cells}
-    for c, p in cell_params.items():
-        for section in SECTIONS:
-            parse_section(section, p.get(section), f"{out}/cells/{c[0]}-s{c[1]}/params.yaml")
-        if c[0] not in cmp.BASELINES and p["pretrain"]["method"] != c[0]:
-            raise ValueError(f"method {c[0]!r} is not a pretrain.method")
-    data_params = cmp.cell_params(base, overrides, methods[0], seeds[0])
+    cell_params = _grid_params(root / params_file, out, overrides, cells, stages)
+    data_params = cmp.cell_params(yaml.safe_load((root / params_file).read_text()) or {}, overrides, methods[0],
+                                  seeds[0])
     data_key = cmp.digest({k: data_params.get(k) for k in ("scenes", "data", "shard")})
     data = out / "data"
-    (data).mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     write_text_atomic(data / "params.yaml", yaml.safe_dump(data_params, sort_keys=False))
 
     thread_env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
-    flow_run_id, flow_run_name = _flow_run_info()
-    tcfg, parent, children = _open_runs(root, data / "params.yaml", data_params, cells, flow_run_id, f"compare {flow_run_name}")
+    flow_run_id, flow_run_name = flow_run_info()
+    tcfg, parent, children = _open_runs(root, data / "params.yaml", data_params, cells, flow_run_id,
+                                        f"compare {flow_run_name}")
     failed, cell_metrics, timings = False, {}, {}
     try:
         data_env = {"MLFLOW_TRACKING_URI": tcfg.tracking_uri, **thread_env,
                     **({"SLOTCON_PARENT_RUN_ID": parent} if parent else {})}
         make_data(str(root), str(data / "params.yaml"), str(data), data_key, data_env, force)
         for method, seed in cells:
-            cell = out / "cells" / f"{method}-s{seed}"
-            params = cell_params[(method, seed)]
-            write_text_atomic(cell / "params.yaml", yaml.safe_dump(params, sort_keys=False))
-            key = cmp.digest(params)
             env = {"MLFLOW_TRACKING_URI": tcfg.tracking_uri, "SLOTCON_FLOW_RUN_ID": flow_run_id or "", **thread_env}
             if (method, seed) in children:
                 env["SLOTCON_PARENT_RUN_ID"] = children[(method, seed)]
-            arch = parse_section("pretrain", params["pretrain"]).arch
-            t_cell = time.perf_counter()
-            for stage in ("pretrain", "export", *stages):
-                run_cell_stage(f"{method}-s{seed}:{stage}", str(root), str(cell), str(data), stage, method, seed,
-                               arch, key, env, force)
-            timings[f"{method}-s{seed}"] = round(time.perf_counter() - t_cell, 1)
-            cell_metrics[(method, seed)] = _read_cell(cell, stages)
-            logger.info("cell %s seed %d done in %.0f s", method, seed, timings[f"{method}-s{seed}"])
+            label = f"{method}-s{seed}"
+            timings[label], cell_metrics[(method, seed)] = _run_cell(
+                root, out / "cells" / label, data, method, seed, cell_params[(method, seed)], stages, env, force)
+            logger.info("cell %s seed %d done in %.0f s", method, seed, timings[label])
     except BaseException:
         failed = True
         raise
@@ -290,19 +242,52 @@ def slotcon_compare(
         result = {"grid": {"methods": list(methods), "seeds": [int(s) for s in seeds], "stages": list(stages)},
                   "overrides": overrides, "complete": not failed and len(cell_metrics) == len(cells),
                   "cell_seconds": timings, "seconds": round(time.perf_counter() - t0, 1), **summary}
-        files = []
-        if cell_metrics:
-            write_json_atomic(root / metrics_file, result)
-            cmp.write_plot(summary, methods, metrics, root / plot_file)
-            md = root / Path(metrics_file).with_suffix(".md")
-            write_text_atomic(md, cmp.markdown_table(summary, methods, metrics) + "\n")
-            files = [root / metrics_file, root / plot_file, md]
-            logger.info("comparison table:\n%s", md.read_text())
+        files = _write_results(root, result, summary, methods, metrics, metrics_file, plot_file) if cell_metrics else []
         _close_runs(tcfg, parent, children, {c: {s: {k: v for k, v in m.items() if not isinstance(v, dict)}
                                                   for s, m in d.items()} for c, d in cell_metrics.items()},
                     summary, files, failed)
     return {"summary": summary, "cells": {f"{m}-s{s}": v for (m, s), v in cell_metrics.items()},
             "seconds": result["seconds"], "parent_run_id": parent}
+
+
+def _grid_params(params_file: Path, out: Path, overrides: dict, cells: list[tuple[str, int]],
+                 stages: Sequence[str]) -> dict[tuple[str, int], dict]:
+    """Every cell's params, each validated before anything runs (a typo fails here, not after an hour)."""
+    unknown = [s for s in stages if s not in cmp.STAGES]
+    if unknown:
+        raise ValueError(f"stages {unknown} unknown (allowed: {', '.join(cmp.STAGES)})")
+    base = yaml.safe_load(params_file.read_text()) or {}
+    cell_params = {c: cmp.cell_params(base, overrides, *c) for c in cells}
+    for c, p in cell_params.items():
+        for section in SECTIONS:
+            parse_section(section, p.get(section), f"{out}/cells/{c[0]}-s{c[1]}/params.yaml")
+        if c[0] not in cmp.BASELINES and p["pretrain"]["method"] != c[0]:
+            raise ValueError(f"method {c[0]!r} is not a pretrain.method")
+    return cell_params
+
+
+def _run_cell(root: Path, cell: Path, data: Path, method: str, seed: int, params: dict, stages: Sequence[str],
+              env: dict[str, str], force: bool) -> tuple[float, dict[str, Any]]:
+    """One cell's stages in order; returns (seconds, its metrics per stage)."""
+    write_text_atomic(cell / "params.yaml", yaml.safe_dump(params, sort_keys=False))
+    key = cmp.digest(params)
+    arch = parse_section("pretrain", params["pretrain"]).arch
+    t_cell = time.perf_counter()
+    for stage in ("pretrain", "export", *stages):
+        run_cell_stage(f"{method}-s{seed}:{stage}", str(root), str(cell), str(data), stage, method, seed,
+                       arch, key, env, force)
+    return round(time.perf_counter() - t_cell, 1), _read_cell(cell, stages)
+
+
+def _write_results(root: Path, result: dict, summary: dict, methods: Sequence[str], metrics: Sequence[str],
+                   metrics_file: str, plot_file: str) -> list[Path]:
+    """metrics/compare.json, plots/compare.png and the README table metrics/compare.md; returns their paths."""
+    write_json_atomic(root / metrics_file, result)
+    cmp.write_plot(summary, methods, metrics, root / plot_file)
+    md = root / Path(metrics_file).with_suffix(".md")
+    write_text_atomic(md, cmp.markdown_table(summary, methods, metrics) + "\n")
+    get_run_logger().info("comparison table:\n%s", md.read_text())
+    return [root / metrics_file, root / plot_file, md]
 
 
 def main(argv: list[str] | None = None) -> int:

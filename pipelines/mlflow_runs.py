@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import mlflow
+
 from components.tracking import parent as pipeline_run
 from components.tracking import runs as tracking
 from components.config import TrackingConfig
@@ -32,9 +34,7 @@ def resolve_store(cfg: TrackingConfig, root: str | os.PathLike) -> TrackingConfi
     return cfg.model_copy(update={"tracking_uri": uri, "artifact_location": loc})
 
 
-def _client(cfg: TrackingConfig):
-    import mlflow
-
+def mlflow_client(cfg: TrackingConfig):
     return mlflow.MlflowClient(cfg.tracking_uri)
 
 
@@ -91,7 +91,7 @@ def close_parent_run(
     """Headline metrics onto the parent, ``dvc.lock`` artifact and hash, end it FINISHED or FAILED."""
     if run_id is None:
         return
-    pipeline_run.close_parent(_client(cfg), run_id, root, metrics=metrics, status="FAILED" if failed else "FINISHED",
+    pipeline_run.close_parent(mlflow_client(cfg), run_id, root, metrics=metrics, status="FAILED" if failed else "FINISHED",
                               tags=tags, uri=cfg.tracking_uri)
 
 
@@ -100,14 +100,14 @@ def discard_noop_run(cfg: TrackingConfig, run_id: str | None) -> None:
     runs table lists only runs that did something (``mlflow gc`` or the UI's "deleted" filter still show it)."""
     if run_id is None:
         return
-    client = _client(cfg)
+    client = mlflow_client(cfg)
     client.set_tag(run_id, "slotcon.noop", "1")
     client.delete_run(run_id)
 
 
 def run_tree(cfg: TrackingConfig, parent_id: str, metric_keys: int = 4) -> str:
     """A text picture of the parent and its children (status, duration, a few metrics), for the demo's closing note."""
-    client = _client(cfg)
+    client = mlflow_client(cfg)
     parent = client.get_run(parent_id)
     children = client.search_runs(
         [parent.info.experiment_id],

@@ -20,13 +20,14 @@ import os
 import sys
 import time
 
+from components.config import load_section
+from components.errors import UserError
+from components.tracking.runs import open_store
+
 DEFAULT_METRICS = ("detect.bbox_AP", "segment.mIoU", "unsup_seg.mIoU")
 
 
 def _client_and_name(params: str):
-    from components.config import load_section
-    from components.tracking.runs import open_store
-
     cfg = load_section("tracking", params)
     client, _ = open_store(cfg)
     return client, cfg.registered_model
@@ -99,8 +100,6 @@ def show(params: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.errors import UserError
-
     p = argparse.ArgumentParser(prog="python -m pipelines.registry", description=__doc__.split("\n")[0])
     p.add_argument("--params", default="params.yaml")
     sub = p.add_subparsers(dest="cmd", required=True)

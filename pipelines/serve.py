@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pipelines.serve: PREFECT_API_URL is not set; schedules need a running server: start one with "
               "`prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`", file=sys.stderr)
         return 2
-    from pipelines.flow import slotcon_pipeline
+    from pipelines.flow import slotcon_pipeline  # lazy: prefect loads only once the server check passed
 
     slotcon_pipeline.serve(
         name=args.name,

@@ -100,7 +100,7 @@ def test_real_pipeline_end_to_end(tmp_path):
     # 1. the flow, as `make demo` runs it (ephemeral Prefect)
     log = _run([sys.executable, "-m", "pipelines.flow", "--retries", "0"], root, env)
     assert "slotcon-pipeline: Completed" in log, log[-6000:]
-    from pipelines.flow import load_stages
+    from pipelines.dvcgraph import load_stages
 
     stages = load_stages(root)
     missing = [f"{s.name}: {m}" for s in stages for m in s.metrics if not (root / m).is_file()]

@@ -77,7 +77,8 @@ def tiny(tmp_path, monkeypatch):
 def test_flow_runs_stages_in_order_then_nothing(prefect_server, tiny):
     from mlflow import MlflowClient
 
-    from pipelines.flow import load_stages, slotcon_pipeline
+    from pipelines.dvcgraph import load_stages
+    from pipelines.flow import slotcon_pipeline
 
     assert [s.name for s in load_stages(tiny)] == ["a", "b", "c", "d"]
     state = slotcon_pipeline(repo_dir=str(tiny), retries=0, return_state=True)
@@ -200,7 +201,7 @@ def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
 
 
 def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
-    from pipelines.flow import load_stages, select_stages
+    from pipelines.dvcgraph import load_stages, select_stages
 
     stages = load_stages(make_tiny_project(tmp_path / "p"))
     assert [s.name for s in stages] == ["a", "b", "c", "d"]  # DAG order, ties in dvc.yaml order
@@ -212,7 +213,7 @@ def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
 
 
 def test_normalize_overrides():
-    from pipelines.flow import normalize_overrides
+    from pipelines.dvcgraph import normalize_overrides
 
     assert normalize_overrides({"pretrain.epochs": 5, "detect.steps": [1, 2]}) == [
         "pretrain.epochs=5", "detect.steps=[1, 2]"]
@@ -223,7 +224,7 @@ def test_normalize_overrides():
 
 def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
     """Structure-wide wiring of this repo's dvc.yaml: every stage reachable, DAG order as documented."""
-    from pipelines.flow import load_stages
+    from pipelines.dvcgraph import load_stages
 
     stages = load_stages(repo_root)
     names = [s.name for s in stages]
