@@ -110,7 +110,7 @@ class Campaign:
     # ---- references --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from components.config import DataConfig, ScenesConfig, ShardConfig
-        from components.data.prepare.coco import run_prepare
+        from components.data.prepare.stage import run_prepare
         from components.data.scenes.stage import generate_scenes
         from components.data.shards.stage import run_shard
 

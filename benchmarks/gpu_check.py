@@ -84,7 +84,7 @@ def phase_pretrain(dry: bool, compile_: bool, method: str = "slotcon") -> dict:
 
 def _scenes_shards(root: Path, size: int, n_train: int) -> Path:
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.scenes.stage import generate_scenes
     from components.data.shards.stage import run_shard
 

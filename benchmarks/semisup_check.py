@@ -69,7 +69,7 @@ def make_cfg(method: str, seed: int, args):
 def train(work: Path, method: str, init: str, seed: int, args):
     """``(model to evaluate, FitResult, split info)``; a finished run resumes from its last checkpoint (no step)."""
     from components.data.segmentation.sources import open_source
-    from components.tracking.runs import Tracker
+    from components.tracking import Tracker
     from components.transfer.export import load_backbone
     from components.transfer.segment.stage import split_train, train_one
 

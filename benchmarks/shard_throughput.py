@@ -168,7 +168,7 @@ def plain_shard(root: Path, manifest: Path, out: Path, per_shard: int) -> tuple[
 
 def many_files_case(work: Path, n: int, workers: int, per_shard: int) -> None:
     from components.config import DataConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.shards.stage import run_shard
 
     t = time.perf_counter()
@@ -228,7 +228,7 @@ def main() -> None:
 
 def loader_case(args, work: Path) -> None:
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.scenes.stage import generate_scenes
     from components.data.shards.stage import run_shard, split_urls
 

@@ -17,7 +17,7 @@ from components.errors import UserError
 STAGES: dict[str, tuple[str, str]] = {
     "check": ("components.check", "validate every section of params.yaml and exit"),
     "scenes": ("components.data.scenes.stage", "generate the scene-centric demo dataset in COCO format"),
-    "prepare": ("components.data.prepare.coco", "discover and check a source; write per-split Parquet manifests"),
+    "prepare": ("components.data.prepare.stage", "discover and check a source; write per-split Parquet manifests"),
     "shard": ("components.data.shards.stage", "write WebDataset shards + manifest (or --verify them)"),
     "pretrain": ("components.pretrain.stage", "self-supervised pretraining (SlotCon by default, SIM or MoCo v2) from shards; torchrun when asked"),
     "export": ("components.transfer.export", "teacher backbone -> models/backbone.pt (torchvision keys) + MLflow"),

@@ -1,21 +1,15 @@
 """What ``prepare`` and ``shard`` share to run long jobs safely: one writer per output folder, worker processes that
-die with their parent, bounded parallel maps, and progress with throughput.
-
-- :func:`hold_output`: an exclusive ``flock`` on ``<parent>/.<name>.work.tmp/LOCK`` (the work folder that also holds
-  resumable partial results). A second ``slotcon shard`` into the same folder stops at once with one line naming the
-  holder's PID; the kernel drops the lock when its holder dies (even by SIGKILL), so a crash never leaves a stale lock.
-- :func:`worker_pool`: a ``ProcessPoolExecutor`` whose workers ask the kernel for SIGKILL when their parent dies
-  (``PR_SET_PDEATHSIG``; a watchdog thread checks ``getppid`` where that is missing), and which, when the parent
-  leaves by an exception, drops the queued tasks and gives the running ones a bounded grace period instead of
-  letting them work through the whole queue.
-- :func:`run_bounded`: submit tasks from a generator with at most N in flight (memory stays flat for any dataset).
-- :class:`Meter`: a tqdm bar on a terminal; in logs (DVC, Prefect) one line every 30 s: done/total, img/s, MB/s, ETA.
+die with their parent, bounded parallel maps, progress with throughput, and the glue of their stage declarations.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import importlib
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -23,7 +17,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from tqdm import tqdm
+
 from components.errors import UserError
+from components.stage import Arg
 
 _HELD_FDS: set[int] = set()  # lock descriptors of this process: closed in forked workers (see _init_worker)
 
@@ -37,7 +34,12 @@ def work_dir(out_dir: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def hold_output(out_dir: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Exclusive right to write ``out_dir`` (and its work folder, yielded) for this process, or a one-line UserError."""
+    """Exclusive right to write ``out_dir`` (and its work folder, yielded) for this process, or a one-line UserError.
+
+    The right is an exclusive ``flock`` on ``<parent>/.<name>.work.tmp/LOCK`` (the work folder that also holds
+    resumable partial results): a second writer stops at once, naming the holder's PID; the kernel drops the lock when
+    its holder dies (even by SIGKILL), so a crash never leaves a stale lock.
+    """
     out = Path(out_dir)
     work = work_dir(out)
     while True:
@@ -74,9 +76,6 @@ def hold_output(out_dir: str | os.PathLike, what: str) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------------------------------
 def _die_with_parent(parent_pid: int) -> None:
     try:
-        import ctypes
-        import signal
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when the parent thread exits
     except Exception:  # not Linux: the watchdog below does it within a second
@@ -106,7 +105,8 @@ PRELOAD = ("pyarrow.parquet", "PIL.Image", "PIL.ImageOps")  # imported once here
 @contextlib.contextmanager
 def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD, grace_s: float = 30.0,
                 ) -> Iterator[ProcessPoolExecutor | None]:
-    """``workers`` fork-started processes (None for ``workers <= 1``: the caller runs inline).
+    """``workers`` fork-started processes (None for ``workers <= 1``: the caller runs inline) that ask the kernel for
+    SIGKILL when their parent dies (``PR_SET_PDEATHSIG``; a watchdog thread checks ``getppid`` where that is missing).
 
     When the parent leaves by an exception (a worker's error re-raised, Ctrl-C), queued tasks are dropped and the
     running ones may finish for ``grace_s`` seconds (a finished shard is kept for the next run, a half one cleans its
@@ -115,9 +115,6 @@ def worker_pool(workers: int, preload: tuple[str, ...] = PRELOAD, grace_s: float
     if workers <= 1:
         yield None
         return
-    import importlib
-    import multiprocessing
-
     for name in preload:  # each worker would otherwise import them itself (seconds on a busy machine)
         importlib.import_module(name)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
@@ -164,8 +161,8 @@ def run_bounded(pool: ProcessPoolExecutor | None, fn: Callable[[Any], Any], task
 # progress
 # --------------------------------------------------------------------------------------------------------------------
 class Meter:
-    """Items and bytes done against a (possibly unknown) total: a tqdm bar on a terminal, else a line every
-    ``every`` seconds. ``progress=False`` prints nothing."""
+    """Items and bytes done against a (possibly unknown) total: a tqdm bar on a terminal, else (in DVC or Prefect logs)
+    a line every ``every`` seconds with done/total, img/s, MB/s and the ETA. ``progress=False`` prints nothing."""
 
     def __init__(self, desc: str, total: int | None = None, *, progress: bool = True, every: float = 30.0):
         self.desc, self.total, self.every = desc, total, every
@@ -174,8 +171,6 @@ class Meter:
         self.enabled = progress
         self.bar = None
         if progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
 
     def rates(self) -> tuple[float, float]:
@@ -203,3 +198,25 @@ class Meter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stages
+# --------------------------------------------------------------------------------------------------------------------
+NO_PROGRESS = Arg("no_progress", False, "no progress bar", flag=True)
+
+
+def stage_run(fn: Callable[..., dict[str, Any]], source: str) -> Callable[[Any], dict[str, Any]]:
+    """A data stage's ``run(ctx)``: ``fn(cfg, --<source>, --out, tracker=..., progress=not --no-progress)``."""
+    def run(ctx) -> dict[str, Any]:
+        return fn(ctx.cfg, getattr(ctx.args, source), ctx.args.out, tracker=ctx.tracker,
+                  progress=not ctx.args.no_progress)
+
+    return run
+
+
+def log_run(tracker, metrics: dict[str, Any], index: dict[str, Any], name: str) -> None:
+    """The stage's figures (all but ``source``) and the index it wrote, on its MLflow run (when tracked)."""
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "source"})
+        tracker.log_dict(index, name)

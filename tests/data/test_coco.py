@@ -10,7 +10,9 @@ import pytest
 from data_fixtures import jpeg_bytes, png_bytes, read_instances, write_coco, write_instances
 
 from components.config import DataConfig
-from components.data.prepare.coco import coco_stuff_classes, read_manifest, resolve_root, run_prepare
+from components.data.prepare.coco import coco_stuff_classes
+from components.data.prepare.manifest import read_manifest, resolve_root
+from components.data.prepare.stage import run_prepare
 from components.errors import UserError
 
 

@@ -11,7 +11,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from components.config import ConfigError, ScenesConfig, parse_section
+from components.data.scenes import draw as sd
 from components.data.scenes import stage as sc
+from components.data.scenes.textures import _thing_pattern
 
 # 24 small images: fast (~0.2 s), and with this seed every encoding (polygon, RLE, crowd RLE) occurs.
 SMALL = dict(seed=3, num_train=16, num_val=8, image_size=64, num_thing_classes=6, num_stuff_classes=3)
@@ -121,7 +123,7 @@ def test_pycocotools_loads_and_every_mask_round_trips(generated):
             for ann, inst in zip(anns, drawn):
                 mask = coco.annToMask(ann).astype(bool)
                 assert np.array_equal(mask, inst.mask), (split, image_id, ann["id"], inst.encoding)
-                assert mask.sum() >= sc._min_visible_px(cfg.image_size)
+                assert mask.sum() >= sd._min_visible_px(cfg.image_size)
                 assert ann["area"] == float(mask.sum())
                 assert ann["bbox"] == _bbox_of(mask)
                 assert ann["category_id"] == inst.category_id and ann["iscrowd"] == inst.iscrowd
@@ -182,7 +184,7 @@ def test_categories_are_shape_and_texture_not_colour():
     assert len(set(shapes)) == len(set(textures)) == len(sc.THING_CATALOGUE)
     # textures differ from each other on the same patch of pixels
     v, u = np.mgrid[-16:16, -16:16].astype(np.float32)
-    pats = [sc._thing_pattern(t, u, v, 6.0, np.random.default_rng(0)) for t in textures]
+    pats = [_thing_pattern(t, u, v, 6.0, np.random.default_rng(0)) for t in textures]
     for i in range(len(pats)):
         for j in range(i + 1, len(pats)):
             assert np.abs(pats[i] - pats[j]).mean() > 0.05, (textures[i], textures[j])
@@ -286,8 +288,6 @@ HARD = dict(seed=1, num_train=12, num_val=4, image_size=96, min_objects=4, max_o
 
 def _hidden_fraction(cfg: ScenesConfig) -> float:
     """Of all thing pixels as drawn in full, the fraction hidden behind later objects or clutter."""
-    from components.data.scenes import draw as sd
-
     hidden = full = 0
     for image_id in sc.image_ids(cfg, "train2017"):
         rng = sd.image_rng(cfg.seed, image_id)

@@ -9,8 +9,8 @@ from components.data.segmentation.layouts import (
     COCOSTUFF27_CLASSES,
     CURATED_LIST,
     detect_layout,
-    open_folder,
 )
+from components.data.segmentation.sources import open_folder
 from components.errors import UserError
 
 H, W = 12, 16
@@ -162,7 +162,7 @@ def _shards(tmp_path, with_seg=True):
     from data_fixtures import write_coco
 
     from components.config import DataConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.shards.stage import run_shard
 
     root = write_coco(tmp_path / "src", n_train=4, n_val=2, with_seg=with_seg)

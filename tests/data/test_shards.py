@@ -13,7 +13,8 @@ import pytest
 from data_fixtures import read_instances, write_coco
 
 from components.config import DataConfig, ShardConfig
-from components.data.prepare.coco import read_manifest, run_prepare
+from components.data.prepare.manifest import read_manifest
+from components.data.prepare.stage import run_prepare
 from components.data.shards.stage import plan_shards, read_index, run_shard, split_urls, verify_shards
 from components.errors import UserError
 

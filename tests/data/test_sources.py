@@ -12,7 +12,8 @@ from tree_fixtures import (MESSY_EXCLUDED, MESSY_OK, MESSY_SKIPS, MESSY_TRANSCOD
                            write_imagenet, write_messy_folder)
 
 from components.config import ConfigError, DataConfig, parse_section
-from components.data.prepare.coco import read_manifest, run_prepare
+from components.data.prepare.manifest import read_manifest
+from components.data.prepare.stage import run_prepare
 from components.data.prepare.images import probe_image, transcode
 from components.data.prepare.sources import glob_regex
 from components.errors import UserError

@@ -13,7 +13,8 @@ import torch
 from tree_fixtures import MESSY_OK, MESSY_TRANSCODE, write_imagenet, write_messy_folder
 
 from components.config import DataConfig, ShardConfig
-from components.data.prepare.coco import read_manifest, run_prepare
+from components.data.prepare.manifest import read_manifest
+from components.data.prepare.stage import run_prepare
 from components.data.shards.stage import read_index, run_shard, split_urls, verify_shards
 
 

@@ -17,7 +17,7 @@ import pytest
 from data_fixtures import write_coco
 
 from components.config import DataConfig, ShardConfig
-from components.data.prepare.coco import run_prepare
+from components.data.prepare.stage import run_prepare
 from components.data.shards.stage import run_shard, verify_shards
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]  # each starts a fresh interpreter: 10-30 s on a busy 2-core box

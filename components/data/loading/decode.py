@@ -1,16 +1,6 @@
-"""Image bytes -> pixels: the CPU decoders the loader workers use, and the batched device decode of training.
-
-- :func:`decode_rgb` (JPEG -> uint8 (3, H, W) RGB; libjpeg-turbo through torchvision, PIL for what it refuses: CMYK
-  with odd markers, PNG in a ``.jpg`` member) and :func:`decode_seg` (single-channel PNG -> (H, W) class ids).
-- :func:`check_image_header`: the cheap check a loader worker makes on bytes it hands through undecoded (reads the
-  header only).
-- :func:`decode_batch`: a batch of JPEG byte tensors -> RGB tensors on the training device. On CUDA the whole batch
-  goes to nvJPEG at once; if nvJPEG refuses the batch (it cannot decode CMYK JPEGs, and it raises on corrupt data),
-  every image is retried alone on the device, and an image the device still refuses is decoded on the CPU; an image
-  no decoder accepts is dropped and reported (its index and why), so the caller can drop what belongs to it (crop
-  parameters, keys) and count it. The device decoder is a parameter, so the same code path runs on a CPU in tests
-  with a stand-in that refuses what nvJPEG refuses. :func:`decode_images` is the same as a list (None for a dropped
-  image).
+"""Image bytes -> pixels: the CPU decoders of the loader workers (:func:`decode_rgb`, :func:`decode_seg`, the cheap
+:func:`check_image_header` for bytes handed through undecoded) and the batched device decode of training
+(:func:`decode_batch`), which drops and reports what no decoder accepts so the caller can drop what belongs to it.
 """
 from __future__ import annotations
 
@@ -105,7 +95,8 @@ def decode_batch(images: Sequence[torch.Tensor], device: torch.device,
     ``device_decode`` given) the batch is decoded at once; if it refuses the batch, each image is retried alone on the
     device, then on the CPU (:func:`decode_rgb`), so one CMYK JPEG costs one image, not the batch. Without one (CPU
     training) each image is decoded by :func:`decode_rgb`. Images no decoder accepts are left out and listed in
-    ``failed``.
+    ``failed`` (index and why), so the caller can drop their crop parameters and keys and count them. The device
+    decoder is a parameter, so tests run this path on a CPU with a stand-in that refuses what nvJPEG refuses.
     """
     images = list(images)
     if not images or images[0].ndim != 1:

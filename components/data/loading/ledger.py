@@ -1,16 +1,6 @@
-"""How much of a dataset a training run never received: per shard, over shard visits, epochs, ranks and resumes.
-
-The loader reports what each **shard visit** lost (records of :mod:`components.data.loading.reading`); the device decoder
-reports images it dropped. A resampled run visits a shard many times and several ranks visit the same shard, so the
-visits' sum over-counts. What the run lost is a property of the data: shard ``u`` lost ``tar[u]`` samples where its
-tar broke (the most any visit lost: the damage is the same every time) plus the distinct samples ``bad[u]`` that were
-read but could not be used (corrupt JPEG or JSON, missing member; found in a loader worker or on the device). Merging
-is a maximum, so it is idempotent: a resumed run that re-reads the batches before its checkpoint, or two ranks that
-both saw a shard, count it once.
-
-``lost_fraction = lost / sum(expected)``: the share of the dataset (``index.json``'s counts) the run cannot see. It
-only grows as damaged shards are discovered, so stopping as soon as it passes a threshold never stops a run that a
-longer look would have let through. In resampled mode a shard that was never visited contributes nothing yet.
+"""How much of a dataset a training run never received, per shard, over shard visits, epochs, ranks and resumes:
+``lost_fraction`` (the share of ``index.json``'s samples the run cannot see), counted once however often a shard is
+visited.
 """
 from __future__ import annotations
 
@@ -23,7 +13,16 @@ from components.errors import UserError
 
 
 class DataLossLedger:
-    """Lost samples per shard of one dataset (``expected``: ``{url: samples written}``)."""
+    """Lost samples per shard of one dataset (``expected``: ``{url: samples written}``).
+
+    A resampled run visits a shard many times and several ranks visit the same shard, so the visits' sum over-counts.
+    What the run lost is a property of the data: shard ``u`` lost ``tar[u]`` samples where its tar broke (the most
+    any visit lost: the damage is the same every time) plus the distinct samples ``bad[u]`` that were read but could
+    not be used (found in a loader worker or on the device). Merging is a maximum, so it is idempotent: a resumed run
+    that re-reads batches, or two ranks that both saw a shard, count it once. ``lost_fraction`` only grows as damaged
+    shards are discovered, so stopping as soon as it passes a threshold never stops a run that a longer look would
+    have let through; in resampled mode a shard never visited contributes nothing yet.
+    """
 
     def __init__(self, expected: Mapping[str, int]):
         self.expected = {str(u): int(n) for u, n in expected.items()}

@@ -1,39 +1,6 @@
-"""The one way training and evaluation read shards: :func:`make_loader` (batches) and :func:`iterate_samples` (eval).
-
-Built on WebDataset 1.0.2's own stages (``DataPipeline``, ``ResampledShards`` / ``SimpleShardList``, ``slice``,
-``split_by_worker``, the tar stages with exception handlers, ``shuffle``, ``map``, ``batched``, ``with_epoch``,
-``WebLoader``); the per-shard-visit accounting of lost samples is ours (:mod:`components.data.loading.reading` says why).
-URLs are local paths, brace patterns (``data/shards/train2017/train2017-{000000..000003}.tar``), ``pipe:`` commands,
-or any fsspec URL (``s3://``, ``gcs://``, ``memory://`` ...), so several nodes can read the same shards.
-
-A sample is ``{"key": str, "url": str, "image": bytes | uint8 tensor (3, H, W) RGB, "meta": dict, "seg": uint8
-tensor (H, W) | None}`` (plus WebDataset's ``__key__``) where ``meta`` is the shard's ``json`` member (``{"image":
-COCO image record, "annotations": [...]}``) and ``seg`` the semantic map (255 = ignore) when ``with_seg`` and the
-sample has one.
-
-Distributed reading (rank / world size from the arguments, else :mod:`components.dist`):
-
-- ``resampled=True`` (training): every rank and worker draws shards with replacement from the whole list
-  (``wds.ResampledShards``, deterministic, seeded by ``(seed, epoch, rank)`` and the worker id), and each rank yields
-  exactly ``samples_per_epoch // world_size // batch_size`` batches (``with_epoch`` per worker and on the loader),
-  so DDP never waits at an epoch's end for a rank that ran out.
-- ``resampled=False`` (one pass): the shard list is permuted by ``(seed, epoch)`` (``wds.SimpleShardList``, the same
-  on every rank), then split disjointly over ranks (``wds.slice``) and loader workers (``wds.split_by_worker``);
-  together the ranks read every sample once. It needs at least ``world_size * max(1, num_workers)`` shards (a clear
-  UserError otherwise); ranks may get different batch counts, so train with ``resampled=True``.
-
-Shuffling: shard order (above) plus a sample buffer (``wds.shuffle``) seeded from ``(seed, epoch, rank, worker)``, as
-are Python's, NumPy's and torch's RNGs in each loader worker process (so ``map_fn``'s random crops are repeatable;
-with ``num_workers=0`` the caller's global RNGs are left alone). Samples were also shuffled once when the shards
-were written.
-
-Corrupt and lost data (undecodable JPEG, bad JSON, a sample missing a member, a truncated, damaged or unreadable
-tar) is skipped, recorded with its shard URL (and the sample's key), and counted. Given ``expected_counts`` (``{url:
-samples}``, :func:`components.data.shards.stage.expected_counts`), every sample a shard visit did not deliver is counted
-exactly, also where Python's tarfile ends an archive silently. Workers send their records to the main process with
-the batches, so ``loader.stats`` (per epoch: ``batches``, ``samples``, ``skipped`` records and
-``skipped_by_reason``, ``lost`` samples and ``lost_by_shard``) and ``loader.errors`` hold the totals over all
-workers; a one-line summary is logged at the end of each epoch.
+"""The one way training and evaluation read shards: :func:`make_loader` (batches, distributed, shuffled, resampled or
+one pass) and :func:`iterate_samples` (evaluation, fixed order), built on WebDataset's own stages. Every corrupt or
+lost sample is skipped and counted (:mod:`components.data.loading.reading`).
 """
 from __future__ import annotations
 
@@ -49,7 +16,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from components.data.loading.decode import decode_rgb, decode_seg  # noqa: F401  (public here since wave 1)
+from components import dist
+from components.data.loading.decode import decode_rgb, decode_seg  # noqa: F401  (re-exported: the loader's decoders)
 from components.data.loading.reading import DecodeSample, ErrorLog, ReadShards, SkipHandler
 from components.errors import UserError
 
@@ -207,11 +175,25 @@ def _empty_stats(**extra: Any) -> dict[str, Any]:
 # the loader
 # --------------------------------------------------------------------------------------------------------------------
 class ShardLoader:
-    """Iterable of batches over WebDataset shards; one ``for`` loop = one epoch (see the module docstring).
+    """Iterable of batches over WebDataset shards; one ``for`` loop = one epoch.
 
-    Attributes after (or during) an epoch: ``stats = {"epoch", "batches", "samples", "skipped", "skipped_by_reason",
-    "lost", "lost_by_shard"}`` and ``errors`` (one record per problem: reason, url, key, lost, detail), summed over
-    workers. ``set_epoch(e)`` changes the shuffling/resampling seeds for the next loop (as DistributedSampler).
+    URLs are local paths, brace patterns (``.../train2017-{000000..000003}.tar``), ``pipe:`` commands or any fsspec
+    URL (``s3://``, ``memory://`` ...). A sample is ``{"key", "url", "image": bytes | uint8 (3, H, W) RGB, "meta":
+    the shard's json member ({"image": COCO record, "annotations": [...]}), "seg": uint8 (H, W) | None}``.
+
+    Rank and world size come from the arguments, else :mod:`components.dist`. ``resampled=True`` (training): every
+    rank and worker draws shards with replacement (seeded by ``(seed, epoch, rank)`` and the worker id) and each rank
+    yields exactly ``samples_per_epoch // world_size // batch_size`` batches, so DDP never waits for a rank that ran
+    out. ``resampled=False`` (one pass): the shard list is permuted by ``(seed, epoch)``, the same on every rank, then
+    split disjointly over ranks and loader workers; it needs at least ``world_size * max(1, num_workers)`` shards.
+    Samples are also shuffled in a buffer, and each worker's RNGs are seeded from ``(seed, epoch, rank, worker)``
+    (so ``map_fn``'s random crops are repeatable; with ``num_workers=0`` the caller's RNGs are left alone).
+
+    Corrupt and lost data is skipped and recorded with its shard URL; given ``expected_counts`` (``{url: samples}``),
+    every sample a shard visit did not deliver is counted exactly. Attributes after (or during) an epoch: ``stats =
+    {"epoch", "batches", "samples", "skipped", "skipped_by_reason", "lost", "lost_by_shard"}`` and ``errors`` (one
+    record per problem: reason, url, key, lost, detail), summed over workers; a one-line summary is logged at the end
+    of each epoch. ``set_epoch(e)`` changes the shuffling/resampling seeds for the next loop (as DistributedSampler).
     ``len(loader)`` is the exact batch count per rank in resampled mode.
     """
 
@@ -238,8 +220,6 @@ class ShardLoader:
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
     ):
-        from components import dist
-
         if decode not in ("rgb", "bytes"):
             raise ValueError(f"decode={decode!r}: must be 'rgb' (uint8 tensors) or 'bytes' (JPEG bytes)")
         if batch_size < 1:
@@ -360,40 +340,16 @@ class ShardLoader:
                     self.rank, st["batches"], st["samples"], st["skipped"], st["skipped_by_reason"], st["lost"])
 
 
-def make_loader(
-    urls,
-    *,
-    batch_size: int,
-    decode: str = "rgb",
-    with_seg: bool = False,
-    map_fn: Callable | None = None,
-    collate_fn: Callable | None = None,
-    shuffle: bool = True,
-    resampled: bool = False,
-    samples_per_epoch: int | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    epoch: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    drop_last: bool = False,
-    expected_counts: Mapping[str, int] | None = None,
-    **kw,
-) -> ShardLoader:
-    """Batches ``collate_fn(list_of_samples)`` (default: the list itself) from WebDataset shards.
+def make_loader(urls, **options: Any) -> ShardLoader:
+    """Batches ``collate_fn(list_of_samples)`` (default: the list itself) from WebDataset shards: a
+    :class:`ShardLoader` with the same keyword options (``batch_size`` is required).
 
     ``decode="rgb"``: ``sample["image"]`` is a uint8 (3, H, W) RGB tensor; ``"bytes"``: the original JPEG bytes (decode
     later, e.g. batched nvJPEG on the GPU: :func:`components.data.loading.decode.decode_batch`). ``map_fn(sample)`` and
-    ``collate_fn`` run in the loader workers. Resampled mode yields exactly ``samples_per_epoch // world_size //
-    batch_size`` batches per rank. ``expected_counts``: ``{url: samples}`` of every URL, to count lost samples exactly.
-    Extra keywords: ``shuffle_buffer``, ``pin_memory``, ``prefetch_factor``. See the module docstring.
+    ``collate_fn`` run in the loader workers. ``expected_counts``: ``{url: samples}`` of every URL, to count lost
+    samples exactly. Also ``shuffle_buffer``, ``pin_memory``, ``prefetch_factor``.
     """
-    return ShardLoader(
-        urls, batch_size=batch_size, decode=decode, with_seg=with_seg, map_fn=map_fn, collate_fn=collate_fn,
-        shuffle=shuffle, resampled=resampled, samples_per_epoch=samples_per_epoch, num_workers=num_workers,
-        seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=drop_last,
-        expected_counts=expected_counts, **kw,
-    )
+    return ShardLoader(urls, **options)
 
 
 class SampleIterator:

@@ -1,25 +1,6 @@
-"""Reading shards sample by sample, and accounting for every sample a shard should have held but did not deliver.
-
-The loader's pipeline (:mod:`components.data.loading.loader`) uses these stages:
-
-- :class:`ReadShards`: ``{"url"}`` dicts -> raw WebDataset samples (``{"__key__", "__url__", "jpg", "json", ...}``),
-  one **shard visit** at a time, on WebDataset's own tar stages (``tar_file_expander`` + ``group_by_keys`` with an
-  exception handler). At the end of each visit it judges how the tar ended and compares the samples it read with
-  the shard's expected count (``index.json``'s ``shard_samples``, :func:`components.data.shards.stage.expected_counts`).
-- :class:`DecodeSample` + :class:`SkipHandler`: raw sample -> ``{"key", "url", "image", "meta", "seg"}`` through
-  ``wds.map(..., handler=...)``; a corrupt member raises :class:`SampleError`, which the handler records (with the
-  sample's key and shard URL, which WebDataset's own ``warn_and_continue`` does not print) and skips.
-
-Why the per-visit accounting is ours: Python's ``tarfile`` ends an archive **silently** at a damaged member header
-(a bad checksum mid-archive reads as "end of archive") and at a truncation that falls on a header boundary, so
-WebDataset's handlers never hear of those losses (tests/faults/test_loader_faults.py::
-test_damaged_header_checksum_loses_are_counted shows 12 of 16 samples vanish without an exception).
-
-Records (one dict per problem, collected in an :class:`ErrorLog` per process): ``{"reason", "url", "key", "lost",
-"detail"}``; ``lost`` is how many samples the problem cost (1 for a skipped sample, ``expected - read`` for a shard
-visit that ended early, ``None`` when a shard ended early and its expected count is unknown). ``key`` names a sample
-that was lost; a shard-level record names instead the last sample read from the tar before it broke (``after``:
-delivered, or lost with a record of its own when the break left it incomplete).
+"""The loader's reading stages: shards -> raw samples (:class:`ReadShards`, one shard visit at a time, accounting for
+every sample a visit should have delivered but did not) and raw samples -> decoded samples (:class:`DecodeSample` with
+:class:`SkipHandler`, which records and skips a corrupt sample with its key and shard URL).
 """
 from __future__ import annotations
 
@@ -45,7 +26,13 @@ _ZERO_TAIL = 1024  # a complete tar ends with two 512-byte zero blocks
 # records
 # --------------------------------------------------------------------------------------------------------------------
 class ErrorLog:
-    """Records of skipped and lost data inside one process (a loader worker or the main process)."""
+    """Records of skipped and lost data inside one process (a loader worker or the main process).
+
+    A record is ``{"reason", "url", "key", "lost", "detail"}``: ``lost`` is how many samples the problem cost (1 for a
+    skipped sample, ``expected - read`` for a shard visit that ended early, None when a shard ended early and its
+    expected count is unknown); ``key`` names a lost sample, while a shard-level record names instead the last
+    sample read before the tar broke (``after``).
+    """
 
     def __init__(self):
         self.pending: list[dict[str, Any]] = []
@@ -91,7 +78,7 @@ def open_url(url: str):
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or len(scheme) == 1 or scheme in wds.gopen_schemes:  # len 1: a Windows drive letter
         return wds.gopen(url, "rb")
-    import fsspec
+    import fsspec  # lazy: fsspec (~0.1 s) only for remote shard URLs
 
     return fsspec.open(url, "rb").open()
 
@@ -176,6 +163,11 @@ class _Visit:
 class ReadShards:
     """Stage: ``{"url"}`` dicts -> raw samples, shard visit by shard visit, recording what each visit lost.
 
+    Built on WebDataset's tar stages (``tar_file_expander`` + ``group_by_keys`` with an exception handler); the
+    per-visit accounting is ours because Python's ``tarfile`` ends an archive silently at a damaged member header (a
+    bad checksum mid-archive reads as "end of archive") and at a truncation that falls on a header boundary, so
+    WebDataset's handlers never hear of those losses. At the end of each visit it judges how the tar ended
+    (:class:`TarStream`) and compares the samples read with the shard's expected count (``index.json``).
     ``expected``: ``{url: samples the shard holds}``; a visit that reads fewer records ``lost = expected - read``
     (exact), one without an expected count records ``lost=None`` when the tar visibly ended badly. A visit the
     consumer abandons (the epoch ended mid-shard) records nothing: its unread samples were not lost, only not reached.

@@ -1,42 +1,8 @@
-"""Stage ``prepare``: discover and check a source, write per-split Parquet manifests.
+"""The COCO-layout sources of ``prepare`` (``scenes``, ``coco``, ``cocoplus``): find each split's images in the
+annotations and folders, check every image, write the split manifests and ``index.json``.
 
-Sources (``params.yaml: data.source``):
-
-- ``scenes``: the generated dataset (root: ``--scenes``, default ``data/scenes``), in COCO's exact layout.
-- ``coco``: a COCO root as COCO ships it (root: ``data.coco_root``): ``train2017/``, ``val2017/``,
-  ``annotations/instances_{train,val}2017.json``, optionally ``stuffthingmaps_trainval2017/{train,val}2017/*.png``
-  (COCO-Stuff semantic maps).
-- ``cocoplus``: COCO+ = COCO plus ``unlabeled2017/`` (123k images without annotations; SlotCon pretrains on
-  train2017 + unlabeled2017). ``annotations/image_info_unlabeled2017.json`` is used for ids when present.
-- ``imagenet`` / ``folder``: ImageNet-1K layouts or any tree of images (root: ``data.root``); streamed, checked in
-  parallel and resumable: see :mod:`components.data.prepare.tree` (this module only dispatches to it).
-
-Output, under ``--out`` (``data/raw``):
-
-- ``<source>/<split>/manifest.parquet``: one row per usable image, sorted by key: ``key`` (file stem, no dots),
-  ``id``, ``file_name``, ``width``, ``height``, ``mode`` (PIL mode: RGB, L, CMYK...), ``bytes``, ``sha1`` (of the
-  file's bytes), ``num_annotations``, ``seg_file`` (relative to the root, or null). The Parquet schema metadata
-  ``slotcon`` holds a JSON record of every file that was skipped (``failures``: file, id, reason, detail) and the
-  counts per reason, so nothing is dropped silently.
-- ``index.json``: what the ``shard`` stage needs: source, root (relative to ``--out`` when given relative), splits
-  (labelled or not, annotation file and its sha1, counts), the pretraining splits, COCO categories and the semantic
-  classes of the segmentation maps (``annotations/semantic_classes.json``, or COCO-Stuff's 182 when
-  ``stuffthingmaps_trainval2017/`` exists).
-
-Raw images stay where they are: the shards are the versioned artifact (the manifest's hashes make DVC re-run
-``shard`` when an image changes). A whole unusable source (missing folder or annotation file, unreadable JSON) is a
-one-line :class:`~components.errors.UserError` that names what is missing and where COCO puts it; a bad single image
-(zero bytes, not a JPEG, truncated, undecodable, duplicate id, size different from its record, named by the
-annotations but absent) is skipped and counted in the manifest metadata and ``metrics/prepare.json``. Images with
-the same bytes under two ids are reported (``duplicate_content``) and kept: each id has its own annotations.
-
-COCO's annotations are in stored-pixel coordinates (COCO ignores EXIF orientation), so the COCO and scenes paths keep
-every JPEG's bytes and never rotate: every decoder in the pipeline ignores the orientation tag too, so all paths agree.
-
-Kept as one file (a little over the house's 450 lines): discovering a COCO-layout root and the manifest recording
-what was found are one concept; the streamed ImageNet/folder discovery already lives in
-:mod:`components.data.prepare.tree` and :mod:`components.data.prepare.sources`, the per-image checks in
-:mod:`components.data.prepare.images`.
+COCO's annotations are in stored-pixel coordinates (COCO ignores EXIF orientation), so these sources keep every JPEG's
+bytes and never rotate; every decoder in the pipeline ignores the orientation tag too, so all paths agree.
 """
 from __future__ import annotations
 
@@ -50,9 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from components.data.prepare.images import check_image_star, map_parallel
+from components.data.prepare.manifest import (
+    MANIFEST_FIELDS, MAX_LISTED, add_totals, print_skips, root_ref, slotcon_schema,
+)
+from components.data.workers import hold_output, log_run
 from components.errors import UserError
-from components.io import sha1_file
-from components.stage import Arg, Stage
+from components.io import atomic_open, sha1_file, write_json_atomic
 
 SPLITS: dict[str, tuple[str, ...]] = {
     "scenes": ("train2017", "val2017"),
@@ -76,7 +49,6 @@ COCO_ZIPS = {
     "stuff": "stuffthingmaps_trainval2017.zip",
 }
 SEG_DIR = "stuffthingmaps_trainval2017"
-MAX_LISTED = 10_000  # failures listed one by one in the manifest metadata (counts are always complete)
 
 # COCO-Stuff labels 1..182 (things 1-91 incl. the 11 removed from COCO, stuff 92-182). In stuffthingmaps PNGs the
 # pixel value is label - 1 (0 = person ... 181 = wood) and 255 is unlabelled.
@@ -147,8 +119,6 @@ def image_key(file_name: str) -> str:
     return Path(file_name).stem.replace(".", "_")
 
 
-
-
 def load_instances(path: Path, source: str) -> dict[str, Any]:
     """Read and structurally check a COCO instances JSON; a bad file is a one-line UserError."""
     try:
@@ -166,6 +136,8 @@ def load_instances(path: Path, source: str) -> dict[str, Any]:
 
 
 def _discover_labeled(plan: SplitPlan, root: Path, source: str, seg_dir: Path | None) -> None:
+    """The split's images as its annotations list them; a bad record, a duplicate id or key and a file named but
+    absent are failures (skipped); the COCO-Stuff map of each image is attached when ``seg_dir`` has it."""
     data = load_instances(plan.annotations_file, source)
     plan.annotations_sha1 = sha1_file(plan.annotations_file)
     plan.categories = data["categories"]
@@ -228,6 +200,8 @@ def _stable_id(stem: str) -> int:
 
 
 def _discover_unlabeled(plan: SplitPlan, root: Path) -> None:
+    """The JPEGs of ``unlabeled2017/`` (COCO+); ids from ``annotations/image_info_unlabeled2017.json`` when present,
+    else the numeric file stem (or a hash of it)."""
     info = root / "annotations" / "image_info_unlabeled2017.json"
     ids: dict[str, int] = {}
     if info.is_file():  # optional: COCO's ids and sizes for the unlabelled images
@@ -303,63 +277,22 @@ def semantic_classes(root: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-from components.data.prepare.images import _check_star, _map_parallel, check_image  # noqa: E402,F401  (COCO's checks)
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# the stage
+# checking and writing
 # --------------------------------------------------------------------------------------------------------------------
-MANIFEST_COLUMNS = ("key", "id", "file_name", "width", "height", "mode", "bytes", "sha1", "num_annotations", "seg_file")
-
-
 def _write_manifest(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from components.io import atomic_open
-
-    schema = pa.schema(
-        [("key", pa.string()), ("id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()),
-         ("height", pa.int32()), ("mode", pa.string()), ("bytes", pa.int64()), ("sha1", pa.string()),
-         ("num_annotations", pa.int32()), ("seg_file", pa.string())],
-        metadata={"slotcon": json.dumps(meta, sort_keys=True)},
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=slotcon_schema(MANIFEST_FIELDS, meta))
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f, compression="zstd")
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows (as dicts) and the ``slotcon`` metadata of a manifest written by ``prepare`` or ``shard``."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"slotcon", b"{}"))
-    return table.to_pylist(), meta
-
-
-def run_prepare(
-    cfg, scenes_root: str | os.PathLike, out_dir: str | os.PathLike, *, tracker=None, progress: bool = True
-) -> dict[str, Any]:
-    """Discover and check ``cfg.source``; write ``<out>/<source>/<split>/manifest.parquet`` and ``<out>/index.json``.
-
-    ``cfg`` is a :class:`components.config.DataConfig`. Returns the metrics (counts per split and per skip reason).
-    ``imagenet`` and ``folder`` go to :func:`components.data.prepare.tree.run_prepare_tree` (streaming, resumable).
-    """
-    if cfg.source in ("imagenet", "folder"):
-        from components.data.prepare.tree import run_prepare_tree
-
-        return run_prepare_tree(cfg, out_dir, tracker=tracker, progress=progress)
-    from components.data.workers import hold_output
-
-    with hold_output(out_dir, "slotcon prepare") as work:
-        metrics = _run_prepare_coco(cfg, scenes_root, out_dir, tracker=tracker, progress=progress)
-        shutil.rmtree(work, ignore_errors=True)
-    return metrics
-
-
 def _check_rows(cfg, plan: SplitPlan, root: Path, progress: bool) -> tuple[list[dict], list[dict], Counter]:
-    """Check every candidate of ``plan`` in parallel: (usable rows sorted by key, failures, notes)."""
+    """Check every candidate of ``plan`` in parallel: (usable rows sorted by key, failures, notes).
+
+    A bad image (zero bytes, not a JPEG, truncated, undecodable, size different from its record) is skipped and
+    listed; a bad semantic map drops only the map. Images with the same bytes under two ids are listed
+    (``duplicate_content``) and kept: each id has its own annotations.
+    """
     tasks = [
         (str(plan.image_dir / c.file_name), str(root / c.seg_file) if c.seg_file else None)
         for c in plan.candidates
@@ -367,7 +300,7 @@ def _check_rows(cfg, plan: SplitPlan, root: Path, progress: bool) -> tuple[list[
     rows: list[dict[str, Any]] = []
     failures = list(plan.failures)
     notes = Counter(plan.notes)
-    for cand, res in zip(plan.candidates, _map_parallel(_check_star, tasks, cfg.workers, f"prepare {plan.name}", progress)):
+    for cand, res in zip(plan.candidates, map_parallel(check_image_star, tasks, cfg.workers, f"prepare {plan.name}", progress)):
         if res["reason"] is None and cand.width is not None and (cand.width, cand.height) != (res["width"], res["height"]):
             res["reason"] = "size_mismatch"  # annotations (boxes, masks) would not line up with the pixels
             res["detail"] = f"record says {cand.width}x{cand.height}, file is {res['width']}x{res['height']}"
@@ -397,7 +330,12 @@ def _check_rows(cfg, plan: SplitPlan, root: Path, progress: bool) -> tuple[list[
 
 
 def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bool) -> tuple[dict, dict]:
-    """Check one split and write its manifest: (split metrics, index entry)."""
+    """Check one split and write ``<out>/<source>/<split>/manifest.parquet``: (split metrics, index entry).
+
+    Manifest rows are sorted by key: ``key`` (file stem, no dots), ``id``, ``file_name``, ``width``, ``height``,
+    ``mode`` (PIL mode), ``bytes``, ``sha1`` (of the file), ``num_annotations``, ``seg_file`` (relative to the root, or
+    null); the ``slotcon`` metadata lists every skipped file (file, id, reason, detail) and the counts per reason.
+    """
     rows, failures, notes = _check_rows(cfg, plan, root, progress)
     skipped = [f for f in failures if not f.get("image_kept")]
     by_reason = dict(sorted(Counter(f["reason"] for f in skipped).items()))
@@ -421,10 +359,7 @@ def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bo
         "failures": sorted(failures, key=lambda f: (f["reason"], str(f["file"])))[:MAX_LISTED],
     }
     _write_manifest(out_dir / cfg.source / plan.name / "manifest.parquet", rows, meta)
-    for f in failures[:20]:
-        print(f"prepare: {plan.name}: skipped {f['file']}: {f['reason']} ({f['detail']})")
-    if len(failures) > 20:
-        print(f"prepare: {plan.name}: ... {len(failures) - 20} more, see the manifest metadata")
+    print_skips(plan.name, failures)
     entry = {
         "labeled": plan.labeled,
         "manifest": f"{cfg.source}/{plan.name}/manifest.parquet",
@@ -437,9 +372,21 @@ def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bo
     return split_metrics, entry
 
 
-def _run_prepare_coco(cfg, scenes_root, out_dir, *, tracker, progress) -> dict[str, Any]:
-    from components.io import write_json_atomic
+def run_prepare_coco(cfg, scenes_root: str | os.PathLike, out_dir: str | os.PathLike, *, tracker=None,
+                     progress: bool = True) -> dict[str, Any]:
+    """``prepare`` for ``cfg.source`` in (scenes, coco, cocoplus): manifests + ``index.json`` under ``out_dir``; metrics.
 
+    The root is ``scenes_root`` for ``scenes``, else ``data.coco_root``. ``index.json`` holds what ``shard`` needs:
+    source, root, splits (labelled or not, annotation file and its sha1, counts), the pretraining splits, COCO's
+    categories and the semantic classes of the segmentation maps. Raw images stay where they are.
+    """
+    with hold_output(out_dir, "slotcon prepare") as work:
+        metrics = _prepare_root(cfg, scenes_root, out_dir, tracker=tracker, progress=progress)
+        shutil.rmtree(work, ignore_errors=True)
+    return metrics
+
+
+def _prepare_root(cfg, scenes_root, out_dir, *, tracker, progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     root = Path(scenes_root if cfg.source == "scenes" else cfg.coco_root)
     out_dir = Path(out_dir)
@@ -450,42 +397,15 @@ def _run_prepare_coco(cfg, scenes_root, out_dir, *, tracker, progress) -> dict[s
     index_splits: dict[str, Any] = {}
     for plan in plans:
         metrics["splits"][plan.name], index_splits[plan.name] = _prepare_split(cfg, plan, root, out_dir, progress)
-    total_ok = sum(m["images"] for m in metrics["splits"].values())
-    total_skipped = sum(m["skipped"] for m in metrics["splits"].values())
-    total_bytes = sum(m["bytes"] for m in metrics["splits"].values())
-
-    # a relative root is stored relative to out_dir, so the index doesn't depend on where the repo is checked out
-    root_ref = str(root) if root.is_absolute() else os.path.relpath(root.resolve(), out_dir.resolve())
     index = {
-        "source": cfg.source, "root": root_ref, "splits": index_splits,
+        "source": cfg.source, "root": root_ref(root, out_dir), "splits": index_splits,
         "pretrain": PRETRAIN_SPLITS[cfg.source], "train": "train2017", "val": "val2017",
         "categories": categories, "semantic_classes": classes,
     }
     write_json_atomic(out_dir / "index.json", index)
     seconds = time.perf_counter() - t0
-    metrics.update(images=total_ok, skipped=total_skipped, bytes=total_bytes, seconds=round(seconds, 3),
-                   img_per_s=round((total_ok + total_skipped) / max(seconds, 1e-9), 1))
-    print(f"prepare: {cfg.source}: {total_ok} images ok, {total_skipped} skipped, "
-          f"{total_bytes / 1e6:.1f} MB checked in {seconds:.1f} s ({metrics['img_per_s']:.0f} img/s)")
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "source"})
-        tracker.log_dict(index, "prepare_index.json")
+    add_totals(metrics, seconds)
+    print(f"prepare: {cfg.source}: {metrics['images']} images ok, {metrics['skipped']} skipped, "
+          f"{metrics['bytes'] / 1e6:.1f} MB checked in {seconds:.1f} s ({metrics['img_per_s']:.0f} img/s)")
+    log_run(tracker, metrics, index, "prepare_index.json")
     return metrics
-
-
-def resolve_root(raw_dir: str | os.PathLike, index: dict[str, Any]) -> Path:
-    """The source root recorded by ``prepare`` (stored relative to the raw folder unless absolute)."""
-    root = Path(index["root"])
-    return root if root.is_absolute() else Path(raw_dir) / root
-
-
-def _run_stage(ctx) -> dict[str, Any]:
-    return run_prepare(ctx.cfg, ctx.args.scenes, ctx.args.out, tracker=ctx.tracker, progress=not ctx.args.no_progress)
-
-
-STAGE = Stage(
-    name="prepare", section="data", run=_run_stage, metrics="metrics/prepare.json", headline=("images", "skipped"),
-    args=(Arg("scenes", "data/scenes", "root of the generated scenes (source: scenes)"),
-          Arg("out", "data/raw", "output folder for manifests and index.json"),
-          Arg("no_progress", False, "no progress bar", flag=True)),
-)

@@ -1,22 +1,6 @@
-"""One image file of an ImageNet or folder source: what it is (format, size, orientation), whether it is usable, and
-the one-time transcode that makes every non-plain image a plain JPEG.
-
-Why transcode, and where orientation is applied. The training loader decodes the ``jpg`` member with
-``torchvision.io.decode_jpeg``: libjpeg-turbo on the CPU, nvJPEG (batched) on the GPU. Neither applies EXIF
-orientation, nvJPEG cannot decode CMYK/YCCK JPEGs, and neither reads PNG/WebP/BMP. So an image that these decoders
-would not show as a viewer does is turned, once at shard time, into a plain upright JPEG:
-
-- not a JPEG (PNG incl. 16-bit and palette, WebP, BMP, TIFF, GIF's first frame): decoded, converted to RGB (or L),
-  alpha composited on white, 16-bit scaled to 8-bit, orientation applied, saved as JPEG (``data.transcode_quality``,
-  4:4:4 chroma so the single lossy generation costs as little as possible). With ``data.non_jpeg: skip`` these files
-  are counted as ``not_jpeg`` instead.
-- a JPEG with EXIF orientation 2-8, or in CMYK/YCCK: the same transcode (always: it is still a photo the user wants).
-- any other JPEG: its original bytes, untouched (the common case: all but ~0.01 % of ImageNet).
-
-After this every path (CPU decode, GPU decode, the PIL fallback) sees the same upright pixels, and the manifests record
-the width/height as displayed. ICC profiles are ignored on every path (decode_jpeg ignores them too).
-COCO is different on purpose: its annotations are in stored-pixel coordinates (COCO ignores EXIF), so the COCO path
-keeps every JPEG's bytes and never rotates (see :mod:`components.data.prepare.coco`).
+"""One image file of ``prepare``: what it is (format, size, orientation), whether it is usable, and the one-time
+transcode that turns every image the loader's decoders would not show upright into a plain JPEG. COCO-layout sources
+use :func:`check_image` instead (their JPEG bytes are kept as they are, never rotated).
 """
 from __future__ import annotations
 
@@ -24,6 +8,11 @@ import hashlib
 import io
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from components.data.workers import Meter, worker_pool
 
 # extensions a folder/ImageNet walk treats as images (case-insensitive); anything else is counted as ``not_image``
 IMAGE_EXTENSIONS = frozenset(
@@ -65,12 +54,11 @@ def probe_image(path: str, non_jpeg: str = "transcode") -> dict[str, Any]:
 
     Returns ``reason`` (None when usable), ``detail``, ``bytes``, ``sha1`` (of the file), ``format``, ``mode``,
     ``width``/``height`` (as displayed: after EXIF orientation), ``orientation`` (1-8) and ``transcode`` (True when
-    the shard stage must store a transcoded JPEG instead of the file's bytes). Reasons: ``unreadable``, ``empty``,
+    the shard stage must store a transcoded JPEG instead of the file's bytes: any non-JPEG, and a JPEG with EXIF
+    orientation 2-8 or in CMYK/YCCK; see :func:`transcode`). Reasons: ``unreadable``, ``empty``,
     ``not_image`` (content is no known image format), ``not_jpeg`` (policy ``skip``), ``truncated``,
     ``decode_error``, ``too_large`` (over PIL's decompression-bomb limit).
     """
-    from PIL import Image, ImageFile
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not decode as grey
     out: dict[str, Any] = {"reason": None, "detail": "", "bytes": None, "sha1": None, "format": None, "mode": None,
                            "width": None, "height": None, "orientation": None, "transcode": False}
@@ -115,9 +103,6 @@ def probe_image(path: str, non_jpeg: str = "transcode") -> dict[str, Any]:
 
 def _to_rgb_or_l(im):
     """Any PIL mode -> RGB or L: alpha composited on white, palette expanded, 16/32-bit scaled to 8-bit."""
-    import numpy as np
-    from PIL import Image
-
     mode = im.mode
     if mode in ("RGB", "L"):
         return im
@@ -139,9 +124,15 @@ def _to_rgb_or_l(im):
 
 
 def transcode(data: bytes, quality: int) -> bytes:
-    """Image bytes -> a plain upright JPEG (baseline, 4:4:4, no EXIF/ICC). Deterministic for a given Pillow build."""
-    from PIL import Image, ImageOps
+    """Image bytes -> a plain upright JPEG (baseline, 4:4:4, no EXIF/ICC). Deterministic for a given Pillow build.
 
+    Why: the training loader decodes the ``jpg`` member with ``torchvision.io.decode_jpeg`` (libjpeg-turbo on the
+    CPU, nvJPEG on the GPU); neither applies EXIF orientation, nvJPEG cannot decode CMYK/YCCK JPEGs and neither
+    reads PNG/WebP/BMP. So, once at shard time, such an image is decoded, converted to RGB (or L: alpha composited on
+    white, 16-bit scaled to 8-bit), turned upright and saved as a JPEG at ``quality`` (4:4:4 chroma, so the single
+    lossy generation costs as little as possible). Every decode path then sees the same upright pixels; ICC profiles
+    are ignored on every path (decode_jpeg ignores them too).
+    """
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)  # animated GIF/WebP: the first frame
         upright = ImageOps.exif_transpose(im)  # a copy with the pixels turned and the orientation tag dropped
@@ -152,7 +143,7 @@ def transcode(data: bytes, quality: int) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# COCO / scenes: checking one JPEG and its semantic map (bytes are kept as they are, never rotated: see the top)
+# COCO / scenes: checking one JPEG and its semantic map (bytes are kept as they are, never rotated)
 # --------------------------------------------------------------------------------------------------------------------
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -163,8 +154,6 @@ def check_image(path: str, seg_path: str | None = None) -> dict[str, Any]:
     Reasons: ``unreadable`` (OS error), ``empty`` (0 bytes), ``not_jpeg`` (no JPEG SOI marker, e.g. a PNG named .jpg),
     ``truncated`` (the entropy-coded data ends early), ``decode_error`` (anything else the decoder rejects).
     """
-    from PIL import Image, ImageFile
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail here, not decode as grey
     out: dict[str, Any] = {"reason": None, "detail": "", "seg_error": None}
     try:
@@ -203,14 +192,13 @@ def check_image(path: str, seg_path: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _check_star(args: tuple[str, str | None]) -> dict[str, Any]:
+def check_image_star(args: tuple[str, str | None]) -> dict[str, Any]:
+    """:func:`check_image` of ``(path, seg_path)``, for a process pool's ``map``."""
     return check_image(*args)
 
 
-def _map_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> Iterator:
+def map_parallel(fn, items: list, workers: int, desc: str, progress: bool) -> Iterator:
     """``fn`` over ``items`` in order, in worker processes that die with this one (see components.data.workers)."""
-    from components.data.workers import Meter, worker_pool
-
     meter = Meter(desc, len(items), progress=progress)
     try:
         with worker_pool(1 if len(items) < 2 * workers else workers) as pool:

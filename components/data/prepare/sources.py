@@ -1,24 +1,5 @@
-"""Image-tree sources of ``prepare``: ``imagenet`` (ILSVRC-2012 layouts) and ``folder`` (any tree of images).
-
-Both are walked the same way, as a stream (nothing is listed up front, so 1.28M files cost no memory):
-
-- depth first, entries in sorted order, so the stream -- and everything derived from it -- is deterministic;
-- symlinks are followed; a link back to a folder being walked is counted as ``symlink_loop``, a second way into a
-  folder already walked as ``linked_dir_seen`` (its files would be duplicates), a dangling link as ``broken_symlink``;
-- names starting with ``.`` (``.DS_Store``, macOS ``._*`` forks, ``.git/``) are counted as ``hidden`` and not entered;
-- a file whose extension is not an image's (:data:`~components.data.prepare.images.IMAGE_EXTENSIONS`) is ``not_image``; one
-  whose name is not valid UTF-8 is ``bad_name`` (it can't be recorded faithfully); fifos/devices are ``not_regular``;
-- ``data.include``/``data.exclude`` globs select files by their path relative to ``data.root`` (``**`` spans
-  folders, ``*`` and ``?`` stay within one name); files left out by them are counted as ``excluded`` (not a skip).
-
-Each entry is a dict: ``rel`` (POSIX path relative to the source base), ``size``, ``mtime_ns``, ``label``,
-``label_name``, or ``reason``/``detail`` for a file that is skipped on the spot.
-
-ImageNet (``data.root``): ``train/<wnid>/*.JPEG`` (the class folders; class ids = sorted wnids, 0..999, as
-torchvision's ImageFolder), and ``val/`` either in class folders too or flat (``ILSVRC2012_val_*.JPEG``) with labels
-from ``LOC_val_solution.csv`` (Kaggle) or ``imagenet_2012_validation_synset_labels.txt`` (one wnid per line, in file
-order) when present. Kaggle's ``ILSVRC/Data/CLS-LOC/`` nesting is found by itself; ``LOC_synset_mapping.txt`` gives
-class names. Labels are kept for later probes; pretraining never reads them.
+"""Image-tree sources of ``prepare``: ``imagenet`` (ILSVRC-2012 layouts) and ``folder`` (any tree of images), walked
+as a deterministic stream (nothing is listed up front, so 1.28M files cost no memory), with their keys, ids and labels.
 """
 from __future__ import annotations
 
@@ -103,7 +84,13 @@ def _valid_name(name: str) -> bool:
 def walk_images(base: Path, top: str, select: Selector, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Every file under ``base/top``, depth first in sorted order: image candidates and on-the-spot skips.
 
-    ``counts["excluded"]`` is incremented for files the globs leave out (they are not yielded).
+    An entry is ``{"rel" (POSIX path relative to ``base``), "size", "mtime_ns", "reason": None}``, or ``rel`` with a
+    ``reason``/``detail`` for a file skipped on the spot. Symlinks are followed; a link back to a folder being walked
+    is ``symlink_loop``, a second way into a folder already walked ``linked_dir_seen`` (its files would be
+    duplicates), a dangling link ``broken_symlink``. Names starting with ``.`` are ``hidden`` and not entered; a file
+    whose extension is not an image's (:data:`~components.data.prepare.images.IMAGE_EXTENSIONS`) is ``not_image``, one
+    whose name is not valid UTF-8 ``bad_name``, fifos/devices ``not_regular``, others ``unreadable``. The ``select``
+    globs (``data.include``/``exclude``) leave files out: ``counts["excluded"]`` counts them (not a skip).
     """
     start = base / top if top else base
     try:
@@ -265,6 +252,11 @@ def _val_labels(root: Path, base: Path, val: Path) -> tuple[dict[str, str], str 
 
 
 def imagenet_source(cfg) -> TreeSource:
+    """ImageNet at ``data.root``: ``train/<wnid>/*.JPEG`` (class ids = sorted wnids, 0..999, as torchvision's
+    ImageFolder) and ``val/`` in class folders too, or flat (``ILSVRC2012_val_*.JPEG``) with labels from
+    ``LOC_val_solution.csv`` (Kaggle) or ``imagenet_2012_validation_synset_labels.txt`` (one wnid per line, in file
+    order) when present. Kaggle's ``ILSVRC/Data/CLS-LOC/`` nesting is found by itself; ``LOC_synset_mapping.txt``
+    gives class names. Labels are kept for later probes; pretraining never reads them."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"{root}: folder not found; set data.root to the ImageNet folder (holding train/ and val/)")

@@ -1,23 +1,5 @@
-"""``prepare`` for image trees (``data.source: imagenet | folder``): stream, check in parallel, resume, deduplicate.
-
-The walk (:mod:`components.data.prepare.sources`) is a stream cut into parts of :data:`CHUNK` files. Worker processes check
-each part's images (:func:`components.data.prepare.images.probe_image`: read, sha1, full decode, orientation, format) and
-write it as ``part-NNNNNN.parquet`` into the work folder beside the output (``data/.raw.work.tmp``). A part whose
-file list (paths, sizes, mtimes, labels) and policy are unchanged is not checked again: a run killed at any point
-resumes where it stopped, also under ``dvc repro`` (which deletes ``data/raw`` first but not the work folder).
-
-Then, per split, two streaming passes over the parts: the first reads only key/id/sha1 columns to find duplicates
-(Arrow group-by; the first in walk order is kept), the second writes ``<out>/<source>/<split>/manifest.parquet``
-row group by row group. At no point are all records Python objects at once. Skips are counted by reason
-(walk: ``hidden``, ``symlink_loop``, ``linked_dir_seen``, ``broken_symlink``, ``not_image``, ``not_regular``,
-``bad_name``, ``no_class``, ``unreadable``; check: ``empty``, ``not_image``, ``not_jpeg``, ``truncated``,
-``decode_error``, ``too_large``; dedup: ``duplicate_key``, ``duplicate_id``, ``duplicate``), listed (up to
-:data:`~components.data.prepare.coco.MAX_LISTED`) in the manifest metadata, and printed.
-
-Manifest rows (walk order): COCO's columns (``key``, ``id``, ``file_name`` relative to the split's image folder,
-``width``/``height`` as displayed, ``mode``, ``bytes``, ``sha1`` of the file, ``num_annotations`` = 0, ``seg_file`` =
-null) plus ``label``/``label_name`` (ImageNet class id and wnid; null for folders), ``format``, ``orientation`` (EXIF,
-1-8) and ``transcode`` (the shard stage stores a transcoded JPEG, see :mod:`components.data.prepare.images`).
+"""``prepare`` for image trees (``data.source: imagenet | folder``): check the walked files in parallel parts that a
+killed run resumes, drop duplicates, write each split's manifest by streaming (never all records in memory).
 """
 from __future__ import annotations
 
@@ -31,21 +13,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from components.data.prepare.images import probe_image
+from components.data.prepare.manifest import (
+    MANIFEST_FIELDS, MAX_LISTED, add_totals, print_skips, root_ref, slotcon_schema,
+)
 from components.data.prepare.sources import TreeSource, TreeSplit, path_id, tree_source
-from components.data.workers import Meter, hold_output, run_bounded, worker_pool
+from components.data.workers import Meter, hold_output, log_run, run_bounded, worker_pool
 from components.errors import UserError
+from components.io import atomic_open, write_json_atomic
 
 CHUNK = 1024  # files per part: the unit of parallel work and of resume (ImageNet: ~1250 parts of ~100 KB)
 PART_VERSION = 1  # bump when a part's content would change for the same files (then nothing stale is reused)
-MAX_LISTED = 10_000
 PART_COLUMNS = ("key", "id", "file_name", "width", "height", "mode", "format", "orientation", "bytes", "sha1",
                 "label", "label_name", "transcode", "reason", "detail")
 
 
 def _part_schema():
-    import pyarrow as pa
-
     return pa.schema([
         ("key", pa.string()), ("id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()),
         ("height", pa.int32()), ("mode", pa.string()), ("format", pa.string()), ("orientation", pa.int32()),
@@ -55,15 +43,13 @@ def _part_schema():
 
 
 def manifest_schema(meta: dict[str, Any] | None = None):
-    """The manifest of a tree source: COCO's columns, then label, label_name, format, orientation, transcode."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("key", pa.string()), ("id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()),
-        ("height", pa.int32()), ("mode", pa.string()), ("bytes", pa.int64()), ("sha1", pa.string()),
-        ("num_annotations", pa.int32()), ("seg_file", pa.string()), ("label", pa.int32()),
-        ("label_name", pa.string()), ("format", pa.string()), ("orientation", pa.int32()), ("transcode", pa.bool_()),
-    ], metadata=None if meta is None else {"slotcon": json.dumps(meta, sort_keys=True)})
+    """The manifest of a tree source: COCO's columns, then ``label``/``label_name`` (ImageNet class id and wnid; null
+    for folders), ``format``, ``orientation`` (EXIF, 1-8) and ``transcode`` (the shard stage stores a transcoded
+    JPEG). ``file_name`` is relative to the split's image folder, ``width``/``height`` are as displayed."""
+    return slotcon_schema(MANIFEST_FIELDS + [
+        ("label", pa.int32()), ("label_name", pa.string()), ("format", pa.string()), ("orientation", pa.int32()),
+        ("transcode", pa.bool_()),
+    ], meta)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -90,8 +76,6 @@ def _fingerprint(chunk: list[dict[str, Any]], non_jpeg: str) -> str:
 
 
 def _part_fingerprint(path: Path) -> str | None:
-    import pyarrow.parquet as pq
-
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception:  # absent or damaged: check the part again
@@ -101,11 +85,6 @@ def _part_fingerprint(path: Path) -> str | None:
 
 def check_part(task: dict[str, Any]) -> tuple[int, int]:
     """Check one part's files and write ``task["part"]`` atomically (runs in a worker). Returns (files, bytes)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from components.io import atomic_open
-
     rows = []
     for e in task["entries"]:
         row = dict.fromkeys(PART_COLUMNS)
@@ -158,8 +137,6 @@ def _check_split(cfg, src: TreeSource, split: TreeSplit, part_dir: Path, pool, m
 # --------------------------------------------------------------------------------------------------------------------
 def _later_in_groups(tbl, col: str) -> dict[int, int]:
     """``{pos: first pos}`` for every row whose ``col`` value appeared at an earlier position (Arrow group-by)."""
-    import pyarrow.compute as pc
-
     if tbl.num_rows == 0:
         return {}
     g = tbl.group_by(col).aggregate([("pos", "min"), ("pos", "count")])
@@ -173,10 +150,6 @@ def _later_in_groups(tbl, col: str) -> dict[int, int]:
 
 def _scan_parts(parts: list[Path]) -> tuple[Any, Counter, list[dict[str, Any]], list[int]]:
     """Pass 1: (key/id/sha1/pos of usable rows, skip counts by reason, listed failures, part start positions)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     tables, reasons, failures, starts, offset = [], Counter(), [], [], 0
     for p in parts:
         t = pq.read_table(p, columns=["key", "id", "sha1", "reason", "file_name", "detail"])
@@ -196,8 +169,6 @@ def _scan_parts(parts: list[Path]) -> tuple[Any, Counter, list[dict[str, Any]], 
 
 def _names_at(parts: list[Path], starts: list[int], positions: set[int]) -> dict[int, str]:
     """File names at global row positions (read from only the parts that hold them)."""
-    import pyarrow.parquet as pq
-
     by_part: dict[int, list[int]] = {}
     for pos in positions:
         by_part.setdefault(bisect.bisect_right(starts, pos) - 1, []).append(pos)
@@ -209,8 +180,6 @@ def _names_at(parts: list[Path], starts: list[int], positions: set[int]) -> dict
 
 
 def _without(tbl, positions):
-    import pyarrow.compute as pc
-
     return tbl.filter(pc.invert(pc.is_in(tbl["pos"], value_set=_pos_array(positions)))) if positions else tbl
 
 
@@ -231,14 +200,10 @@ def _duplicates(cfg, ok, earlier_sha1) -> tuple[dict[int, tuple[str, int]], dict
 
 
 def _pos_array(positions):
-    import pyarrow as pa
-
     return pa.array(sorted(positions), pa.int64())
 
 
 def _cross(rest, earlier_sha1) -> list[int]:
-    import pyarrow.compute as pc
-
     if earlier_sha1 is None or rest.num_rows == 0:
         return []
     return rest.filter(pc.is_in(rest["sha1"], value_set=earlier_sha1))["pos"].to_pylist()
@@ -246,13 +211,6 @@ def _cross(rest, earlier_sha1) -> list[int]:
 
 def _write_manifest(path: Path, parts: list[Path], drop: dict[int, Any], meta: dict[str, Any]) -> None:
     """Pass 2: the usable, non-dropped rows of every part, in walk order, one row group per part."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from components.io import atomic_open
-
     schema = manifest_schema(meta)
     dropped = np.array(sorted(drop), np.int64)
     offset = 0
@@ -272,10 +230,14 @@ def _write_manifest(path: Path, parts: list[Path], drop: dict[int, Any], meta: d
 
 def _finalize_split(cfg, src: TreeSource, split: TreeSplit, parts: list[Path], walk_counts: dict[str, int],
                     out_dir: Path, earlier_sha1):
-    """Duplicates, counts, the manifest; returns (split metrics, index entry, this split's sha1 column)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    """Duplicates, counts, the manifest; returns (split metrics, index entry, this split's sha1 column).
 
+    Pass 1 reads only key/id/sha1 columns to find duplicates (Arrow group-by; the first in walk order is kept), pass 2
+    writes ``<out>/<source>/<split>/manifest.parquet`` row group by row group. Skips are counted by reason (walk:
+    see :func:`~components.data.prepare.sources.walk_images`; check: see
+    :func:`~components.data.prepare.images.probe_image`; dedup: ``duplicate_key``, ``duplicate_id``, ``duplicate``),
+    listed (up to ``MAX_LISTED``) in the manifest metadata, and printed.
+    """
     ok, reasons, failures, starts = _scan_parts(parts)
     drop, kept_dups, cross = _duplicates(cfg, ok, earlier_sha1)
     names = _names_at(parts, starts, set(drop) | {f for _, f in drop.values()} | set(kept_dups)
@@ -307,10 +269,7 @@ def _finalize_split(cfg, src: TreeSource, split: TreeSplit, parts: list[Path], w
     split_metrics.update(bytes=int(pc.sum(stats["bytes"]).as_py() or 0),
                          transcode=int(pc.sum(stats["transcode"].cast("int64")).as_py() or 0),
                          labeled_images=stats.num_rows - stats["label"].null_count)
-    for f in failures[:20]:
-        print(f"prepare: {split.name}: skipped {f['file']}: {f['reason']} ({f['detail']})")
-    if len(failures) > 20:
-        print(f"prepare: {split.name}: ... {len(failures) - 20} more, see the manifest metadata")
+    print_skips(split.name, failures)
     image_dir = Path(os.path.relpath(src.base, src.root)).as_posix()
     entry = {"labeled": False, "manifest": f"{src.source}/{split.name}/manifest.parquet",
              "image_dir": "" if image_dir == "." else image_dir, "annotations": None, "annotations_sha1": None,
@@ -325,12 +284,13 @@ def run_prepare_tree(cfg, out_dir: str | os.PathLike, *, tracker=None, progress:
                      chunk: int = CHUNK) -> dict[str, Any]:
     """``prepare`` for ``cfg.source`` in (imagenet, folder): manifests + ``index.json`` under ``out_dir``; metrics.
 
-    Resumable: parts finished by an earlier run on the same files are reused (``parts_reused`` in the metrics).
+    The walk (:mod:`components.data.prepare.sources`) is a stream cut into parts of ``chunk`` files; worker processes
+    check each part's images (:func:`~components.data.prepare.images.probe_image`) and write it as
+    ``part-NNNNNN.parquet`` into the work folder beside the output. A part whose files (paths, sizes, mtimes, labels)
+    and policy are unchanged is reused (``parts_reused`` in the metrics), so a killed run resumes where it stopped,
+    also under ``dvc repro`` (which deletes ``data/raw`` first but not the work folder). Then, per split, two
+    streaming passes over the parts find the duplicates and write the manifest (:func:`_finalize_split`).
     """
-    import pyarrow as pa
-
-    from components.io import write_json_atomic
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     src = tree_source(cfg)  # layout errors raise here, before anything is written
@@ -352,9 +312,8 @@ def run_prepare_tree(cfg, out_dir: str | os.PathLike, *, tracker=None, progress:
                 index_splits[split.name] = entry
         finally:
             meter.close()
-        root_ref = str(src.root) if src.root.is_absolute() else os.path.relpath(src.root.resolve(), out_dir.resolve())
         index = {
-            "source": cfg.source, "root": root_ref, "splits": index_splits, "pretrain": src.pretrain,
+            "source": cfg.source, "root": root_ref(src.root, out_dir), "splits": index_splits, "pretrain": src.pretrain,
             "train": "train", "val": src.val, "categories": [], "semantic_classes": None, "classes": src.classes,
             "image_policy": {"non_jpeg": cfg.non_jpeg, "transcode_quality": cfg.transcode_quality,
                              "duplicates": cfg.duplicates},
@@ -363,17 +322,12 @@ def run_prepare_tree(cfg, out_dir: str | os.PathLike, *, tracker=None, progress:
         write_json_atomic(out_dir / "index.json", index)
         shutil.rmtree(work, ignore_errors=True)  # the parts (and the lock file, still held: see hold_output)
     seconds = time.perf_counter() - t0
-    total_ok = sum(m["images"] for m in metrics["splits"].values())
-    total_skipped = sum(m["skipped"] for m in metrics["splits"].values())
-    total_bytes = sum(m["bytes"] for m in metrics["splits"].values())
-    metrics.update(images=total_ok, skipped=total_skipped, bytes=total_bytes, seconds=round(seconds, 3),
-                   img_per_s=round((total_ok + total_skipped) / max(seconds, 1e-9), 1),
-                   mb_per_s=round(meter.bytes / 1e6 / max(seconds, 1e-9), 2), parts_reused=reused,
+    add_totals(metrics, seconds)
+    metrics.update(mb_per_s=round(meter.bytes / 1e6 / max(seconds, 1e-9), 2), parts_reused=reused,
                    transcode=sum(m["transcode"] for m in metrics["splits"].values()))
-    print(f"prepare: {cfg.source}: {total_ok} images ok, {total_skipped} skipped, {metrics['transcode']} to transcode, "
-          f"{meter.bytes / 1e6:.1f} MB checked in {seconds:.1f} s ({metrics['img_per_s']:.0f} img/s, "
-          f"{metrics['mb_per_s']:.1f} MB/s){f'; {reused} parts reused from an earlier run' if reused else ''}")
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "source"})
-        tracker.log_dict(index, "prepare_index.json")
+    print(f"prepare: {cfg.source}: {metrics['images']} images ok, {metrics['skipped']} skipped, "
+          f"{metrics['transcode']} to transcode, {meter.bytes / 1e6:.1f} MB checked in {seconds:.1f} s "
+          f"({metrics['img_per_s']:.0f} img/s, {metrics['mb_per_s']:.1f} MB/s)"
+          f"{f'; {reused} parts reused from an earlier run' if reused else ''}")
+    log_run(tracker, metrics, index, "prepare_index.json")
     return metrics

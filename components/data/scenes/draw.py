@@ -1,19 +1,6 @@
-"""Drawing one generated scene: stuff background, objects back to front, exact visible masks, semantic map.
-
-See :mod:`components.data.scenes.stage` for the dataset as a whole. Params that shape a scene (``params.yaml: scenes``):
-
-- ``num_thing_classes`` / ``num_stuff_classes``: the first N entries of :data:`THING_CATALOGUE` (shape + texture) and
-  :data:`STUFF_CATALOGUE` (texture). The first 12 / 8 are the demo's; up to 24 / 16 for the "more classes" variant
-  (regional contrast needs many classes to contrast).
-- ``min_objects..max_objects``, ``min_object_frac..max_object_frac``: how many objects and how large.
-- ``clutter_shapes`` (0 = off): unannotated distractors per image -- irregular blobs and thin sticks that no thing
-  class has, painted with a mottled colour at random depths (some in front of objects, occluding them). They are
-  "stuff-like": the semantic maps label them with an extra stuff class ``clutter`` (id T+S); no instance annotation.
-- ``object_spread`` (1 = off): the fraction of the image side over which object centres are spread around a per-image
-  focus point; below 1 objects pile up and occlude each other.
-
-Every random draw comes from the image's own generator in a fixed order, and the variants only draw when switched
-on, so the demo's bytes never depend on them.
+"""Drawing one generated scene: stuff background, objects back to front, exact visible masks, semantic map. Every
+random draw comes from the image's own generator in a fixed order, and the variants (``clutter_shapes``,
+``object_spread``, more classes) only draw when switched on, so the demo's bytes never depend on them.
 """
 from __future__ import annotations
 
@@ -281,6 +268,18 @@ def _encode_instance(obj: dict, rng, s: int) -> tuple[Any, str]:
 
 def render_scene(cfg: ScenesConfig, image_id: int) -> Scene:
     """Draw image ``image_id``: background stuff, then objects back to front; masks = visible parts.
+
+    Params that shape a scene (``params.yaml: scenes``): ``num_thing_classes`` / ``num_stuff_classes`` take the first
+    N entries of :data:`THING_CATALOGUE` (shape + texture; each instance gets a random colour, so colour never
+    identifies a category) and :data:`STUFF_CATALOGUE` (texture; half of the images split the background into two
+    regions, like a horizon); the first 12 / 8 are the demo's, up to 24 / 16 for the "more classes" variant.
+    ``min_objects..max_objects`` and ``min_object_frac..max_object_frac``: how many objects and how large; an instance
+    left with fewer than ``_min_visible_px`` visible pixels is not drawn, so every annotation is non-empty. Some
+    images hold a crowd: a cluster of small shapes of one category annotated as one ``iscrowd: 1`` region.
+    ``clutter_shapes`` (0 = off): unannotated distractors (irregular blobs and thin sticks with a mottled colour, at
+    random depths) labelled in the semantic map as the extra stuff class ``clutter`` (id T+S). ``object_spread``
+    (1 = off): the fraction of the image side over which object centres spread around a per-image focus point; below
+    1 objects pile up and occlude each other.
 
     Returns the :class:`Scene` with the annotations' segmentations already encoded; each ``DrawnInstance.mask``
     (H, W) bool equals what pycocotools decodes from its segmentation (checked here; tests check it again).

@@ -1,41 +1,6 @@
-"""The embedded default dataset: generated scene-centric images in COCO's exact layout (stage ``scenes``).
-
-SlotCon (Wen et al., NeurIPS 2022) learns objects from *scene-centric* images: several objects in cluttered layouts,
-as in COCO. This module draws such images offline, deterministically from a seed:
-
-- ``num_thing_classes`` "thing" categories, each defined by a SHAPE and a TEXTURE (striped disc, checkered square,
-  dotted triangle, ...). Every instance gets a random colour, so colour never identifies a category (colour jitter
-  is part of SlotCon's augmentation; a colour-defined class would be erased by it).
-- ``num_stuff_classes`` "stuff" backgrounds (sky, grass, water, ...) told apart by texture; half of the images split
-  the background into two regions (e.g. sky over grass), like a horizon.
-- ``min_objects..max_objects`` objects per image, drawn back to front: later objects occlude earlier ones, an
-  instance's mask is its VISIBLE part, and instances left with fewer than ``_min_visible_px`` pixels are not drawn
-  at all (so every annotation is non-empty and every drawn object is annotated).
-- Some images hold a "crowd": a cluster of small shapes of one category annotated as one ``iscrowd: 1`` region.
-- Two variants, switched on by params (the defaults leave the demo's bytes as they are; see
-  :mod:`components.data.scenes.draw`): *harder* scenes (``clutter_shapes`` unannotated distractors labelled as a
-  ``clutter`` stuff class, ``object_spread`` < 1 for heavy occlusion, plus more objects and a wider scale range through
-  the usual knobs) and *more classes* (up to 24 thing and 16 stuff classes).
-
-Output under ``out_dir`` (COCO 2017 + COCO-Stuff layout)::
-
-    train2017/000000000001.jpg ...          val2017/000010000001.jpg ...   (ids unique across splits)
-    annotations/instances_train2017.json    annotations/instances_val2017.json
-    annotations/semantic_classes.json       [{"id", "name", "isthing"}], ids 0..T+S-1 (+ "clutter" T+S, if any)
-    stuffthingmaps_trainval2017/{train2017,val2017}/<stem>.png   uint8: things 0..T-1 (= category_id - 1),
-                                            stuff T..T+S-1, 255 = ignore (1-px inner border of each thing instance)
-
-Segmentations use all three encodings real COCO files contain, so downstream code meets each of them: polygons for
-most instances (the smooth shape outline when fully visible, the exact pixel-edge outline when occluded), compressed
-RLE (a string, as ``pycocotools.mask.encode`` gives) for some, and uncompressed RLE (a list of counts, as COCO's own
-crowd annotations) for ``iscrowd: 1`` regions. Every mask is, by construction, exactly what ``COCO.annToMask``
-decodes (a polygon whose rasterisation would differ falls back to RLE), and ``area``/``bbox`` are computed from that
-decoded mask.
-
-Determinism: image ``id`` is drawn from ``numpy.random.default_rng([seed, id])``, independent of generation order
-(parallel-safe, and a val image doesn't change when ``num_train`` does). JPEG/PNG settings are fixed, JSON keys are
-sorted and carry no timestamps: the same params give a byte-identical tree. The tree is written to a temporary
-folder beside ``out_dir`` and renamed into place at the end, so an interrupted run never looks complete.
+"""Stage ``scenes``: the embedded default dataset, scene-centric images (several objects in cluttered layouts, as in
+COCO, which SlotCon learns objects from) generated offline and deterministically from a seed, written in COCO 2017's
+layout with COCO-Stuff semantic maps.
 """
 from __future__ import annotations
 
@@ -53,14 +18,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from components.config import ScenesConfig
-from components.data.scenes.draw import (  # noqa: F401  (re-exported: the scenes API in one place)
-    CLUTTER_NAME, CROWD_PROB, IGNORE, RLE_PROB, STUFF_CATALOGUE, THING_CATALOGUE, TWO_STUFF_PROB, DrawnInstance, Scene,
-    _min_visible_px, image_rng, render_scene,
+from components.data.scenes.draw import (
+    CLUTTER_NAME, IGNORE, STUFF_CATALOGUE, THING_CATALOGUE, DrawnInstance, Scene, render_scene,
 )
-from components.data.scenes.shapes import _decode, _rasterize, _trace_polygons  # noqa: F401
-from components.data.scenes.textures import _thing_pattern  # noqa: F401
 from components.errors import UserError
 from components.stage import Arg, Stage
 
@@ -115,6 +78,8 @@ def image_ids(cfg: ScenesConfig, split: str) -> list[int]:
 
 
 def _annotation(scene: Scene, k: int, inst: DrawnInstance) -> dict:
+    """COCO's annotation record; ``area`` and ``bbox`` are computed from the decoded mask (which, by construction, is
+    what ``COCO.annToMask`` decodes from the segmentation: see :mod:`components.data.scenes.shapes`)."""
     rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
     return {
         "id": scene.image_id * ANN_PER_IMAGE + k,
@@ -204,8 +169,6 @@ def _preview(out_dir: Path, cfg: ScenesConfig, n: int = 8) -> Image.Image:
 def _write_split(cfg: ScenesConfig, tmp: Path, split: str, pool, pixels: np.ndarray) -> dict[str, Any]:
     """Write one split's images, semantic maps and instances JSON under ``tmp``; returns its statistics.
     ``pixels`` (thing, stuff, ignore, total) accumulates over splits."""
-    from tqdm import tqdm
-
     ids = image_ids(cfg, split)
     (tmp / split).mkdir()
     sem_dir = tmp / "stuffthingmaps_trainval2017" / split
@@ -267,7 +230,19 @@ def _log_to_tracker(tracker: Any, stats: dict, cfg: ScenesConfig, out_dir: Path)
 def generate_scenes(cfg: ScenesConfig, out_dir: str | os.PathLike, tracker: Any = None) -> dict:
     """Generate the whole dataset under ``out_dir`` (replaced atomically) and return its statistics.
 
-    Layout: see the module docstring. Returns a flat dict of numbers (per-split image/annotation counts, encodings,
+    Output (COCO 2017 + COCO-Stuff layout): ``{train2017,val2017}/<12-digit id>.jpg`` (ids unique across splits),
+    ``annotations/instances_{train,val}2017.json``, ``annotations/semantic_classes.json`` (``[{"id", "name",
+    "isthing"}]``) and ``stuffthingmaps_trainval2017/{train2017,val2017}/<stem>.png`` (uint8: things 0..T-1 =
+    category_id - 1, stuff T..T+S-1, 255 = ignore on a 1-px inner border of each thing instance). Segmentations use
+    all three encodings real COCO files contain: polygons for most instances, compressed RLE for some, uncompressed
+    RLE for ``iscrowd: 1`` regions.
+
+    Determinism: image ``id`` is drawn from its own generator (:func:`~components.data.scenes.draw.image_rng`),
+    independent of generation order and of ``num_train``; JPEG/PNG settings are fixed and JSON has sorted keys and no
+    timestamps, so the same params give a byte-identical tree. The tree is written to a temporary folder beside
+    ``out_dir`` and renamed into place at the end, so an interrupted run never looks complete.
+
+    Returns a flat dict of numbers (per-split image/annotation counts, encodings,
     crowd regions, mean objects per image, pixel fractions of thing/stuff/ignore, bytes on disk, seconds).
     """
     out_dir = Path(out_dir)
@@ -321,7 +296,7 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | os.PathLike, tracker: Any 
     return stats
 
 
-run_scenes = generate_scenes  # the house name of a stage's pure function (run_<stage>)
+run_scenes = generate_scenes  # the name every stage gives its pure function (run_<stage>)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,46 +1,20 @@
-"""Semantic-segmentation dataset kinds: their folder layouts, class tables and label lookup tables.
-
-Every kind's label values are translated to contiguous class indices ``0..C-1`` (255 = ignore) by a 256-entry lookup
-table. Kinds and the layouts recognised (``root`` is what the user gives as ``data_root``):
-
-- ``scenes`` — the generated demo in COCO-Stuff's layout: ``{train2017,val2017}/*.jpg``,
-  ``stuffthingmaps_trainval2017/{train2017,val2017}/<stem>.png`` and ``annotations/semantic_classes.json``
-  (``[{"id", "name", "isthing"}]``; ids are mapped to their list order). The default, though, reads the same maps from
-  the shards (:class:`~components.data.segmentation.sources.ShardSource`, ``seg.png`` members), so nothing is decoded twice.
-- ``cocostuff`` — COCO-Stuff 164k (171 classes): images in ``{split}2017/`` or ``images/{split}2017/``, label maps in
-  ``stuffthingmaps_trainval2017/{split}2017/`` or ``annotations/{split}2017/`` (the official ``stuffthingmaps``:
-  0-based fine ids 0..181 with 11 unused thing ids, 255 = unlabelled; or mmseg's converted ``*_labelTrainIds.png``,
-  already 0..170).
-- ``cocostuff27`` — the same folders restricted to the curated IIC/PiCIE image list
-  ``curated/{split}2017/Coco164kFull_Stuff_Coarse_7.txt`` with the 182 fine ids merged into the 27 coarse classes
-  (PiCIE's ``fine_to_coarse``; 12 thing + 15 stuff super-categories). This is the unsupervised protocol of SlotCon §4.
-- ``voc`` — PASCAL VOC 2012 (``root`` = ``VOC2012``, ``VOCdevkit`` or their parent): ``JPEGImages/``,
-  ``SegmentationClass/`` (palette PNGs: 21 classes, 255 = border), ``ImageSets/Segmentation/{train,val}.txt``; with
-  SBD's ``SegmentationClassAug/`` and ``ImageSets/Segmentation/{aug,train_aug}.txt`` the train split becomes VOC aug
-  (10582 images), as in mmseg.
-- ``cityscapes`` — ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
-  ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (19 classes); ``*_labelIds.png`` alone is converted with
-  the official id -> trainId table.
-- ``ade20k`` — ADEChallengeData2016: ``images/{training,validation}/*.jpg``, ``annotations/{...}/*.png``; 0 is
-  "other" and becomes ignore, 1..150 -> 0..149 (mmseg's ``reduce_zero_label``).
-
-Every check is cheap (folder and list existence, pairing) and happens before any image is decoded; a wrong layout is a
-one-line :class:`~components.errors.UserError` naming the folder, what is missing and the fix.
+"""Semantic-segmentation dataset kinds on disk: recognising a folder's layout, pairing each split's images with their
+label maps, the class tables, and the 256-entry lookup tables that turn each kind's label values into contiguous class
+indices ``0..C-1`` (255 = ignore). Every check is cheap (folders, lists, pairing) and happens before any decoding; a
+wrong layout is a one-line :class:`~components.errors.UserError` naming the folder, what is missing and the fix.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable
 
 import numpy as np
 
 from components.constants import IGNORE_INDEX as IGNORE
 from components.data.prepare.coco import COCO_STUFF_NAMES
 from components.errors import UserError
-
-if TYPE_CHECKING:
-    from components.data.segmentation.sources import FolderSource
 
 KINDS = ("scenes", "cocostuff", "cocostuff27", "voc", "cityscapes", "ade20k")
 _IMG_EXT = (".jpg", ".jpeg", ".png")
@@ -170,7 +144,8 @@ def _coco_dirs(root: Path, split: str) -> tuple[Path, Path] | None:
 
 
 def detect_layout(root: str | Path) -> str:
-    """The dataset kind of ``root`` from its folders (see the module docstring); one-line UserError otherwise."""
+    """The dataset kind of ``root`` from its folders (the layouts: see :func:`find_split`); one-line UserError
+    otherwise."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: data_root is not a folder; give the dataset's root folder (or leave it empty)")
@@ -207,101 +182,154 @@ def _pairs(img_dir: Path, lbl_dir: Path, keys: list[str], lbl_suffix: str, where
     return items
 
 
-def open_folder(root: str | Path, kind: str = "auto", split: str = "val") -> "FolderSource":
-    """A ``train``/``val`` split of the dataset at ``root`` (kind detected when ``auto``). Cheap: no decoding."""
-    from components.data.segmentation.sources import FolderSource
+@dataclass
+class Split:
+    """One split of a dataset folder: its kind, ``(key, image path, label path)`` items, class names and label LUT."""
 
+    kind: str
+    items: list[tuple[str, Path, Path]]
+    class_names: list[str]
+    lut: np.ndarray  # (256,) uint8 raw label -> class or 255
+
+
+def _check_kind(root: Path, kind: str) -> str:
+    """``kind`` checked against the layout found at ``root`` (``auto``: the layout found)."""
+    detected = detect_layout(root)
+    if kind == "auto":
+        return detected
+    if kind not in KINDS:
+        raise UserError(f"{root}: unknown dataset kind {kind!r} (allowed: auto, {', '.join(KINDS)})")
+    if not (kind == detected or {kind, detected} <= {"cocostuff", "cocostuff27", "scenes"}):
+        raise UserError(f"{root}: dataset={kind!r} but the folder has the {detected!r} layout; set dataset: auto")
+    return kind
+
+
+def find_split(root: str | Path, kind: str = "auto", split: str = "val") -> Split:
+    """The ``train``/``val`` split of the dataset at ``root`` (kind detected when ``auto``). Cheap: no decoding.
+
+    Kinds: ``scenes``, ``cocostuff``, ``cocostuff27`` (:func:`_coco_split`), ``voc`` (:func:`_voc_split`),
+    ``cityscapes`` (:func:`_cityscapes_split`), ``ade20k`` (:func:`_ade_split`).
+    """
     root = Path(root)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    detected = detect_layout(root)
-    if kind == "auto":
-        kind = detected
-    elif kind not in KINDS:
-        raise UserError(f"{root}: unknown dataset kind {kind!r} (allowed: auto, {', '.join(KINDS)})")
-    elif not (kind == detected or {kind, detected} <= {"cocostuff", "cocostuff27", "scenes"}):
-        raise UserError(f"{root}: dataset={kind!r} but the folder has the {detected!r} layout; set dataset: auto")
-
+    kind = _check_kind(root, kind)
     if kind in ("scenes", "cocostuff", "cocostuff27"):
-        dirs = _coco_dirs(root, split)
-        if dirs is None:
-            raise UserError(
-                f"{root}: no {split}2017 split (need {split}2017/ or images/{split}2017/ and "
-                f"stuffthingmaps_trainval2017/{split}2017/ or annotations/{split}2017/ with PNG label maps)"
-            )
-        img_dir, lbl_dir = dirs
-        if kind == "scenes":
-            meta = root / "annotations" / "semantic_classes.json"
-            if not meta.is_file():
-                raise UserError(f"{meta}: missing; the scenes layout lists its semantic classes there (re-run scenes)")
-            try:
-                names, lut = semantic_lut(json.loads(meta.read_text()), str(meta))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{meta}: not a list of {{id, name}} objects ({exc}); re-run scenes") from None
-            keys = sorted(p.stem for p in lbl_dir.glob("*.png"))
-            return FolderSource(kind, root, split, _pairs(img_dir, lbl_dir, keys, ".png", root), names, lut)
-        train_ids = any(lbl_dir.glob("*_labelTrainIds.png"))
-        suffix = "_labelTrainIds.png" if train_ids else ".png"
-        if kind == "cocostuff27":
-            # PiCIE protocol: the curated list of images whose labels are mostly stuff-and-thing annotated
-            lst = root / "curated" / f"{split}2017" / CURATED_LIST
-            if not lst.is_file():
-                raise UserError(
-                    f"{lst}: missing; COCO-Stuff-27 needs IIC's curated lists (COCOStuff164kCurated: "
-                    f"curated/{{train,val}}2017/{CURATED_LIST}) in the COCO-Stuff root, or set dataset: cocostuff"
-                )
-            keys = [k.strip() for k in lst.read_text().splitlines() if k.strip()]
-            names, lut = COCOSTUFF27_CLASSES, cocostuff_lut(coarse27=True, train_ids=train_ids)
-        else:
-            keys = sorted(p.name[: -len(suffix)] for p in lbl_dir.glob(f"*{suffix}"))
-            names, lut = COCOSTUFF_CLASSES, cocostuff_lut(coarse27=False, train_ids=train_ids)
-        return FolderSource(kind, root, split, _pairs(img_dir, lbl_dir, keys, suffix, root), list(names), lut)
+        return _coco_split(root, kind, split)
+    return {"voc": _voc_split, "cityscapes": _cityscapes_split, "ade20k": _ade_split}[kind](root, split)
 
-    if kind == "voc":
-        base = _voc_base(root)
-        sets = base / "ImageSets" / "Segmentation"
-        aug_list = next((sets / n for n in ("aug.txt", "train_aug.txt") if (sets / n).is_file()), None)
-        aug_dir = base / "SegmentationClassAug"
-        lists = [sets / f"{split}.txt"]
-        if split == "train" and aug_list is not None and aug_dir.is_dir():
-            lists.append(aug_list)  # VOC aug = train + SBD (mmseg: train.txt + aug.txt)
-        if not lists[0].is_file():
-            raise UserError(f"{lists[0]}: missing; VOC2012 lists its {split} images in ImageSets/Segmentation/")
-        keys = list(dict.fromkeys(k.strip() for p in lists for k in p.read_text().splitlines() if k.strip()))
-        items = []
-        for k in keys:
-            lbl = base / "SegmentationClass" / f"{k}.png"
-            if not lbl.is_file() and split == "train":
-                lbl = aug_dir / f"{k}.png"
-            img = base / "JPEGImages" / f"{k}.jpg"
-            if not (img.is_file() and lbl.is_file()):
-                raise UserError(f"{base}: {img if not img.is_file() else lbl} is missing (listed in {split} lists)")
-            items.append((k, img, lbl))
-        return FolderSource("voc", root, split, items, list(VOC_CLASSES), _lut((i, i) for i in range(21)))
 
-    if kind == "cityscapes":
-        img_root, gt_root = root / "leftImg8bit" / split, root / "gtFine" / split
-        if not img_root.is_dir() or not gt_root.is_dir():
-            raise UserError(f"{root}: need leftImg8bit/{split}/ and gtFine/{split}/ (one folder per city)")
-        items, raw_ids = [], False
-        for img in sorted(img_root.glob("*/*_leftImg8bit.png")):
-            stem = img.name[: -len("_leftImg8bit.png")]
-            lbl = gt_root / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
-            if not lbl.is_file():
-                lbl = gt_root / img.parent.name / f"{stem}_gtFine_labelIds.png"
-                raw_ids = True
-            if not lbl.is_file():
-                raise UserError(f"{root}: {lbl} is missing (nor its _labelTrainIds.png) for image {img.name}")
-            items.append((stem, img, lbl))
-        if not items:
-            raise UserError(f"{img_root}: no <city>/*_leftImg8bit.png images; check the Cityscapes layout")
-        if raw_ids and any(str(p).endswith("_labelTrainIds.png") for _, _, p in items):
-            raise UserError(f"{gt_root}: some cities have _labelTrainIds.png and some only _labelIds.png; "
-                            "run cityscapesscripts/preparation/createTrainIdLabelImgs.py")
-        lut = _lut(CITYSCAPES_ID_TO_TRAINID.items()) if raw_ids else _lut((i, i) for i in range(19))
-        return FolderSource("cityscapes", root, split, items, list(CITYSCAPES_CLASSES), lut)
+def _scenes_classes(root: Path) -> tuple[list[str], np.ndarray]:
+    meta = root / "annotations" / "semantic_classes.json"
+    if not meta.is_file():
+        raise UserError(f"{meta}: missing; the scenes layout lists its semantic classes there (re-run scenes)")
+    try:
+        return semantic_lut(json.loads(meta.read_text()), str(meta))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{meta}: not a list of {{id, name}} objects ({exc}); re-run scenes") from None
 
-    # ade20k
+
+def _curated_keys(root: Path, split: str) -> list[str]:
+    """PiCIE protocol: the curated list of images whose labels are mostly stuff-and-thing annotated."""
+    lst = root / "curated" / f"{split}2017" / CURATED_LIST
+    if not lst.is_file():
+        raise UserError(
+            f"{lst}: missing; COCO-Stuff-27 needs IIC's curated lists (COCOStuff164kCurated: "
+            f"curated/{{train,val}}2017/{CURATED_LIST}) in the COCO-Stuff root, or set dataset: cocostuff"
+        )
+    return [k.strip() for k in lst.read_text().splitlines() if k.strip()]
+
+
+def _coco_split(root: Path, kind: str, split: str) -> Split:
+    """COCO-Stuff's layout: images in ``{split}2017/`` or ``images/{split}2017/``, label maps in
+    ``stuffthingmaps_trainval2017/{split}2017/`` or ``annotations/{split}2017/``.
+
+    - ``scenes``: the generated demo; ``annotations/semantic_classes.json`` lists ``[{"id", "name", "isthing"}]``
+      (ids are mapped to their list order). By default the same maps are read from the shards instead
+      (:class:`~components.data.segmentation.sources.ShardSource`), so nothing is decoded twice.
+    - ``cocostuff``: COCO-Stuff 164k, 171 classes; the official ``stuffthingmaps`` (0-based fine ids 0..181 with 11
+      unused thing ids, 255 = unlabelled) or mmseg's converted ``*_labelTrainIds.png`` (already 0..170).
+    - ``cocostuff27``: the images of the curated IIC/PiCIE list ``curated/{split}2017/`` :data:`CURATED_LIST`, the
+      182 fine ids merged into the 27 coarse classes (PiCIE's ``fine_to_coarse``): SlotCon's unsupervised protocol.
+    """
+    dirs = _coco_dirs(root, split)
+    if dirs is None:
+        raise UserError(
+            f"{root}: no {split}2017 split (need {split}2017/ or images/{split}2017/ and "
+            f"stuffthingmaps_trainval2017/{split}2017/ or annotations/{split}2017/ with PNG label maps)"
+        )
+    img_dir, lbl_dir = dirs
+    if kind == "scenes":
+        names, lut = _scenes_classes(root)
+        keys = sorted(p.stem for p in lbl_dir.glob("*.png"))
+        return Split(kind, _pairs(img_dir, lbl_dir, keys, ".png", root), names, lut)
+    train_ids = any(lbl_dir.glob("*_labelTrainIds.png"))
+    suffix = "_labelTrainIds.png" if train_ids else ".png"
+    if kind == "cocostuff27":
+        keys = _curated_keys(root, split)
+        names, lut = COCOSTUFF27_CLASSES, cocostuff_lut(coarse27=True, train_ids=train_ids)
+    else:
+        keys = sorted(p.name[: -len(suffix)] for p in lbl_dir.glob(f"*{suffix}"))
+        names, lut = COCOSTUFF_CLASSES, cocostuff_lut(coarse27=False, train_ids=train_ids)
+    return Split(kind, _pairs(img_dir, lbl_dir, keys, suffix, root), list(names), lut)
+
+
+def _voc_split(root: Path, split: str) -> Split:
+    """PASCAL VOC 2012 (``root`` = ``VOC2012``, ``VOCdevkit`` or their parent): ``JPEGImages/``,
+    ``SegmentationClass/`` (palette PNGs: 21 classes, 255 = border), ``ImageSets/Segmentation/{train,val}.txt``; with
+    SBD's ``SegmentationClassAug/`` and ``ImageSets/Segmentation/{aug,train_aug}.txt`` the train split becomes VOC aug
+    (10582 images), as in mmseg."""
+    base = _voc_base(root)
+    sets = base / "ImageSets" / "Segmentation"
+    aug_list = next((sets / n for n in ("aug.txt", "train_aug.txt") if (sets / n).is_file()), None)
+    aug_dir = base / "SegmentationClassAug"
+    lists = [sets / f"{split}.txt"]
+    if split == "train" and aug_list is not None and aug_dir.is_dir():
+        lists.append(aug_list)  # VOC aug = train + SBD (mmseg: train.txt + aug.txt)
+    if not lists[0].is_file():
+        raise UserError(f"{lists[0]}: missing; VOC2012 lists its {split} images in ImageSets/Segmentation/")
+    keys = list(dict.fromkeys(k.strip() for p in lists for k in p.read_text().splitlines() if k.strip()))
+    items = []
+    for k in keys:
+        lbl = base / "SegmentationClass" / f"{k}.png"
+        if not lbl.is_file() and split == "train":
+            lbl = aug_dir / f"{k}.png"
+        img = base / "JPEGImages" / f"{k}.jpg"
+        if not (img.is_file() and lbl.is_file()):
+            raise UserError(f"{base}: {img if not img.is_file() else lbl} is missing (listed in {split} lists)")
+        items.append((k, img, lbl))
+    return Split("voc", items, list(VOC_CLASSES), _lut((i, i) for i in range(21)))
+
+
+def _cityscapes_split(root: Path, split: str) -> Split:
+    """Cityscapes: ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
+    ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png`` (19 classes); ``*_labelIds.png`` alone is converted with
+    the official id -> trainId table."""
+    img_root, gt_root = root / "leftImg8bit" / split, root / "gtFine" / split
+    if not img_root.is_dir() or not gt_root.is_dir():
+        raise UserError(f"{root}: need leftImg8bit/{split}/ and gtFine/{split}/ (one folder per city)")
+    items, raw_ids = [], False
+    for img in sorted(img_root.glob("*/*_leftImg8bit.png")):
+        stem = img.name[: -len("_leftImg8bit.png")]
+        lbl = gt_root / img.parent.name / f"{stem}_gtFine_labelTrainIds.png"
+        if not lbl.is_file():
+            lbl = gt_root / img.parent.name / f"{stem}_gtFine_labelIds.png"
+            raw_ids = True
+        if not lbl.is_file():
+            raise UserError(f"{root}: {lbl} is missing (nor its _labelTrainIds.png) for image {img.name}")
+        items.append((stem, img, lbl))
+    if not items:
+        raise UserError(f"{img_root}: no <city>/*_leftImg8bit.png images; check the Cityscapes layout")
+    if raw_ids and any(str(p).endswith("_labelTrainIds.png") for _, _, p in items):
+        raise UserError(f"{gt_root}: some cities have _labelTrainIds.png and some only _labelIds.png; "
+                        "run cityscapesscripts/preparation/createTrainIdLabelImgs.py")
+    lut = _lut(CITYSCAPES_ID_TO_TRAINID.items()) if raw_ids else _lut((i, i) for i in range(19))
+    return Split("cityscapes", items, list(CITYSCAPES_CLASSES), lut)
+
+
+def _ade_split(root: Path, split: str) -> Split:
+    """ADE20K (ADEChallengeData2016): ``images/{training,validation}/*.jpg``, ``annotations/{...}/*.png``; 0 is
+    "other" and becomes ignore, 1..150 -> 0..149 (mmseg's ``reduce_zero_label``)."""
     base = _ade_base(root)
     sub = "training" if split == "train" else "validation"
     img_dir, lbl_dir = base / "images" / sub, base / "annotations" / sub
@@ -309,4 +337,4 @@ def open_folder(root: str | Path, kind: str = "auto", split: str = "val") -> "Fo
         raise UserError(f"{base}: need images/{sub}/ and annotations/{sub}/ (ADEChallengeData2016 layout)")
     keys = sorted(p.stem for p in lbl_dir.glob("*.png"))
     lut = _lut((v, v - 1) for v in range(1, 151))  # reduce_zero_label: 0 ("other") -> ignore
-    return FolderSource("ade20k", root, split, _pairs(img_dir, lbl_dir, keys, ".png", root), list(ADE20K_CLASSES), lut)
+    return Split("ade20k", _pairs(img_dir, lbl_dir, keys, ".png", root), list(ADE20K_CLASSES), lut)

@@ -1,24 +1,26 @@
-"""Semantic-segmentation datasets, recognised by their folder layout, read as ``(key, image, label)``.
-
-A *source* yields samples ``{"key": str, "image": uint8 (3, H, W) RGB, "label": uint8 (H, W)}`` whose labels are
-already contiguous class indices ``0..C-1`` with 255 = ignore (each kind's own label values are translated by a
-256-entry lookup table). The dataset kinds, their folder layouts, class tables and label lookup tables are in
-:mod:`components.data.segmentation.layouts` (:func:`~components.data.segmentation.layouts.open_folder`); this module holds the decoding and
-the sources: :class:`FolderSource` (a dataset on disk), :class:`ShardSource` (the shards' ``seg.png`` members),
-:class:`MemorySource`, and :func:`open_source` (a data_root folder or the shards).
+"""Semantic-segmentation sources: samples ``{"key", "image": uint8 (3, H, W) RGB, "label": uint8 (H, W)}`` with
+labels already contiguous class indices (255 = ignore), from a dataset folder (:func:`open_folder`, layouts in
+:mod:`components.data.segmentation.layouts`), the shards' ``seg.png`` members (:func:`open_shards`), or memory;
+:func:`open_source` picks the folder or the shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
-from components.data.segmentation.layouts import open_folder, semantic_lut
+from components.data.loading.loader import iterate_samples, make_loader
+from components.data.prepare.manifest import read_manifest
+from components.data.segmentation.layouts import find_split, semantic_lut
+from components.data.shards.index import read_index, split_urls
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 def decode_image(data: bytes | Path) -> torch.Tensor:
     """JPEG/PNG -> uint8 ``(3, H, W)`` RGB (grayscale and palette images are converted)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         arr = np.asarray(im.convert("RGB"))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
@@ -38,8 +38,6 @@ def decode_image(data: bytes | Path) -> torch.Tensor:
 
 def decode_label(data: bytes | Path, where: str = "") -> np.ndarray:
     """Class-index PNG -> uint8 ``(H, W)`` raw values (palette PNGs give their indices, as VOC stores classes)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
         if im.mode in ("RGB", "RGBA"):
             raise UserError(
@@ -228,14 +226,12 @@ class MemorySource(_ListedSource):
 def _read_tar_members(url: str, wanted: set[str]) -> dict[str, dict[str, bytes]]:
     """``{key: {ext: bytes}}`` of the members of ``wanted`` keys in one shard; other members' data is skipped
     (seeked over in a local file), never decoded."""
-    import tarfile
-
     out: dict[str, dict[str, bytes]] = {}
     local = Path(url).is_file()
     if local:
         tf = tarfile.open(url, mode="r:")
     else:
-        import fsspec
+        import fsspec  # lazy: fsspec (~0.1 s) only for remote shard URLs
 
         tf = tarfile.open(fileobj=fsspec.open(url, "rb").open(), mode="r|")
     with tf:
@@ -269,8 +265,6 @@ class ShardSource:
         return self.num_samples
 
     def iterate(self) -> Iterator[dict]:
-        from components.data.loading.loader import iterate_samples
-
         fn = _ShardMap(self.lut, None, self.keep, self.with_labels)
         it = iterate_samples(self.urls, decode="rgb", with_seg=self.with_labels)
         for s in it:
@@ -284,8 +278,6 @@ class ShardSource:
         num_workers: int = 0, rank: int = 0, world_size: int = 1,
     ) -> Iterator:
         """One pass with its own ``(seed, epoch)`` shuffle; under DDP resampled so ranks yield equally many batches."""
-        from components.data.loading.loader import make_loader
-
         resampled = world_size > 1
         loader = make_loader(
             self.urls, batch_size=batch_size, decode="rgb", with_seg=self.with_labels,
@@ -302,8 +294,6 @@ class ShardSource:
         return [r["key"] for r in self._manifest()]
 
     def _manifest(self) -> list[dict]:
-        from components.data.prepare.coco import read_manifest
-
         path = self.shards_root / self.split / "manifest.parquet"
         if not path.is_file():
             raise UserError(f"{path}: missing; the labelled/unlabelled split needs the shard manifest (re-run shard)")
@@ -314,8 +304,6 @@ class ShardSource:
         """The samples of ``keys``. Unlabelled: a filtered stream whose maps are never decoded. Labelled: read once
         into memory (encoded bytes, only the wanted members of the shards that hold them; at most
         :data:`MAX_LABELED_BYTES`) -> a :class:`MemorySource`."""
-        import dataclasses
-
         keep = frozenset(keys)
         if not labels:
             return dataclasses.replace(self, keep=keep, with_labels=False, num_samples=len(keep), skipped=0)
@@ -339,8 +327,6 @@ class ShardSource:
 
 def open_shards(shards_root: str | Path, split: str = "val") -> ShardSource:
     """The ``train``/``val`` split of the shards (as named in ``index.json``), with its semantic classes."""
-    from components.data.shards.stage import read_index, split_urls
-
     root = Path(shards_root)
     index = read_index(root)
     name = index.get(split, split) if split in ("train", "val") else split
@@ -356,6 +342,10 @@ def open_shards(shards_root: str | Path, split: str = "val") -> ShardSource:
     return ShardSource(root, name, split_urls(root, name), names, lut, int(info.get("num_samples", 0)))
 
 
+def open_folder(root: str | Path, kind: str = "auto", split: str = "val") -> FolderSource:
+    """A ``train``/``val`` split of the dataset at ``root`` (kind detected when ``auto``). Cheap: no decoding."""
+    found = find_split(root, kind, split)
+    return FolderSource(found.kind, Path(root), split, found.items, found.class_names, found.lut)
 
 
 def open_source(data_root: str, shards_root: str | Path | None, kind: str = "auto", split: str = "val"):

@@ -11,13 +11,17 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from components.data.workers import Meter, run_bounded, worker_pool
 from components.errors import UserError
 
 INDEX_NAME = "index.json"
 
 
 def read_index(shards_root: str | os.PathLike) -> dict[str, Any]:
-    """``<shards_root>/index.json`` (see the module docstring); a missing one is a one-line UserError."""
+    """``<shards_root>/index.json`` (written last by ``shard``: the mark of a complete run); a missing one is a
+    one-line UserError."""
     path = Path(shards_root) / INDEX_NAME
     if not path.is_file():
         raise UserError(f"{path}: not found: the shard stage has not completed; run `slotcon shard` (or `dvc repro shard`)")
@@ -98,8 +102,6 @@ def _check_shard(path: str, smeta: dict[str, Any], rows: list[dict[str, Any]]) -
 def _verify_jobs(root: Path, index: dict[str, Any]):
     """Per shard: (path, shard metadata, its manifest rows). Streams: one shard's rows are Python objects at a time
     (the manifest lists a split's shards in order, each shard's rows contiguous)."""
-    import pyarrow.parquet as pq
-
     for split, info in index["splits"].items():
         d = root / split
         mpath = d / "manifest.parquet"
@@ -130,8 +132,6 @@ def verify_shards(shards_root: str | os.PathLike, *, workers: int = 1, progress:
     shard's size and sha1, member keys, order, offsets, sizes and sha1s. Raises a one-line UserError on the first
     mismatch; returns counts when everything agrees.
     """
-    from components.data.workers import Meter, run_bounded, worker_pool
-
     root = Path(shards_root)
     index = read_index(root)
     total = sum(len(info["shards"]) for info in index["splits"].values())

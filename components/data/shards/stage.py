@@ -1,27 +1,6 @@
-"""Stage ``shard``: WebDataset tar shards with the original image bytes, a Parquet manifest, and ``--verify``.
-
-Input: what ``prepare`` wrote under ``--raw`` (``index.json`` + ``<source>/<split>/manifest.parquet``); the images and
-annotation files are read from the source root it recorded. Output under ``--out`` (``data/shards``)::
-
-    <split>/<split>-000000.tar ...   samples: <key>.jpg, <key>.json, <key>.seg.png (if a map exists)
-    <split>/manifest.parquet         key -> shard, index in shard, byte offset, sizes and sha1 of every member
-    index.json                       written last: its presence marks a complete run (see read_index / split_urls)
-
-``<key>.jpg`` holds the image file's own bytes; only images ``prepare`` marked ``transcode`` (not JPEG, EXIF-rotated
-or CMYK; ImageNet/folder sources, see :mod:`components.data.prepare.images`) hold a JPEG made from them once, here.
-
-Determinism (DVC hashes must not change on a re-run): samples are sorted by key and shuffled once by ``shard.seed``
-(so a shard holds a random mix and the loader's small shuffle buffer suffices), shards are cut at ``max_count``
-samples or ``max_bytes`` bytes (counted with the source files' sizes, so the cut is known before any transcode),
-members are written in sorted order with a fixed mtime, owner and mode, and JSON is dumped with sorted keys.
-
-Scale and safety: one process per output folder (a second ``slotcon shard`` stops at once: "held by PID ..."); shards
-are written in parallel (``shard.workers``; the workers die with the main process) from a stream of tasks (one
-shard's sample list at a time: a 1.28M-image manifest stays columnar Arrow, never 1.28M Python records). Shards are
-written into the work folder beside the output (``data/.shards.work.tmp``), each renamed when complete and followed
-by a done-record; a run killed at any point (kill -9 included) resumes without rewriting finished shards, also under
-``dvc repro`` (DVC deletes ``data/shards`` before a run, not the work folder), and the result is byte-identical to
-an uninterrupted run. At the end the shards move into ``--out``, then the manifests, then ``index.json``.
+"""Stage ``shard``: WebDataset tar shards with the original image bytes, a Parquet manifest per split, and
+``--verify``. Shards are written in parallel and resumably, and are byte-identical for the same input, however the run
+was interrupted or how many workers wrote them.
 """
 from __future__ import annotations
 
@@ -36,18 +15,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from components.data.prepare.coco import load_instances
+from components.data.prepare.manifest import resolve_root, slotcon_schema
 from components.data.shards.index import (  # noqa: F401  (re-exported: the readers' API)
     INDEX_NAME, expected_counts, read_index, split_urls, verify_shards,
 )
-from components.data.shards.write import (  # noqa: F401
-    BLOCK, FIXED_MTIME, TAR_MODE, TAR_USER, done_name, dump_meta, find_finished, member_span, read_records,
-    shard_name, tmp_name, write_shard,
+from components.data.shards.write import (
+    done_name, dump_meta, find_finished, member_span, read_records, shard_name, write_shard,
 )
-from components.data.workers import Meter, hold_output, run_bounded, worker_pool
+from components.data.workers import NO_PROGRESS, Meter, hold_output, log_run, run_bounded, stage_run, worker_pool
 from components.errors import UserError
+from components.io import atomic_open, sha1_file, write_json_atomic
 from components.stage import Arg, Stage
 
-_member_span = member_span  # the old private name (tests, benchmarks)
 SHARD_VERSION = 2  # part of every shard's fingerprint: bump when the same input would give different bytes
 TAR_END = 2 * 10240  # end-of-archive blocks + record padding
 
@@ -81,8 +66,6 @@ def plan_shards(items: list[dict[str, Any]], max_count: int, max_bytes: int) -> 
 
 
 def _group_annotations(path: Path) -> tuple[dict[int, dict], dict[int, list[dict]]]:
-    from components.data.prepare.coco import load_instances
-
     data = load_instances(path, "coco")
     images = {r["id"]: r for r in data["images"] if isinstance(r, dict) and "id" in r}
     anns: dict[int, list[dict]] = {}
@@ -136,13 +119,13 @@ class SplitPlan:
 
 
 def plan_split(cfg, raw_dir: Path, raw_index: dict[str, Any], root: Path, split: str) -> SplitPlan:
-    """Read one split's manifest (and annotations), order it, cut it into shards. Input problems are UserErrors."""
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    """Read one split's manifest (and annotations), order it, cut it into shards. Input problems are UserErrors.
 
-    from components.io import sha1_file
-
+    Determinism (DVC hashes must not change on a re-run): samples are sorted by key and shuffled once by
+    ``shard.seed`` (so a shard holds a random mix and the loader's small shuffle buffer suffices), and shards are cut
+    at ``max_count`` samples or ``max_bytes`` bytes counted with the source files' sizes (so the cut is known before
+    any transcode). The manifest stays columnar Arrow: one shard's sample list is made at a time.
+    """
     info = raw_index["splits"][split]
     mpath = raw_dir / info["manifest"]
     if not mpath.is_file():
@@ -225,25 +208,18 @@ SHARD_MANIFEST_COLUMNS = (
 
 
 def _shard_manifest_schema(meta: dict[str, Any]):
-    import pyarrow as pa
-
-    return pa.schema(
+    return slotcon_schema(
         [("key", pa.string()), ("id", pa.int64()), ("shard", pa.string()), ("index", pa.int32()),
          ("offset", pa.int64()), ("bytes", pa.int64()), ("sha1", pa.string()), ("source_sha1", pa.string()),
          ("transcoded", pa.bool_()), ("json_bytes", pa.int64()), ("json_sha1", pa.string()),
          ("seg_bytes", pa.int64()), ("seg_sha1", pa.string()), ("num_annotations", pa.int32()),
          ("width", pa.int32()), ("height", pa.int32())],
-        metadata={"slotcon": json.dumps(meta, sort_keys=True)},
+        meta,
     )
 
 
 def _write_shard_manifest(path: Path, shards: list[dict[str, Any]], work_split: Path, meta: dict[str, Any]) -> None:
     """The split's manifest, streamed shard by shard from the done-records (rows of a shard are contiguous)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from components.io import atomic_open
-
     schema = _shard_manifest_schema(meta)
     with atomic_open(path, "wb") as f:
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
@@ -269,9 +245,8 @@ def _move_into_place(split: str, shards: list[dict[str, Any]], work: Path, out_d
 
 def _finalize(plans: list[SplitPlan], summaries: dict, work: Path, out_dir: Path,
               raw_index: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Manifests (in the work folder), then every rename into ``out``, then ``index.json`` (last)."""
-    from components.io import write_json_atomic
-
+    """Manifests (in the work folder), then every rename into ``out``, then ``index.json`` (last): its presence marks
+    a complete run."""
     index_splits: dict[str, Any] = {}
     split_metrics: dict[str, Any] = {}
     per_split = {p.split: [summaries[(p.split, i)] for i in range(len(p.cuts))] for p in plans}
@@ -318,11 +293,16 @@ def run_shard(
 ) -> dict[str, Any]:
     """Write the shards of every split ``prepare`` found; returns metrics (samples, shards, bytes, img/s, MB/s).
 
-    ``cfg`` is a :class:`components.config.ShardConfig`. ``on_sample`` is a test hook (interruption tests) passed
-    to :func:`write_shard`; with it set, shards are written in this process.
-    """
-    from components.data.prepare.coco import resolve_root
+    Output under ``out_dir``: ``<split>/<split>-NNNNNN.tar`` (samples ``<key>.jpg``, ``<key>.json``, ``<key>.seg.png``
+    when a map exists), ``<split>/manifest.parquet`` (key -> shard, index, byte offset, sizes and sha1 of every
+    member) and ``index.json``, written last. One process per output folder (a second run stops at once: "held by
+    PID ..."). Shards are written into the work folder beside the output, each renamed when complete and followed by a
+    done-record, so a run killed at any point (kill -9 included) resumes without rewriting finished shards, also under
+    ``dvc repro`` (DVC deletes ``data/shards`` before a run, not the work folder).
 
+    ``cfg`` is the ``shard`` section. ``on_sample`` is a test hook (interruption tests) passed to :func:`write_shard`;
+    with it set, shards are written in this process.
+    """
     t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     raw_index_path = raw_dir / INDEX_NAME
@@ -354,21 +334,15 @@ def run_shard(
     if cfg.verify:
         v = verify_shards(out_dir, workers=cfg.workers, progress=progress)
         metrics["verified_samples"] = v["samples"]
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "source"})
-        tracker.log_dict(index, "shards_index.json")
+    log_run(tracker, metrics, index, "shards_index.json")
     return metrics
 
 
-def _run_stage(ctx) -> dict[str, Any]:
-    return run_shard(ctx.cfg, ctx.args.raw, ctx.args.out, tracker=ctx.tracker, progress=not ctx.args.no_progress)
-
-
 STAGE = Stage(
-    name="shard", section="shard", run=_run_stage, metrics="metrics/shard.json", headline=("samples", "shards"),
+    name="shard", section="shard", run=stage_run(run_shard, "raw"), metrics="metrics/shard.json",
+    headline=("samples", "shards"),
     args=(Arg("raw", "data/raw", "output of `slotcon prepare`"),
           Arg("out", "data/shards", "shard folder"),
-          Arg("verify", False, "only re-read the shards under --out and check them", flag=True),
-          Arg("no_progress", False, "no progress bar", flag=True)),
+          Arg("verify", False, "only re-read the shards under --out and check them", flag=True), NO_PROGRESS),
     aside=("verify", lambda cfg, args: verify_shards(args.out, workers=cfg.workers, progress=not args.no_progress)),
 )

@@ -1,11 +1,6 @@
-"""Writing one WebDataset shard (in a worker process): members, fixed tar metadata, atomic rename, a done-record.
-
-A sample is ``<key>.jpg`` (the image file's own bytes, or -- for the few images :mod:`components.data.prepare.images` marks
-``transcode`` -- a plain upright JPEG made from them), ``<key>.json`` (canonical JSON) and ``<key>.seg.png`` when a
-semantic map exists. Every byte is a function of the inputs: fixed mtime, owner and mode, members in sorted order, so
-a re-run (or a resumed run) writes byte-identical shards. The shard goes to ``.<name>.tmp`` and is renamed when
-complete and fsynced; then ``<name>.done.json`` records its fingerprint (what went in), size, sha1, mtime and one
-manifest record per sample, which is what lets a killed run skip the finished shards when it resumes.
+"""Writing one WebDataset shard (in a worker process): its members, fixed tar metadata, the atomic rename, and the
+done-record that lets a killed run skip the shards it finished. Every byte is a function of the inputs, so a re-run
+(or a resumed run) writes byte-identical shards.
 """
 from __future__ import annotations
 
@@ -17,7 +12,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
+from components.data.prepare.images import transcode
 from components.errors import UserError
+from components.io import write_bytes_atomic
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; the current time would change every shard's bytes
 TAR_USER = "slotcon"
@@ -70,9 +67,12 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
     renamed; then the done-record (``task["done"]``, when given) is written atomically. Returns the shard's summary
     (name, split, index, num_samples, bytes, sha1, transcoded) and, without a done-record, its manifest records.
     ``on_sample(i)`` is a test hook called before sample ``i``.
-    """
-    from components.io import write_bytes_atomic
 
+    A sample is ``<key>.jpg`` (the image file's own bytes, or a plain upright JPEG made from them for the images
+    ``prepare`` marked ``transcode``), ``<key>.json`` (canonical JSON) and ``<key>.seg.png`` when a semantic map
+    exists; members are in sorted order with a fixed mtime, owner and mode. The done-record holds the fingerprint
+    (what went in), size, sha1, mtime and one manifest record per sample.
+    """
     path = Path(task["path"])
     tmp = path.parent / tmp_name(path.name)
     try:
@@ -98,8 +98,6 @@ def _image_member(s: dict[str, Any], quality: int) -> bytes:
     if hashlib.sha1(data).hexdigest() != s["sha1"]:
         raise UserError(f"{s['image']}: content changed since `slotcon prepare` (sha1 differs); re-run prepare")
     if s.get("transcode"):
-        from components.data.prepare.images import transcode
-
         return transcode(data, quality)
     return data
 
