@@ -186,7 +186,7 @@ def run(dry: bool, json_path: str | None) -> dict:
     _phase(results, "pretrain_slotcon_eager", lambda: phase_pretrain(dry, False))
     if not dry:  # compile on the CPU costs minutes of C++ builds and proves nothing about the GPU
         _phase(results, "pretrain_slotcon_compiled", lambda: phase_pretrain(dry, True))
-    from components.pretrain.stage import METHODS
+    from components.pretrain.registry import METHODS
 
     if "sim" in METHODS:
         _phase(results, "pretrain_sim_eager", lambda: phase_pretrain(dry, False, "sim"))

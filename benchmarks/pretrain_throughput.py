@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from components.config import PretrainConfig
     from components.engine.loop import RunSpec, Trainer
-    from components.pretrain.stage import cpu_threads, make_plan, method_class
+    from components.pretrain.registry import method_class
+    from components.pretrain.plan import make_plan
+    from components.pretrain.stage import cpu_threads
 
     if args.threads:
         torch.set_num_threads(args.threads)

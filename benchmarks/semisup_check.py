@@ -86,7 +86,7 @@ def train(work: Path, method: str, init: str, seed: int, args):
 
 def run_one(work: Path, method: str, init: str, seed: int, args) -> dict:
     from components.data.segmentation.sources import open_source
-    from components.transfer.segment.stage import evaluate
+    from components.transfer.segment.evaluation import evaluate
 
     val = open_source("", work / "shards", "auto", "val")
     val_samples = list(val.iterate())
@@ -113,7 +113,7 @@ def picture(work: Path, seed: int, init: str, args, num: int = 4) -> Path:
 
     from components.data.segmentation.sources import open_source
     from components.transfer.draw import draw_segmentation
-    from components.transfer.segment.stage import normalize, predict
+    from components.transfer.segment.evaluation import normalize, predict
 
     val = open_source("", work / "shards", "auto", "val")
     samples = list(itertools.islice(val.iterate(), num))

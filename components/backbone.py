@@ -1,19 +1,8 @@
-"""Trunks by arch name: the one list of architectures, and building, dilating and strictly loading a torchvision trunk.
-
-Every stage that touches a trunk goes through here -- params validation (:data:`ARCHS`), pretraining (the SlotCon
-encoder, SIM's ViT), export (the torchvision model written to ``models/backbone.pt``), detection (Mask R-CNN's FPN
-body) and segmentation (a dilated trunk) -- so an arch that params accept is accepted everywhere, and a weight file
-that does not fit is the same one-line error everywhere (:func:`load_trunk`).
-
-Two families:
-
-- **ResNets** (:data:`RESNET_ARCHS`): weights are torchvision's key names minus ``fc.*``; they load strictly into
-  ``torchvision.models.<arch>()`` with ``fc = Identity()``.
-- **plain ViTs** (:data:`VIT_ARCHS`, :data:`components.constants.VIT_SPECS`): ``torchvision.models.VisionTransformer``
-  built from the table (no download); weights are its key names minus ``heads.*`` and load strictly into it with
-  ``heads = Identity()`` (forward: the class token's features). The position embedding fixes the image size the
-  model was built for (:func:`vit_image_size` reads it back from a state_dict); :func:`vit_tokens` runs any size
-  (multiple of the patch) by resizing the position grid, as DeiT/MAE fine-tuning does.
+"""Trunks by arch name: the one list of architectures (:data:`ARCHS`), and building, dilating and strictly loading a
+torchvision trunk. Every stage that touches a trunk (params validation, pretraining, export, detection, segmentation)
+goes through here, so an arch the params accept works everywhere and a weight file that does not fit is the same
+one-line error everywhere (:func:`load_trunk`). ResNets keep torchvision's key names minus ``fc.*``
+(:func:`build_resnet`), plain ViTs those of ``torchvision.models.VisionTransformer`` minus ``heads.*`` (:func:`build_vit`).
 """
 from __future__ import annotations
 
@@ -70,7 +59,7 @@ def build_resnet(
     :func:`trunk_forward`), ``"identity"`` makes ``fc`` an ``Identity`` (forward gives pooled ``(B, C)`` features,
     the exported model), ``"keep"`` leaves torchvision's classifier (detection's FPN extractor ignores it).
     """
-    import torchvision
+    import torchvision  # lazy: torchvision costs ~1 s at start-up; reading checkpoints needs only the key helpers
 
     check_arch(arch, allowed=RESNET_ARCHS)
     kwargs = {"norm_layer": norm_layer} if norm_layer is not None else {}
@@ -127,8 +116,12 @@ def build_vit(arch: str, image_size: int = 224, *, head: str = "none") -> "torch
     ``head``: ``"none"`` deletes ``heads`` (state_dict = the exported keys; use :func:`vit_tokens`), ``"identity"``
     makes it an ``Identity`` (forward gives the class token's ``(B, D)`` features: the exported model), ``"keep"``
     leaves torchvision's classifier.
+
+    The position embedding fixes the image size the model was built for (:func:`vit_image_size` reads it back from a
+    state_dict); :func:`vit_tokens` runs any size (multiple of the patch) by resizing the position grid, as DeiT/MAE
+    fine-tuning does.
     """
-    import torchvision
+    import torchvision  # lazy: torchvision costs ~1 s at start-up; reading checkpoints needs only the key helpers
 
     spec = VIT_SPECS[check_arch(arch, allowed=VIT_ARCHS)]
     if image_size % spec["patch_size"]:

@@ -1,26 +1,22 @@
 """The method comparison: its grid (methods x seeds), each cell's params, and the statistics over seeds.
 
 ``pipelines/compare.py`` runs the grid (a Prefect flow; every cell runs the same stage CLIs as the pipeline); this
-module holds what is computed, so it is tested without Prefect:
-
-- :func:`cell_params`: one cell's params dict = ``params.yaml`` + the comparison's overrides + the cell's method and
-  seed (every stage's seed: pretraining, k-means, probes, fine-tuning; a replicate varies them all together);
-- :func:`summarize`: per method and metric, the mean, the sample standard deviation (n - 1) and a two-sided 95 %
-  Student-t confidence interval of the mean, ``mean ± t(0.975, n - 1) · std / sqrt(n)``;
-- :func:`welch`: per metric and pair of methods, the difference of means, Welch's t-test p-value (unequal variances,
-  Welch-Satterthwaite degrees of freedom) and the 95 % interval of the difference; "significant" is p < 0.05
-  (no correction for the number of comparisons: the table says how many were made);
-- :func:`markdown_table` (README), :func:`write_plot` (one panel per metric: the seeds as dots, mean and CI).
+module holds what is computed (params, summaries, Welch tests, table, plot), so it is tested without Prefect.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import yaml
+
+from components.io import write_bytes_atomic
 
 #: (stage, key in its metrics file, label): the figures the comparison reads from each cell
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -62,8 +58,6 @@ SEED_KEYS = ("pretrain.seed", "probe.seed", "unsup.seed", "segment.seed", "detec
 # --------------------------------------------------------------------------------------------------------------------
 def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
     """``["pretrain.epochs=10", ...]`` (values read as YAML) or a mapping -> ``{"pretrain.epochs": 10}``."""
-    import yaml
-
     if not items:
         return {}
     if isinstance(items, Mapping):
@@ -89,7 +83,10 @@ def set_dotted(params: dict[str, Any], key: str, value: Any) -> None:
 
 
 def cell_params(base: Mapping[str, Any], overrides: Mapping[str, Any], method: str, seed: int) -> dict[str, Any]:
-    """One cell's params: ``base`` + ``overrides`` + method + every stage's seed (a deep copy)."""
+    """One cell's params: ``base`` + ``overrides`` + method + every stage's seed (a deep copy).
+
+    The seeds are every stage's (pretraining, k-means, probes, fine-tuning): a replicate varies them all together.
+    """
     params = copy.deepcopy(dict(base))
     for k, v in overrides.items():
         set_dotted(params, k, v)
@@ -109,18 +106,19 @@ def write_random_init(out_dir: str | Path, *, arch: str, seed: int) -> Path:
     """The ``random`` row's "pretraining": a ``last.pt`` whose query trunk is torchvision's random initialisation
     (seed ``seed``) inside a MoCo v2 model, so export and the k-means path treat it like any method (no prototypes,
     ``dense_features`` = the trunk's map). Written atomically; returns the path."""
+    # lazy: torch and the models cost seconds at start-up; the grid and the statistics need neither
     import torch
 
-    from components.io import save_torch_atomic
-    from components.pretrain.methods.mocov2.method import MocoV2Method
+    from components.pretrain.artifact import PretrainArtifact  # lazy: as above
+    from components.pretrain.methods.mocov2.method import MocoV2Method  # lazy: as above
 
     kwargs = {"arch": arch, "dim_hidden": 64, "dim": 16, "queue_size": 16, "temperature": 0.2, "bn_splits": 1}
     torch.manual_seed(seed)
     model = MocoV2Method.model_from_kwargs(kwargs)
     path = Path(out_dir) / "last.pt"
-    save_torch_atomic({"model": model.state_dict(), "model_kwargs": kwargs, "method": "mocov2", "init": "random",
-                       "arch": arch, "backbone_prefix": MocoV2Method.backbone_prefix, "epoch": 0, "step": 0,
-                       "seed": seed}, path)
+    PretrainArtifact(model=model.state_dict(), model_kwargs=kwargs, method=MocoV2Method.name, arch=arch,
+                     backbone_prefix=MocoV2Method.backbone_prefix, epoch=0, step=0,
+                     extra={"init": "random", "seed": seed}).save(path)
     return path
 
 
@@ -128,13 +126,17 @@ def write_random_init(out_dir: str | Path, *, arch: str, seed: int) -> Path:
 # statistics
 # --------------------------------------------------------------------------------------------------------------------
 def _t_quantile(df: float, q: float = 0.975) -> float:
-    from scipy import stats
+    from scipy import stats  # lazy: scipy costs ~0.5 s at start-up; only the statistics need it
 
     return float(stats.t.ppf(q, df))
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
-    """``{"n", "mean", "std", "ci95": [low, high], "values"}`` of replicate values (std and CI need n >= 2)."""
+    """``{"n", "mean", "std", "ci95": [low, high], "values"}`` of replicate values (std and CI need n >= 2).
+
+    The CI is the two-sided 95 % Student-t interval of the mean, ``mean ± t(0.975, n - 1) · std / sqrt(n)``, with
+    the sample standard deviation (n - 1).
+    """
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(vals)
     if n == 0:
@@ -149,11 +151,15 @@ def describe(values: Sequence[float]) -> dict[str, Any]:
 
 def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """Welch's two-sample t-test of mean(a) - mean(b): ``{"diff", "p", "df", "ci95", "significant"}`` (None where
-    a side has fewer than 2 values; a zero-variance pair is significant iff the means differ)."""
+    a side has fewer than 2 values; a zero-variance pair is significant iff the means differ).
+
+    Unequal variances, Welch-Satterthwaite degrees of freedom; the interval is the 95 % one of the difference.
+    "significant" is p < 0.05, with no correction for the number of comparisons (the table says how many were made).
+    """
     da, db = describe(a), describe(b)
     if da["n"] < 2 or db["n"] < 2:
         return {"diff": None, "p": None, "df": None, "ci95": [None, None], "significant": None}
-    from scipy import stats
+    from scipy import stats  # lazy: scipy costs ~0.5 s at start-up; only the statistics need it
 
     diff = da["mean"] - db["mean"]
     va, vb = da["std"] ** 2 / da["n"], db["std"] ** 2 / db["n"]
@@ -227,14 +233,10 @@ def markdown_table(summary: Mapping[str, Any], methods: Sequence[str], metrics: 
 
 def write_plot(summary: Mapping[str, Any], methods: Sequence[str], metrics: Sequence[str], path: str | Path) -> None:
     """One panel per metric: each seed's value (dots), the mean (bar) and its 95 % CI (error bar); PNG, atomic."""
-    import io
-
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~0.5 s at start-up; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from components.io import write_bytes_atomic
+    import matplotlib.pyplot as plt  # lazy: as above
 
     cols = min(3, max(1, len(metrics)))
     rows = math.ceil(len(metrics) / cols)

@@ -1,17 +1,12 @@
-"""Facts shared by every stage, in one place (they used to be copied, and copies drift).
-
-- ``IMAGENET_MEAN`` / ``IMAGENET_STD``: the input normalisation of every torchvision trunk, SlotCon's recipe and the
-  downstream protocols (per RGB channel, images in [0, 1]).
-- ``IGNORE_INDEX``: the "no label" value of semantic maps (COCO-Stuff, VOC borders, the scenes' 1-px object borders);
-  cross-entropy and the confusion matrices skip it.
-- ``RESNET_ARCHS`` / ``VIT_ARCHS`` / ``ARCHS``: the trunk architectures every stage accepts (no torch import here:
-  params validation reads them).
+"""Facts shared by every stage, in one place (no torch import at module level: params validation reads them):
+the ImageNet input normalisation (per RGB channel, images in [0, 1]), ``IGNORE_INDEX`` (the "no label" value of
+semantic maps, skipped by cross-entropy and the confusion matrices), and the trunk architectures every stage accepts.
 """
 from __future__ import annotations
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX: int = 255
+IGNORE_INDEX: int = 255  # COCO-Stuff and VOC borders, the scenes' 1-px object borders
 
 #: ResNets (torchvision names) and the channels of their last stage (layer4). Params validation, pretraining, export,
 #: detection and segmentation all read this one table (through :mod:`components.backbone`).
@@ -34,7 +29,7 @@ ARCHS: tuple[str, ...] = RESNET_ARCHS + VIT_ARCHS
 
 def normalize_uint8(images, dim: int = -3):
     """uint8 (or 0-255 float) images ``(..., 3, H, W)`` -> float, ImageNet mean/std, on the images' device."""
-    import torch
+    import torch  # lazy: params validation reads this module's tables without torch
 
     shape = [1] * images.ndim
     shape[dim] = 3

@@ -64,13 +64,12 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (in place on a copy); identity without a group."""
     if not is_initialized() or get_world_size() == 1:
         return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / get_world_size()
+    return all_reduce_sum(t) / get_world_size()
 
 
 @torch.no_grad()
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (in place on a copy); identity without a group."""
     if not is_initialized() or get_world_size() == 1:
         return t
     t = t.clone()

@@ -1,13 +1,15 @@
-"""Atomic file writes: a crash never leaves a half-written shard, checkpoint or metric file.
+"""Atomic file writes (a crash never leaves a half-written shard, checkpoint or metric file) and file checks.
 
 Write to a temporary file in the same folder, flush, fsync, then ``os.replace`` (atomic on POSIX).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, BinaryIO
 
@@ -47,10 +49,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps`` default: numpy / torch scalars as numbers, paths as strings."""
     if hasattr(o, "item"):  # numpy / torch scalars
         return o.item()
     if isinstance(o, Path):
@@ -60,7 +63,7 @@ def _json_default(o: Any) -> Any:
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_open` (checkpoints, exported backbones)."""
-    import torch
+    import torch  # lazy: torch costs ~1 s at start-up; the data stages write files here without it
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
@@ -72,8 +75,6 @@ def torch_file_damage(path: str | os.PathLike) -> str | None:
     ``torch.load`` does not check the CRC-32 that ``torch.save`` stores for every member, so flipped bytes inside a
     tensor's payload load silently as wrong weights; this reads every member once and compares. Files in torch's
     legacy (non-zip) format are not checked (None)."""
-    import zipfile
-
     try:
         if not zipfile.is_zipfile(path):
             return None
@@ -86,8 +87,6 @@ def torch_file_damage(path: str | os.PathLike) -> str | None:
 
 def sha1_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha1 of a file's bytes, read in chunks (manifests, checkpoint fingerprints of input files)."""
-    import hashlib
-
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

@@ -1,37 +1,29 @@
 """The stage runtime: what every ``slotcon <stage>`` does around its own work, written once.
 
-A stage module declares one :class:`Stage` (its name, params section, command-line paths, the headline metrics and
-whether it may run on several processes) and a ``run(ctx) -> metrics`` function that holds only its own work. The
-runtime (:func:`run_stage`) then, in this order:
-
-1. loads and validates the params section (and ``tracking``): a bad value, or a missing section, is a one-line error
-   before any work; so is an unusable MLflow store (:func:`components.tracking.runs.open_store`);
-2. launches ``python -m torch.distributed.run ... -m components <stage> <same arguments>`` when the section asks for
-   more than one process (``nproc_per_node * nnodes > 1``) and we are not already under torchrun -- the one torchrun
-   self-launch of the project -- after creating the MLflow experiment (several ranks migrating a fresh SQLite store
-   at once race);
-3. removes the stage's own metrics files left by an earlier run, so a stage that fails leaves no stale figures;
-4. joins the process group (distributed stages), opens the MLflow stage run (child of the pipeline's parent run;
-   system metrics on for :data:`TRAINING_STAGES`), logs the input data as MLflow datasets, calls ``run(ctx)`` with
-   log lines routed through ``tqdm.write`` (never glued onto a progress bar);
-5. writes the metrics atomically on rank 0: the headline keys to ``--metrics`` (what DVC compares and the pipeline's
-   parent run shows), everything to ``--details`` when given; logs every figure on the stage run and the full dict as
-   an artifact; tags the registered backbone version it evaluated with its headline; prints its one-line summary.
-
-``main(args)`` of a stage module is ``STAGE.main``; ``add_arguments(parser)`` is ``STAGE.add_arguments``; the CLI router
-(:mod:`components.cli`) finds both on the module.
+A stage module declares one :class:`Stage` (its name, params section, command-line paths, headline metrics, whether
+it may run on several processes) and a ``run(ctx) -> metrics`` function that holds only its own work;
+:func:`run_stage` does the rest (params, torchrun self-launch, MLflow run, metrics files, summary line). The CLI
+router (:mod:`components.cli`) finds ``STAGE.main`` and ``STAGE.add_arguments`` on the module.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
+from tqdm import tqdm
+
+from components import tracking
+from components.config import load_section
 from components.errors import UserError
+from components.io import json_default, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ class StageContext:
     cfg: Any  # the params section (a frozen pydantic model)
     tracking_cfg: Any
     args: argparse.Namespace
-    tracker: Any  # components.tracking.runs.Tracker (no-op off rank 0 or when disabled)
+    tracker: Any  # components.tracking.Tracker (no-op off rank 0 or when disabled)
     rank: int = 0
     world_size: int = 1
 
@@ -75,7 +67,7 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline stage as the runtime sees it (see the module docstring)."""
+    """A pipeline stage as the runtime sees it: :func:`run_stage` does everything around ``run``."""
 
     name: str
     section: str
@@ -157,7 +149,7 @@ def launch_command(stage: Stage, args: argparse.Namespace, cfg: Any, env: Mappin
 
 
 def _check_devices(stage: Stage, cfg: Any, params: str) -> None:
-    import torch
+    import torch  # lazy: torch costs ~1 s at start-up; only the torchrun self-launch checks devices
 
     nproc = int(getattr(cfg, "nproc_per_node", 1))
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
@@ -196,8 +188,6 @@ _MISSING = object()
 
 def write_metrics(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any]) -> None:
     """Rank 0: headline -> ``--metrics``; everything -> ``--details`` (when given). Atomic writes."""
-    from components.io import write_json_atomic
-
     details = getattr(args, "details", None)
     path = getattr(args, "metrics", None)
     if details:
@@ -219,17 +209,28 @@ def remove_stale_outputs(stage: Stage, args: argparse.Namespace) -> None:
 # the runtime
 # --------------------------------------------------------------------------------------------------------------------
 def load_sections(stage: Stage, params: str) -> tuple[Any, Any]:
-    from components.config import load_section
-
     cfg = load_section(stage.section, params)
     tcfg = load_section("tracking", params)
     return cfg, tcfg
 
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> int:
-    """Everything around ``stage.run`` (see the module docstring); returns the process exit status."""
-    from components import dist
-    from components.tracking import runs as tracking
+    """Everything around ``stage.run``; returns the process exit status. In this order:
+
+    1. loads and validates the params section (and ``tracking``): a bad value, or a missing section, is a one-line
+       error before any work; so is an unusable MLflow store (:func:`components.tracking.store.open_store`);
+    2. launches ``python -m torch.distributed.run ... -m components <stage> <same arguments>`` when the section asks
+       for more than one process (``nproc_per_node * nnodes > 1``) and this is not already a torchrun worker -- the
+       project's one torchrun self-launch -- after creating the MLflow experiment (several ranks migrating a fresh
+       SQLite store at once race);
+    3. removes the stage's own metrics files left by an earlier run, so a stage that fails leaves no stale figures;
+    4. joins the process group (distributed stages), opens the MLflow stage run (child of the pipeline's parent run;
+       system metrics on for :data:`TRAINING_STAGES`), logs the input data as MLflow datasets, calls ``run(ctx)``
+       with log lines routed through ``tqdm.write`` (never glued onto a progress bar);
+    5. writes the metrics atomically on rank 0 (:func:`write_metrics`), records them on the stage run
+       (:func:`_record`) and prints the stage's one-line summary.
+    """
+    from components import dist  # lazy: torch costs ~1 s at start-up; `--help` and side commands never need it
 
     params = str(getattr(args, "params", "params.yaml"))
     cfg, tcfg = load_sections(stage, params)
@@ -257,8 +258,6 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
             ctx_manager = tracking.stage_run(stage.name, cfg, tcfg, metrics_files=metrics_files,
                                              system_metrics=stage.name in TRAINING_STAGES)
         else:
-            import contextlib
-
             ctx_manager = contextlib.nullcontext(tracking.Tracker())
         with console(), ctx_manager as tracker:
             if rank == 0:
@@ -293,9 +292,7 @@ def _log_inputs(stage: Stage, args: argparse.Namespace, tracker: Any) -> None:
     if not tracker.active:
         return
     try:
-        from components.tracking.lineage import datasets_for
-
-        tracker.log_inputs(datasets_for(stage.name, args))
+        tracker.log_inputs(tracking.datasets_for(stage.name, args))
     except Exception as exc:  # noqa: BLE001
         _warn("input datasets not logged to MLflow", exc)
 
@@ -303,62 +300,66 @@ def _log_inputs(stage: Stage, args: argparse.Namespace, tracker: Any) -> None:
 def _record(stage: Stage, args: argparse.Namespace, metrics: Mapping[str, Any], tracker: Any, tcfg: Any) -> None:
     """Rank 0, after the metrics files: every figure on the stage's MLflow run (the ones the stage did not log
     itself), the full dict as an artifact, and the headline figures as tags of the registered backbone evaluated."""
-    from components.tracking.runs import numeric_items
-
     if not tracker.active:
         return
     full = _jsonable(metrics)
     tracker.log_dict(full, f"{stage.name}.json")
-    figures = numeric_items(full)
+    figures = tracking.numeric_items(full)
     tracker.log_metrics({k: v for k, v in figures.items() if k not in tracker.last_metrics})
     if stage.name == "export":
         return
-    headline = numeric_items(split_metrics(full, stage.headline))
+    headline = tracking.numeric_items(split_metrics(full, stage.headline))
     try:
-        from components.tracking.lineage import tag_model_versions
-
-        tag_model_versions(stage.name, args, headline, tcfg, tracker._client)
+        tracking.tag_model_versions(stage.name, args, headline, tcfg, tracker._client)
     except Exception as exc:  # noqa: BLE001 - the registry is a record, never a reason to fail a stage
         _warn("registered backbone version not tagged with this stage's figures", exc)
 
 
-def console():
-    """Log lines through ``tqdm.write`` while the stage runs, so they never glue onto a progress bar's line."""
-    import contextlib
-    import logging
+class _TqdmHandler(logging.StreamHandler):
+    """A log handler that writes through ``tqdm.write``, so a line never glues onto a progress bar's line."""
 
-    from tqdm import tqdm
-
-    class _TqdmHandler(logging.StreamHandler):
-        def emit(self, record: logging.LogRecord) -> None:
-            try:
-                tqdm.write(self.format(record), file=sys.stderr)
-            except Exception:  # noqa: BLE001
-                self.handleError(record)
-
-    root = logging.getLogger()
-
-    @contextlib.contextmanager
-    def scope():
-        handler = None
-        if not root.handlers:  # a caller (tests, a notebook) that set up logging keeps its own handlers
-            handler = _TqdmHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-            root.addHandler(handler)
-            root.setLevel(logging.INFO)
+    def emit(self, record: logging.LogRecord) -> None:
         try:
-            yield
-        finally:
-            if handler is not None:
-                root.removeHandler(handler)
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
 
-    return scope()
+
+@contextlib.contextmanager
+def console() -> Iterator[None]:
+    """Log lines through ``tqdm.write`` while the stage runs; a caller (tests, a notebook) that set up logging keeps
+    its own handlers."""
+    root = logging.getLogger()
+    handler = None
+    if not root.handlers:
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
 
 
 def _jsonable(obj: Any) -> Any:
     """Metrics as plain JSON types (numpy/torch scalars -> numbers) for MLflow's ``log_dict``."""
-    import json
+    return json.loads(json.dumps(obj, default=json_default))
 
-    from components.io import _json_default
 
-    return json.loads(json.dumps(obj, default=_json_default))
+class _Figures(dict):
+    """Metrics for ``str.format_map``: a missing key formats as NaN."""
+
+    def __missing__(self, key: str) -> float:
+        return float("nan")
+
+
+def summary_line(metrics: Mapping[str, Any], head: str, *notes: tuple[str, str]) -> str:
+    """A stage's one-line summary: ``head``, then each ``(key, text)`` note whose ``key`` is in ``metrics``.
+
+    ``head`` and the notes are ``str.format_map`` templates over the metrics, whose keys may hold ``/``
+    (``" (random init: mIoU {random/mIoU:.4f})"``); a key the metrics lack formats as NaN.
+    """
+    figures = _Figures(metrics)
+    return head.format_map(figures) + "".join(text.format_map(figures) for key, text in notes if key in metrics)

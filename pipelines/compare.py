@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from components import compare as cmp
 from components.config import SECTIONS, parse_section
 from components.io import write_json_atomic, write_text_atomic
-from components.tracking.runs import Tracker, flatten
+from components.tracking import Tracker, flatten
 from pipelines import mlflow_runs
 from pipelines.reports import flow_run_info
 from pipelines.shell import StageFailed, run_streamed, stage_env

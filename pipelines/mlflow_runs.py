@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 import mlflow
 
 from components.tracking import parent as pipeline_run
-from components.tracking import runs as tracking
+from components import tracking
 from components.config import TrackingConfig
 
 

@@ -22,7 +22,7 @@ import time
 
 from components.config import load_section
 from components.errors import UserError
-from components.tracking.runs import open_store
+from components.tracking import open_store
 
 DEFAULT_METRICS = ("detect.bbox_AP", "segment.mIoU", "unsup_seg.mIoU")
 

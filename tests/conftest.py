@@ -1,4 +1,5 @@
-"""Shared fixtures for the fast CPU tier: offline switches, tiny configs, a temporary MLflow store, repo root."""
+"""Shared fixtures for the fast CPU tier: offline switches, tiny configs, a temporary MLflow store, repo root, and
+(through the plugins in tests/fixtures/) the generated data and projects several test folders use."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# tests/ is on sys.path as this conftest's folder (pytest's default "prepend" import mode)
+pytest_plugins = ["fixtures.images", "fixtures.coco", "fixtures.trees", "fixtures.pretraining", "fixtures.dvc_project"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,38 +1,28 @@
-"""Atomic checkpoints, finding the latest one, exact resume, and loading the pretrained model for downstream stages.
+"""Training checkpoints: atomic writes, finding the latest one, fingerprints of a run, per-rank RNG states.
 
-Layout: ``<ckpt_dir>/<fingerprint>/step_<step:09d>.pt``. The fingerprint is a short hash of every param that changes
-what the run computes (model, optimisation, schedule length ``epochs``, seed, data identity, world size) but not of
-knobs that don't change the numbers (workers, logging/checkpoint cadence, compile). ``epochs`` is in it because the
-cosine lr/EMA schedules span the whole run: ``dvc exp run -S pretrain.epochs=N`` must give the same model as a fresh
-N-epoch run, never a longer run's checkpoint with its schedule bent. So:
-
-- same params  -> the stage resumes from the newest checkpoint of that fingerprint (``torchrun --max-restarts`` and a
-  re-run of ``dvc repro`` after a crash both land here);
-- changed params (``dvc exp run -S pretrain.base_lr=0.5``) -> a clean restart in a fresh sub-folder; the old run's
-  checkpoints stay untouched (switching back resumes it), and the log says which of the two happened and why.
-
-A checkpoint holds what an exact resume needs (see :func:`make_state`): model state (student, teacher and the
-group-loss center, which is a buffer of the model), optimiser state, the global step, the epoch and the number of
-batches consumed in it (the loader is rebuilt for that epoch with the same seed and skips them), per-rank RNG states
-(torch CPU/CUDA and the augmentation generator of every rank), the per-epoch running loss sums, and the config.
-
-Every file is written with :func:`components.io.save_torch_atomic` (temp file in the same folder, fsync, rename): a
-crash mid-save leaves the previous checkpoint intact; only the newest ``keep`` files are kept.
+Layout: ``<ckpt_dir>/<fingerprint>/step_<step:09d>.pt`` (see :func:`fingerprint`); every file is written with
+:func:`components.io.save_torch_atomic` (temp file, fsync, rename), so a crash mid-save leaves the previous
+checkpoint intact; only the newest ``keep`` files are kept.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
+import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
+from components.backbone import clean_keys
 from components.config import resume_safe_keys
 from components.errors import UserError
-from components.io import save_torch_atomic
+from components.io import save_torch_atomic, torch_file_damage
 
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
@@ -46,7 +36,13 @@ def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
     """``(short hash, dict)`` of the run-defining params (all but :data:`RESUME_FREE_KEYS`) plus ``extra``.
 
     ``extra`` carries resolved facts that also define the run: world size, samples per epoch, a hash of the shard
-    index (different data -> different run).
+    index (different data -> different run). The hash covers every param that changes what the run computes (model,
+    optimisation, schedule length ``epochs``, seed, data identity, world size), not knobs that don't change the numbers
+    (workers, logging/checkpoint cadence, compile). ``epochs`` is in it because the cosine lr/EMA schedules span the
+    whole run: ``dvc exp run -S pretrain.epochs=N`` must give the same model as a fresh N-epoch run, never a longer
+    run's checkpoint with its schedule bent. So the same params resume from the newest checkpoint of that fingerprint
+    (``torchrun --max-restarts`` and a re-run of ``dvc repro`` after a crash both land here); changed params restart
+    cleanly in a fresh sub-folder, the old run's checkpoints untouched (switching back resumes it).
     """
     fp = {k: v for k, v in sorted(params.items()) if k not in RESUME_FREE_KEYS}
     fp.update({f"_{k}": v for k, v in sorted((extra or {}).items())})
@@ -71,16 +67,26 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; UserError naming the file if it is not one."""
-    from components.io import torch_file_damage
+def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
+    if weights_only:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            pass  # holds more than tensors and plain containers (a step checkpoint's RNG states): the full unpickler
+    return torch.load(path, map_location=map_location, weights_only=False)
 
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    weights_only: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or ``last.pt``); UserError naming the file if it is not
+    one. ``weights_only``: read with torch's restricted unpickler when the file holds only tensors and plain
+    containers, else with the full one."""
     path = Path(path)
     damage = torch_file_damage(path) if path.is_file() else None
     if damage:
         raise UserError(f"{path}: not a readable checkpoint ({damage}); delete it to start over")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = _torch_load(path, map_location, weights_only)
     except Exception as exc:  # truncated / not a torch file
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it to start over")
     if not isinstance(state, dict) or "model" not in state:
@@ -94,8 +100,6 @@ def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | Non
     A file that fails to load or whose bytes fail their CRC-32 (cannot happen with atomic saves, but a disk can still
     lie) is skipped in favour of the previous one, with a warning.
     """
-    import warnings
-
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
@@ -105,7 +109,12 @@ def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | Non
 
 
 def save_checkpoint(state: Mapping[str, Any], run_dir: str | os.PathLike, step: int, keep: int = 2) -> Path:
-    """Atomically write ``state`` as ``run_dir/step_<step>.pt`` and delete all but the newest ``keep`` files."""
+    """Atomically write ``state`` as ``run_dir/step_<step>.pt`` and delete all but the newest ``keep`` files.
+
+    A checkpoint holds what an exact resume needs: model state (student, teacher and the group-loss center, which is
+    a buffer of the model), optimiser state, the global step, the epoch and the number of batches consumed in it (the
+    loader is rebuilt for that epoch with the same seed and skips them), per-rank RNG states (:func:`rng_state`), the
+    per-epoch running loss sums, and the config."""
     path = checkpoint_path(run_dir, step)
     save_torch_atomic(dict(state, format=FORMAT_VERSION), path)
     for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -143,10 +152,6 @@ def _as_list(generators) -> list[torch.Generator]:
 def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, Any]:
     """This rank's RNG states: torch CPU, CUDA (current device), Python's and NumPy's global generators, and the
     given generators (e.g. the augmentation generator)."""
-    import random
-
-    import numpy as np
-
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                              "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -159,10 +164,6 @@ def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = N
 
 
 def set_rng_state(state: Mapping[str, Any], generators: torch.Generator | Sequence[torch.Generator] | None = None) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     if "python" in state:
         random.setstate(state["python"])
@@ -192,7 +193,7 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the pretrained model for downstream stages
+# model state dicts
 # --------------------------------------------------------------------------------------------------------------------
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP / torch.compile wrappers (so state_dict keys carry no ``module.`` prefix)."""
@@ -207,32 +208,5 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop ``module.`` / ``_orig_mod.`` prefixes anywhere in the keys (DDP, torch.compile)."""
-    from components.backbone import clean_keys
-
     return clean_keys(sd)
 
-
-def load_pretrained(path: str | os.PathLike):
-    """``models/pretrain/last.pt`` (or any pretrain checkpoint) -> the method's model in eval mode on the CPU.
-
-    The model class comes from the file's ``method`` (``components.pretrain.stage.METHODS``; SlotCon for files that
-    name none). Raises UserError naming the file if it is missing, unreadable, or its weights do not match.
-    """
-    from components.pretrain.stage import method_class
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: pretrained model not found; run `dvc repro pretrain` (or `slotcon pretrain`) first")
-    state = load_checkpoint(path)
-    kwargs = state.get("model_kwargs")
-    if not isinstance(kwargs, dict):
-        raise UserError(f"{path}: no 'model_kwargs' entry; it was not written by `slotcon pretrain`")
-    method = state.get("method", "slotcon")
-    model = method_class(method).model_from_kwargs(kwargs)
-    try:
-        model.load_state_dict(clean_state_dict(state["model"]), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(f"{path}: weights do not match the {method} model {kwargs}: {first}; re-run "
-                        "`slotcon pretrain`") from None
-    return model.eval()

@@ -1,32 +1,8 @@
-"""The training engine: the one step loop under pretraining, detection and segmentation fine-tuning.
+"""The training engine: the one step loop (:func:`fit`) under pretraining, detection and segmentation fine-tuning.
 
-A method plugs in as a small object (:class:`Method`): it builds its model and optimiser, gives the learning rate of a
-step, yields the batches of an epoch, moves a batch to the device, computes the losses of a step, and (optionally)
-updates an EMA teacher after the optimiser step. The engine owns everything else, once:
-
-- **the loop**: epochs of batches (a known number per epoch, or one pass of a loader of unknown length) up to
-  ``total_steps``; tqdm progress on rank 0; throughput (images/s) per logging window;
-- **schedules** as pure functions of the global step (the method's ``lr_at``/``momentum_at``), so resume is exact;
-- **checkpoints**: atomic (temp + fsync + rename), in ``<ckpt_dir>/<fingerprint>/step_*.pt``, where the fingerprint
-  hashes everything that changes what a step computes; a re-run resumes from the newest one of the same fingerprint:
-  model, optimiser, method state, step, position in the epoch (the epoch's loader is rebuilt with the same seed and the
-  consumed batches are skipped), per-rank RNG states (torch CPU/CUDA and the method's generators, restored at the first
-  batch after the skipped ones, where the straight run had them), the per-epoch running sums;
-- **the all-rank non-finite stop**: every step all-reduces one small vector (the stats plus a non-finite flag) on the
-  device, without a host sync; the engine looks at it on the host only every ``log_every`` steps and before every
-  checkpoint, so no checkpoint ever holds a state after a non-finite loss, every rank stops at the same step, and the
-  error names the first bad step and the last good checkpoint;
-- **logging**: MLflow metrics every ``log_every`` steps (rank 0), nothing on other steps;
-- **processes**: the process group is the caller's (the stage runtime joins it); DDP wraps the model when the world
-  is larger than one (SyncBatchNorm on CUDA when the method asks for it: torch has none on CPU), ``torch.compile``
-  when asked, bf16 autocast on CUDA when asked.
-
-:func:`fit` returns a :class:`FitResult` (history per epoch, the logged curve, steps, time, throughput); what a stage
-writes from it (``last.pt``, metrics files, pictures) stays in the stage.
-
-Kept as one file (at the house's 450-line mark): the loop's state (resume, stop, checkpoint, logging cadence) reads
-top to bottom in one place; one step is already in :mod:`components.engine.trainer`, the loss plot in
-:mod:`components.engine.plots`.
+A method plugs in as a :class:`~components.engine.method.Method`; the loop owns the rest once: epochs and schedules
+by global step, atomic checkpoints with exact resume, the all-rank non-finite stop, logging, DDP / compile / autocast.
+One step is in :mod:`components.engine.trainer`, the loss plot in :mod:`components.engine.plots`.
 """
 from __future__ import annotations
 
@@ -34,14 +10,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
-from torch import nn
+from tqdm import tqdm
 
 from components import dist
 from components.errors import UserError
+from components.tracking import Tracker
 from components.engine import checkpoint as ckpt
+from components.engine.method import Method
 from components.engine.plots import write_loss_plot  # noqa: F401  (re-exported: stages write their curves with it)
 from components.engine.trainer import (  # noqa: F401  (re-exported for methods, stages and benchmarks)
     Prefetcher,
@@ -56,71 +34,6 @@ from components.engine.trainer import (  # noqa: F401  (re-exported for methods,
 
 class NonFiniteLossError(UserError):
     """A non-finite loss on some rank: every rank raises it at the same step (the last good checkpoint is kept)."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# what a method provides
-# --------------------------------------------------------------------------------------------------------------------
-class Method:
-    """Base class of what the engine drives. Override what differs; the defaults suit a plain supervised model.
-
-    Required: :meth:`build`, :meth:`optimizer`, :meth:`lr_at`, :meth:`batches`, :meth:`forward`.
-    """
-
-    #: names of the per-step figures :meth:`forward` returns (scalar tensors); the first is the loss to minimise
-    stat_keys: tuple[str, ...] = ("loss",)
-    #: convert BatchNorm to SyncBatchNorm under DDP on CUDA
-    sync_bn: bool = True
-    #: images per step over all ranks (throughput); set by the method
-    global_batch: int = 1
-    #: prepare the next batch (decode, augment, copy) on a side CUDA stream while a step runs
-    prefetch: bool = False
-
-    def build(self, device: torch.device) -> nn.Module:
-        raise NotImplementedError
-
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def lr_at(self, step: int) -> float:
-        raise NotImplementedError
-
-    def momentum_at(self, step: int) -> float | None:
-        """EMA momentum of ``step`` (None: the method has no EMA)."""
-        return None
-
-    def batches(self, epoch: int) -> Iterable[Any]:
-        """This rank's batches of ``epoch`` (deterministic from the seed and the epoch: resume re-reads them)."""
-        raise NotImplementedError
-
-    def prepare(self, batch: Any, device: torch.device) -> Any:
-        """Loader batch -> what :meth:`forward` takes, on ``device`` (decode, augment, transfer)."""
-        return batch
-
-    def forward(self, model: nn.Module, batch: Any, step: int) -> Mapping[str, torch.Tensor]:
-        """The losses of one step: ``{"loss": tensor with graph, <stat>: detached scalar, ...}``."""
-        raise NotImplementedError
-
-    def before_update(self, model: nn.Module, step: int) -> None:
-        """After ``backward``, before ``optimizer.step`` (gradient clipping, cancelling a frozen part's grads)."""
-
-    def after_update(self, model: nn.Module, step: int, momentum: float | None) -> None:
-        """After ``optimizer.step`` (EMA teacher update). ``model`` is the unwrapped module."""
-
-    def compile(self, model: nn.Module) -> None:
-        """``torch.compile`` what pays (in place, so state_dict keys stay plain)."""
-        model.compile()
-
-    def generators(self) -> list[torch.Generator]:
-        """Per-rank generators whose states go into checkpoints (e.g. the augmentation generator)."""
-        return []
-
-    def state_dict(self) -> dict[str, Any]:
-        """Extra method state for checkpoints (counters of skipped data, ...)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -231,7 +144,28 @@ def fit(
     stop_after_step: int | None = None,
 ) -> FitResult:
     """Train ``method`` for ``spec.total_steps`` steps (resuming from ``ckpt_dir`` when a checkpoint of the same
-    ``fingerprint`` exists); see the module docstring.
+    ``fingerprint`` exists).
+
+    - **the loop**: epochs of batches (a known number per epoch, or one pass of a loader of unknown length) up to
+      ``total_steps``; tqdm progress on rank 0; throughput (images/s) per logging window;
+    - **schedules** as pure functions of the global step (the method's ``lr_at``/``momentum_at``), so resume is exact;
+    - **checkpoints**: atomic (temp + fsync + rename), in ``<ckpt_dir>/<fingerprint>/step_*.pt``, where the
+      fingerprint hashes everything that changes what a step computes; a re-run resumes from the newest one of the
+      same fingerprint: model, optimiser, method state, step, position in the epoch (the epoch's loader is rebuilt
+      with the same seed and the consumed batches are skipped), per-rank RNG states (torch CPU/CUDA and the method's
+      generators, restored at the first batch after the skipped ones, where the straight run had them), the
+      per-epoch running sums;
+    - **the all-rank non-finite stop**: every step all-reduces one small vector (the stats plus a non-finite flag) on
+      the device, without a host sync; the engine looks at it on the host only every ``log_every`` steps and before
+      every checkpoint, so no checkpoint ever holds a state after a non-finite loss, every rank stops at the same
+      step, and the error names the first bad step and the last good checkpoint;
+    - **logging**: MLflow metrics every ``log_every`` steps (rank 0), nothing on other steps;
+    - **processes**: the process group is the caller's (the stage runtime joins it); DDP wraps the model when the
+      world is larger than one (SyncBatchNorm on CUDA when the method asks for it: torch has none on CPU),
+      ``torch.compile`` when asked, bf16 autocast on CUDA when asked.
+
+    Returns a :class:`FitResult` (history per epoch, the logged curve, steps, time, throughput); what a stage writes
+    from it (``last.pt``, metrics files, pictures) stays in the stage.
 
     ``on_step(step, stats)`` is called after every step with the rank-mean stats as floats (tests and tools: it forces
     a host sync per step). ``stop_after_step`` returns right after that global step (and its checkpoint, if one is
@@ -248,8 +182,6 @@ class _Loop:
 
     def __init__(self, method: Method, spec: RunSpec, *, ckpt_dir, fingerprint, tracker, device, on_step,
                  stop_after_step):
-        from components.tracking.runs import Tracker
-
         self.method, self.spec, self.on_step, self.stop_after_step = method, spec, on_step, stop_after_step
         self.tracker = tracker or Tracker()
         self.device = torch.device(device) if device is not None else default_device()
@@ -422,8 +354,6 @@ class _Loop:
         return -1, False
 
     def run(self) -> FitResult:
-        from tqdm import tqdm
-
         spec = self.spec
         self.trainer = Trainer(self.method, self.model, self.optimizer, spec, self.device)
         self.prefetch = spec.prefetch if spec.prefetch is not None else (

@@ -2,15 +2,6 @@
 
 Schedules are plain functions of ``step`` (DINO's ``cosine_scheduler`` idea without the precomputed array), so a
 resumed run computes exactly the values a straight run would: nothing about the schedule lives in optimiser state.
-
-- :func:`scaled_lr`: ``lr = base_lr * global_batch / 256`` (linear scaling rule, Goyal et al.; SlotCon's recipe).
-- :func:`lr_at`: per-iteration linear warm-up from ``lr / 100`` to ``lr`` over ``warmup_steps``, then cosine decay to
-  ``min_lr`` at ``total_steps`` (the official code's GradualWarmupScheduler with multiplier 100 + CosineAnnealingLR).
-- :func:`momentum_at`: the teacher's EMA momentum ``m = 1 - (1 - m0) * (cos(pi * step / total) + 1) / 2``
-  (SlotCon Sec. 3.3 / BYOL), rising from ``m0`` at step 0 to 1 at the last step.
-- :class:`LARS`: SGD with momentum whose update of every >1-D parameter is weight-decayed and scaled by the trust
-  ratio ``eta * ||w|| / ||g + wd * w||`` (You et al. 2017; the variant of MoCo v3 / MAE / SlotCon: biases and norm
-  parameters get neither weight decay nor the trust ratio). The step is vectorised with ``torch._foreach_*``.
 """
 from __future__ import annotations
 
@@ -23,7 +14,7 @@ WARMUP_START_FACTOR = 0.01  # warm-up starts at lr / 100 (the official recipe's 
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Linear scaling rule: ``base_lr * global_batch / 256``."""
+    """Linear scaling rule (Goyal et al.; SlotCon's recipe): ``base_lr * global_batch / 256``."""
     return base_lr * global_batch / 256.0
 
 
@@ -33,6 +24,8 @@ def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_
     Warm-up: ``peak * (f + (1 - f) * step / warmup_steps)`` with f = 1/100 for ``step < warmup_steps``; then
     ``min_lr + (peak - min_lr) * (1 + cos(pi * t)) / 2`` with ``t = (step - warmup) / (total - warmup)`` in [0, 1].
     Steps past ``total_steps`` stay at ``min_lr``.
+
+    The official code's GradualWarmupScheduler with multiplier 100 + CosineAnnealingLR, per iteration.
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} must be > 0")
@@ -47,7 +40,8 @@ def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_
 
 
 def momentum_at(step: int, *, base_momentum: float, total_steps: int) -> float:
-    """Teacher EMA momentum ``1 - (1 - m0) * (cos(pi * step / total) + 1) / 2``: m0 at step 0, 1 at ``total``."""
+    """Teacher EMA momentum ``1 - (1 - m0) * (cos(pi * step / total) + 1) / 2``: m0 at step 0, 1 at ``total``
+    (SlotCon Sec. 3.3 / BYOL)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} must be > 0")
     t = min(1.0, max(0.0, step / total_steps))
@@ -70,6 +64,8 @@ class LARS(torch.optim.Optimizer):
 
     ``eta`` is the trust coefficient (0.001 in the paper). Parameters may carry per-group ``lr``; the loop sets
     ``group["lr"]`` from :func:`lr_at` every step. State per parameter: ``mu`` (the momentum buffer).
+
+    The variant of MoCo v3 / MAE / SlotCon; the step is vectorised with ``torch._foreach_*``.
     """
 
     def __init__(

@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from components.io import write_bytes_atomic, write_text_atomic
+
 
 def write_loss_plot(rows: Sequence[Mapping[str, float]], csv_path: str | Path, png_path: str | Path | None, *,
                     x: str, ys: Sequence[str], title: str, xlabel: str | None = None) -> None:
     """``csv_path`` (columns ``x, *ys``) and ``png_path`` (one line per column), written atomically. An empty run
     still rewrites both (an empty chart), so a picture never shows another run's curves."""
-    from components.io import write_bytes_atomic, write_text_atomic
-
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([x, *ys])
@@ -22,10 +22,10 @@ def write_loss_plot(rows: Sequence[Mapping[str, float]], csv_path: str | Path, p
     write_text_atomic(csv_path, buf.getvalue())
     if png_path is None:
         return
-    import matplotlib
+    import matplotlib  # lazy: matplotlib costs ~0.5 s at start-up; only a run that draws needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     for k in ys:

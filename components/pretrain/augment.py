@@ -1,27 +1,5 @@
-"""SlotCon's two-view augmentation, batched on the training device with per-sample random parameters.
-
-The official recipe (PIL, one image at a time in loader workers) is, per view:
-crop (RandomResizedCrop, bicubic) → horizontal flip (p 0.5) → colour jitter (0.4, 0.4, 0.2, 0.1) in random order,
-p 0.8 → grayscale p 0.2 → Gaussian blur σ ∈ [0.1, 2] (p 1.0 view 1, 0.1 view 2) → solarize (p 0.2, view 2 only) →
-ImageNet normalisation. Here the crop boxes and flips come from the loader workers
-(:func:`components.pretrain.crops.sample_two_crops`) and everything with pixels runs on whole batches:
-
-* **crop + resize**: one ``torchvision.ops.roi_align(aligned=True)`` call for all 2·B crops of a padded uint8 batch.
-  With ``sampling_ratio=-1`` each output pixel averages ⌈crop/S⌉² bilinear samples: exact bilinear
-  (``align_corners=False``) when up-sampling, an antialiased (box-of-bilinear) filter when down-sampling. The
-  official code uses PIL bicubic (also antialiased); we approximate it with this filter to keep it one kernel.
-  Padding replicates each image's last row/column, so crops touching the border match torchvision's edge clamping.
-  Batches of very uneven sizes (padding > 4x the pixels, e.g. one huge ImageNet image) are cropped image by image.
-* **colour jitter**: torchvision's formulas (``adjust_brightness/contrast/saturation/hue`` on float images) with a
-  random order per sample; brightness/contrast/saturation run on the whole batch with identity factors where a
-  sample does something else at that position (exact no-ops), hue runs only on the samples that use it there.
-* **grayscale**, **solarize** (threshold 128/255, as PIL's 128 on uint8): per-sample masks.
-* **Gaussian blur**: separable depthwise convolution, one kernel per sample, reflect padding, kernel size
-  ``max(odd(0.1·S), 13)``: 23 at 224 px as BYOL/torchvision, but never under ±3σ_max at small demo sizes.
-
-All random numbers come from one ``torch.Generator`` (drawn where it lives, normally the CPU: a few numbers per
-sample), so the same seed gives the same views on CPU and GPU and no GPU→CPU synchronisation is needed to know
-which samples take which branch.
+"""Two-view augmentation of the pretraining methods (SlotCon's recipe by default), batched on the training device with
+per-sample random parameters from one generator (:class:`TwoViewAugment`).
 """
 from __future__ import annotations
 
@@ -290,7 +268,7 @@ def solarize(x: torch.Tensor, threshold: float = 128.0 / 255.0) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------------------------
 class TwoViewAugment(nn.Module):
-    """Batched two-view augmentation of SlotCon (see the module docstring for each step).
+    """Batched two-view augmentation of SlotCon (each step below; other methods pass their own probabilities).
 
     ``forward(images, params, generator)``:
         images: list of B uint8 (3, H_i, W_i) tensors (or a (B, 3, H, W) tensor) on the training device.
@@ -301,6 +279,29 @@ class TwoViewAugment(nn.Module):
         view1, view2: (B, 3, S, S) float32, ImageNet-normalised.
         coords1, coords2: (B, 4) float32 overlap boxes in each view's normalised coordinates (flipped with it).
         flip1, flip2: (B,) bool.
+
+    The official recipe (PIL, one image at a time in loader workers) is, per view: crop (RandomResizedCrop, bicubic) →
+    horizontal flip (p 0.5) → colour jitter (0.4, 0.4, 0.2, 0.1) in random order, p 0.8 → grayscale p 0.2 → Gaussian
+    blur σ ∈ [0.1, 2] (p 1.0 view 1, 0.1 view 2) → solarize (p 0.2, view 2 only) → ImageNet normalisation. Here the
+    crop boxes and flips come from the loader workers (:func:`components.pretrain.crops.sample_two_crops`) and
+    everything with pixels runs on whole batches:
+
+    * **crop + resize**: one ``torchvision.ops.roi_align(aligned=True)`` call for all 2·B crops of a padded uint8
+      batch. With ``sampling_ratio=-1`` each output pixel averages ⌈crop/S⌉² bilinear samples: exact bilinear
+      (``align_corners=False``) when up-sampling, an antialiased (box-of-bilinear) filter when down-sampling. The
+      official code uses PIL bicubic (also antialiased); we approximate it with this filter to keep it one kernel.
+      Padding replicates each image's last row/column, so crops touching the border match torchvision's edge clamping.
+      Batches of very uneven sizes (padding > 4x the pixels, e.g. one huge ImageNet image) are cropped image by image.
+    * **colour jitter**: torchvision's formulas (``adjust_brightness/contrast/saturation/hue`` on float images) with a
+      random order per sample; brightness/contrast/saturation run on the whole batch with identity factors where a
+      sample does something else at that position (exact no-ops), hue runs only on the samples that use it there.
+    * **grayscale**, **solarize** (threshold 128/255, as PIL's 128 on uint8): per-sample masks.
+    * **Gaussian blur**: separable depthwise convolution, one kernel per sample, reflect padding, kernel size
+      ``max(odd(0.1·S), 13)``: 23 at 224 px as BYOL/torchvision, but never under ±3σ_max at small demo sizes.
+
+    All random numbers come from one ``torch.Generator`` (drawn where it lives, normally the CPU: a few numbers per
+    sample), so the same seed gives the same views on CPU and GPU and no GPU→CPU synchronisation is needed to know
+    which samples take which branch.
     """
 
     def __init__(

@@ -1,14 +1,7 @@
-"""Two-view crop parameters for SlotCon, drawn in the CPU loader workers (no pixels touched here).
-
-The official recipe (SlotCon's ``CustomTwoCrop`` + ``CustomRandomHorizontalFlip``) draws two random resized crops
-(torchvision's RandomResizedCrop parameters, scale (0.08, 1), ratio (3/4, 4/3)); the second is re-drawn until it
-overlaps the first by at least 1 % of its own area (10 tries). Each view is then flipped with p = 0.5. What the model
-needs from this is the *overlap box* of the two crops in each view's normalised coordinates (flipped with the view),
-which drives the inverse augmentation (:mod:`components.pretrain.methods.slotcon.align`).
-
-Everything here is a pure function of ``(height, width, generator)`` using only torch's RNG (never Python ``random``),
-and it always consumes the same number of random numbers, so a seeded generator reproduces a whole epoch exactly.
-The pixels are cropped later, batched on the training device (:mod:`components.pretrain.augment`).
+"""Two-view crop parameters (boxes, flips, overlap coordinates), drawn in the CPU loader workers; no pixels touched
+here (they are cropped later, batched on the device: :mod:`components.pretrain.augment`). Every draw is a pure function
+of ``(height, width, generator)`` with torch's RNG only, consuming a fixed count of numbers, so a seeded generator
+reproduces a whole epoch exactly.
 """
 from __future__ import annotations
 
@@ -121,6 +114,12 @@ def sample_two_crops(
         flips:    (2,) bool, whether view 1 / view 2 is flipped horizontally after cropping.
         coords:   (2, 4) float32 overlap box in view 1's / view 2's normalised [0, 1] coordinates, flipped with it.
         fallback: () bool, True if crop 2 is the explicit fallback (= crop 1).
+
+    The official recipe (SlotCon's ``CustomTwoCrop`` + ``CustomRandomHorizontalFlip``): two random resized crops
+    (torchvision's parameters, scale (0.08, 1), ratio (3/4, 4/3)), the second re-drawn until it overlaps the first by
+    at least 1 % of its own area (10 tries), each view flipped with p = 0.5. What the model needs from this is the
+    *overlap box* of the two crops in each view's normalised coordinates (flipped with the view), which drives the
+    inverse augmentation (:mod:`components.pretrain.methods.slotcon.align`).
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")

@@ -1,16 +1,7 @@
-"""Two views of every image, for every pretraining method: the loader side (crop boxes) and the device side (pixels).
-
-1. CPU loader workers (:func:`build_loader`, resampled so every rank gets the same number of batches) read shards and
-   only draw each sample's two crop boxes and flips (:func:`components.pretrain.crops.sample_two_crops`) with a
-   generator seeded from ``(seed, epoch, rank, worker, key, occurrence)`` -- never from DataLoader worker RNG, so a
-   restarted epoch draws the same crops. On CUDA they pass the JPEG bytes through untouched; on CPU they decode.
-2. On the device: JPEGs are batch-decoded by nvJPEG (:func:`components.data.loading.decode.decode_batch`), then
-   :class:`components.pretrain.augment.TwoViewAugment` crops/resizes, colour-jitters, blurs and solarizes the whole
-   batch with per-sample parameters from one seeded generator per rank (:func:`augment_generator`, saved in
-   checkpoints).
-
-The boxes are in original-image pixels, so a method that needs the geometry of the two views (SlotCon's overlap
-coordinates, SIM's relative positions) reads it from the batch (``boxes``, ``flips``, ``coords``).
+"""Two views of every image, for every pretraining method: the loader side (crop boxes drawn in the CPU workers,
+:func:`build_loader`) and the device side (decode + augment whole batches, :func:`make_views`). The boxes are in
+original-image pixels, so a method that needs the views' geometry (SlotCon's overlap coordinates, SIM's relative
+positions) reads it from the batch (``boxes``, ``flips``, ``coords``).
 """
 from __future__ import annotations
 
@@ -19,6 +10,12 @@ import io
 from typing import Any
 
 import torch
+from PIL import Image
+
+from components.data.loading.decode import decode_batch
+from components.data.loading.loader import make_loader
+from components.errors import UserError
+from components.pretrain.crops import collate_crop_params, sample_two_crops
 
 
 def sample_seed(*parts: Any) -> int:
@@ -34,8 +31,6 @@ def image_size(sample: dict) -> tuple[int, int]:
     rec = (sample.get("meta") or {}).get("image") or {}
     if rec.get("height") and rec.get("width"):
         return int(rec["height"]), int(rec["width"])
-    from PIL import Image
-
     with Image.open(io.BytesIO(bytes(img))) as im:  # reads the header only
         return im.height, im.width
 
@@ -55,8 +50,6 @@ class DrawCrops:
         self._seen: dict[str, int] = {}
 
     def __call__(self, sample: dict) -> dict:
-        from components.pretrain.crops import sample_two_crops
-
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         key = sample["key"]
@@ -70,8 +63,6 @@ class DrawCrops:
 def collate_pairs(samples: list[dict]) -> dict[str, Any]:
     """Worker-side collate: images stay a list (sizes differ; JPEG bytes become uint8 tensors for nvJPEG), crop
     parameters are stacked: boxes (B, 2, 4), flips (B, 2), coords (B, 2, 4), fallback (B,)."""
-    from components.pretrain.crops import collate_crop_params
-
     images = []
     for s in samples:
         img = s["image"]
@@ -87,15 +78,20 @@ def build_loader(urls, *, rank_batch: int, samples_per_epoch: int, seed: int, ep
                  world_size: int, num_workers: int, decode: str, crop_scale: tuple[float, float] = (0.08, 1.0),
                  min_overlap: float = 0.01, pin_memory: bool = False, expected_counts=None, map_fn=None):
     """This rank's loader for ``epoch``: resampled, ``samples_per_epoch // world_size // rank_batch`` batches of
-    ``rank_batch`` two-crop samples (see the module docstring). ``min_overlap``: the second crop must cover at least
+    ``rank_batch`` two-crop samples (see below). ``min_overlap``: the second crop must cover at least
     this share of its area inside the first (SlotCon's 1 %); 0 draws the two crops independently. ``expected_counts``
     (``{url: samples}``) makes it count lost samples exactly. ``map_fn``: a :class:`DrawCrops` (subclass) that draws
-    more per sample (SIM: the block mask); default ``DrawCrops(seed, epoch, rank, crop_scale, min_overlap)``."""
-    from components.data.loading.loader import make_loader
+    more per sample (SIM: the block mask); default ``DrawCrops(seed, epoch, rank, crop_scale, min_overlap)``.
 
+    The loader is resampled, so every rank gets the same number of batches; its workers read shards and only draw each
+    sample's two crop boxes and flips (:class:`DrawCrops`, seeded from ``(seed, epoch, rank, worker, key,
+    occurrence)``, never from DataLoader worker RNG, so a restarted epoch draws the same crops). ``decode="bytes"``
+    (CUDA) passes the JPEG bytes through untouched; ``"rgb"`` (CPU) decodes in the workers.
+    """
     return make_loader(
         list(urls), batch_size=rank_batch, decode=decode,
-        map_fn=map_fn or DrawCrops(seed, epoch, rank, crop_scale, min_overlap), collate_fn=collate_pairs, shuffle=True, resampled=True, samples_per_epoch=samples_per_epoch,
+        map_fn=map_fn or DrawCrops(seed, epoch, rank, crop_scale, min_overlap), collate_fn=collate_pairs, shuffle=True,
+        resampled=True, samples_per_epoch=samples_per_epoch,
         num_workers=num_workers, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True,
         pin_memory=pin_memory, expected_counts=expected_counts,
     )
@@ -116,10 +112,12 @@ def make_views(batch: dict, augment: torch.nn.Module, generator: torch.Generator
     An image that fails to decode is dropped with its crop parameters (boxes, flips, coords stay aligned with the
     images that remain), so this rank's batch has B' < B views; the losses take unequal batches over ranks.
     ``device_decode``: the device's batch decoder (default nvJPEG on CUDA; tests pass a CPU stand-in).
-    """
-    from components.data.loading.decode import decode_batch
-    from components.errors import UserError
 
+    On the device the JPEGs are batch-decoded (nvJPEG: :func:`components.data.loading.decode.decode_batch`), then
+    ``augment`` (:class:`components.pretrain.augment.TwoViewAugment`) crops/resizes, colour-jitters, blurs and
+    solarizes the whole batch with per-sample parameters from ``generator`` (one seeded generator per rank,
+    :func:`augment_generator`, saved in checkpoints).
+    """
     decoded = decode_batch(batch["images"], device, device_decode=device_decode)
     crops = {k: batch[k] for k in ("boxes", "flips", "coords")}
     keys, urls = batch.get("keys") or [None] * len(batch["images"]), batch.get("urls") or [None] * len(batch["images"])

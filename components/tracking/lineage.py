@@ -1,20 +1,19 @@
-"""Lineage in MLflow: which data a stage read (MLflow datasets), which registered backbone its figures belong to.
+"""Lineage in MLflow: which code (git commit, ``dvc.lock``) and data (MLflow datasets) a run came from, and which
+registered backbone version its figures belong to.
 
-- :func:`datasets_for`: the stage's input data as MLflow dataset inputs, one per split: name (``shards/train2017``),
-  digest (the split's content hash from DVC: the ``.dir`` listing of the ``dvc.lock`` entry of that folder, restricted
-  to the split; without DVC, a hash of the split's index entry), source (the folder), profile (sample / shard counts,
-  bytes, data source) and context (``training`` for the split a stage learns from, ``evaluation`` for val).
-- :func:`tag_model_versions`: after a downstream stage, its headline figures become tags of the registered backbone
-  version it evaluated (found by the ``slotcon.backbone_md5`` / ``slotcon.checkpoint_md5`` tags export sets), so the
-  registry shows each candidate's AP / mIoU and ``pipelines.registry promote`` can compare it with the champion.
+- :func:`datasets_for`: a stage's input data as MLflow dataset inputs, one per split, digested by DVC's content hashes.
+- :func:`tag_model_versions`: a downstream stage's headline figures as tags of the backbone version it evaluated.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Mapping
+
+from components.config import parse_yaml
 
 # which splits of the shards a stage reads, by index.json role (default: train and val)
 _SHARD_ROLES = {"pretrain": ("pretrain",), "unsup_seg": ("val",), "viz": ("val",)}
@@ -28,10 +27,30 @@ def file_md5(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """``HEAD``'s commit (``-dirty`` when tracked files changed), or ``unknown`` without git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_lock_hash(path: str | os.PathLike = "dvc.lock") -> str:
+    """md5 of ``dvc.lock`` (``none`` when there is none)."""
+    p = Path(path)
+    return hashlib.md5(p.read_bytes()).hexdigest() if p.is_file() else "none"
+
+
 def _lock_entry(path: Path, root: Path) -> dict | None:
     """The ``dvc.lock`` outs entry of ``path`` (any stage), or None."""
-    from components.config import parse_yaml
-
     lock = root / "dvc.lock"
     try:
         data = parse_yaml(lock.read_text(), lock) or {}
@@ -60,7 +79,8 @@ def _dir_listing(root: Path, md5: str) -> list[dict] | None:
 
 
 def split_digest(folder: Path, split: str, index_entry: Mapping[str, Any], root: Path) -> tuple[str, str]:
-    """``(digest, how)``: DVC's content hashes of the split's files, else a hash of its index.json entry."""
+    """``(digest, how)``: DVC's content hashes of the split's files (the ``.dir`` listing of the ``dvc.lock`` entry of
+    ``folder``, restricted to the split), else a hash of its index.json entry."""
     entry = _lock_entry(folder, root)
     listing = _dir_listing(root, entry["md5"]) if entry and entry.get("md5") else None
     if listing is not None:
@@ -71,7 +91,7 @@ def split_digest(folder: Path, split: str, index_entry: Mapping[str, Any], root:
 
 
 def _dataset(name: str, digest: str, source: Path, profile: Mapping[str, Any], context: str) -> Any:
-    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag  # lazy: mlflow costs ~1 s at start-up
 
     ds = Dataset(name=name, digest=digest[:32], source_type="local",
                  source=json.dumps({"uri": source.resolve().as_uri()}), profile=json.dumps(dict(profile)))
@@ -107,7 +127,10 @@ def _folder_dataset(name: str, folder: Path, root: Path) -> list[Any]:
 
 
 def datasets_for(stage: str, args: Any, root: str | os.PathLike | None = None) -> list[Any]:
-    """The MLflow dataset inputs of a stage, from its path arguments (``shards``, ``raw``, ``scenes``)."""
+    """The MLflow dataset inputs of a stage, from its path arguments (``shards``, ``raw``, ``scenes``): one per shard
+    split read (``shards/<split>``) or input folder, with its digest (:func:`split_digest`), source folder, profile
+    (sample / shard counts, bytes, data source) and context (``training`` for a split the stage learns from,
+    ``evaluation`` for val)."""
     root = Path(root or os.environ.get("DVC_ROOT") or os.getcwd())
     out: list[Any] = []
     shards = getattr(args, "shards", None)
@@ -123,7 +146,9 @@ def datasets_for(stage: str, args: Any, root: str | os.PathLike | None = None) -
 
 
 def tag_model_versions(stage: str, args: Any, headline: Mapping[str, float], cfg: Any, client: Any) -> list[str]:
-    """Set ``<stage>.<key>`` tags on the registered backbone version(s) this stage evaluated; returns their versions."""
+    """Set ``<stage>.<key>`` tags on the registered backbone version(s) this stage evaluated (found by the
+    ``slotcon.backbone_md5`` / ``slotcon.checkpoint_md5`` tags export sets), so the registry shows each candidate's
+    figures and ``pipelines.registry promote`` can compare it with the champion; returns their versions."""
     if not headline:
         return []
     if getattr(args, "backbone", None) and Path(args.backbone).is_file():

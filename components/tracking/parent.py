@@ -1,25 +1,7 @@
-"""The MLflow parent run of one pipeline run: one mechanism for a Prefect flow run and a plain ``dvc repro``.
-
-A parent (tag ``slotcon.pipeline=1``) groups the stage runs of one pipeline run. :func:`open_parent` and
-:func:`close_parent` are the only code that writes one, whoever drives the stages:
-
-- **Prefect flow** (:mod:`pipelines.flow`): opens the parent before the first stage, exports its id to the stages as
-  ``$SLOTCON_PARENT_RUN_ID`` and closes it after the last one.
-- **``dvc repro`` / ``dvc exp run``** (no flow): the first stage that runs opens the parent, keyed by the DVC
-  invocation (:func:`dvc_invocation`); the next stages of the same invocation find it by that key. Each stage closes it
-  when it ends (FINISHED or FAILED) and the next one sets it RUNNING again: nobody knows which stage is the last.
-  Why a process search: DVC hands a stage command only ``DVC_ROOT`` and ``DVC_STAGE`` (plus ``DVC_EXP_NAME`` /
-  ``DVC_EXP_BASELINE_REV`` under ``dvc exp run``), none of which differs between two ``dvc repro`` runs, and there is
-  no hook around an invocation. The one thing unique to an invocation that a stage can see is the ``dvc`` process
-  that launched it (a parent, or a grand-parent through ``sh -c`` and ``torchrun``); its pid alone is reused, so the
-  key is host + pid + start time, which psutil reads portably. A stage run by hand has no such ancestor: no parent.
-
-What a parent carries (the same in both cases, so parents compare side by side):
-- name: what varied against the committed ``params.yaml`` (``pretrain.epochs=5``), else ``HEAD <commit>``; the DVC
-  experiment name is prepended and tagged (``dvc.experiment``) when there is one;
-- params: the whole ``params.yaml`` (flattened); artifacts: ``params.yaml`` at the start, ``dvc.lock`` at the end;
-- metrics: the headline metrics files of the stages (``<stage>.<key>``, exactly what DVC compares), read from the
-  files, never copied from a stage's last logged value; no details, no COCO −1 sentinels.
+"""The MLflow parent run of one pipeline run (tag ``slotcon.pipeline=1``), which groups its stage runs: one mechanism
+for a Prefect flow run and a plain ``dvc repro``. :func:`open_parent` and :func:`close_parent` are the only code that
+writes one; the flow (:mod:`pipelines.flow`) calls them around its stages, and under ``dvc repro`` / ``dvc exp run``
+each stage finds or opens its invocation's parent (:func:`dvc_parent`) and closes it when it ends.
 """
 from __future__ import annotations
 
@@ -31,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from components.tracking import runs as tracking
+from components.config import parse_yaml
+from components.tracking.lineage import dvc_lock_hash, git_commit
+from components.tracking.store import create_run, tracking_uri
+from components.tracking.tracker import Tracker, flatten, numeric_items
 
 EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for every stage command
 
@@ -40,8 +25,6 @@ EXP_NAME_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for every stage command
 # what a parent shows
 # --------------------------------------------------------------------------------------------------------------------
 def _load_yaml(path: Path) -> Any:
-    from components.config import parse_yaml
-
     try:
         return parse_yaml(path.read_text(), path)
     except Exception:  # noqa: BLE001 - a broken file shows as "no params" here; slotcon check reports it
@@ -71,7 +54,7 @@ def headline_metrics(root: str | os.PathLike, stage_files: Mapping[str, Iterable
             except (OSError, ValueError):
                 continue
             if isinstance(data, Mapping):
-                out.update(tracking.numeric_items({stage.split(":")[-1]: data}))
+                out.update(numeric_items({stage.split(":")[-1]: data}))
     return out
 
 
@@ -82,14 +65,12 @@ def params_diff(root: str | os.PathLike, params_file: str = "params.yaml", limit
     try:
         text = subprocess.run(["git", "show", f"HEAD:{params_file}"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout
-        from components.config import parse_yaml
-
         base = parse_yaml(text, params_file) if text else None
     except Exception:  # noqa: BLE001 - no git, no commit: nothing to compare with
         base = None
     if not isinstance(now, Mapping) or not isinstance(base, Mapping):
         return []
-    a, b = tracking.flatten(base), tracking.flatten(now)
+    a, b = flatten(base), flatten(now)
     return [f"{k}={b[k]}" for k in b if a.get(k, object()) != b[k]]
 
 
@@ -100,7 +81,7 @@ def run_name(root: str | os.PathLike, params_file: str = "params.yaml", *, exp_n
     if diff:
         what = ", ".join(diff[:3]) + (f" +{len(diff) - 3} more" if len(diff) > 3 else "")
     else:
-        what = "HEAD " + tracking.git_commit(cwd=root)[:7]
+        what = "HEAD " + git_commit(cwd=root)[:7]
     return (f"{exp_name}: " if exp_name else "") + what + (f" {suffix}" if suffix else "")
 
 
@@ -109,20 +90,23 @@ def run_name(root: str | os.PathLike, params_file: str = "params.yaml", *, exp_n
 # --------------------------------------------------------------------------------------------------------------------
 def open_parent(client: Any, exp_id: str, root: str | os.PathLike, *, name: str, tags: Mapping[str, Any] | None = None,
                 params_file: str = "params.yaml", uri: str = "") -> str:
-    """Create the parent run: tags, the whole params file as params, the params file as an artifact."""
+    """Create the parent run: tags, the whole params file as params (flattened), the params file as an artifact.
+
+    ``name`` is what varied against the committed params file (:func:`run_name`); the tags carry the git commit, the
+    ``dvc.lock`` hash and the varied params, so the parents of a flow and of a ``dvc repro`` compare side by side."""
     root = Path(root)
     all_tags = {
         "slotcon.pipeline": "1",
         "mlflow.runName": name,
-        "git.commit": tracking.git_commit(cwd=root),
-        "dvc.lock.md5": tracking.dvc_lock_hash(root / "dvc.lock"),
+        "git.commit": git_commit(cwd=root),
+        "dvc.lock.md5": dvc_lock_hash(root / "dvc.lock"),
     }
     varied = params_diff(root, params_file)
     if varied:
         all_tags["slotcon.params_changed"] = " ".join(varied)[:5000]
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
-    run = tracking.create_run(client, exp_id, all_tags, name, uri)
-    tracker = tracking.Tracker(run.info.run_id, client, uri)
+    run = create_run(client, exp_id, all_tags, name, uri)
+    tracker = Tracker(run.info.run_id, client, uri)
     params = _load_yaml(root / params_file)
     if isinstance(params, Mapping):
         tracker.log_params(params)
@@ -133,12 +117,15 @@ def open_parent(client: Any, exp_id: str, root: str | os.PathLike, *, name: str,
 
 def close_parent(client: Any, run_id: str, root: str | os.PathLike, *, metrics: Mapping[str, float], status: str,
                  tags: Mapping[str, Any] | None = None, uri: str = "") -> None:
-    """Headline metrics onto the parent, ``dvc.lock`` as an artifact, the final lock hash, end FINISHED/FAILED."""
+    """Headline metrics onto the parent, ``dvc.lock`` as an artifact, the final lock hash, end FINISHED/FAILED.
+
+    ``metrics`` are the stages' headline metrics files (``<stage>.<key>``, what DVC compares; :func:`headline_metrics`),
+    read from the files, never copied from a stage's last logged value."""
     root = Path(root)
-    tracker = tracking.Tracker(run_id, client, uri)
+    tracker = Tracker(run_id, client, uri)
     tracker.log_metrics(dict(metrics))
     tracker.log_artifact(root / "dvc.lock")
-    tracker.set_tags({"dvc.lock.md5.final": tracking.dvc_lock_hash(root / "dvc.lock"), **(tags or {})})
+    tracker.set_tags({"dvc.lock.md5.final": dvc_lock_hash(root / "dvc.lock"), **(tags or {})})
     tracker.terminate(status)
     tracker.flush()
 
@@ -147,10 +134,17 @@ def close_parent(client: Any, run_id: str, root: str | os.PathLike, *, metrics: 
 # dvc repro / dvc exp run without a flow
 # --------------------------------------------------------------------------------------------------------------------
 def dvc_invocation() -> tuple[str, str] | None:
-    """``(key, "dvc repro ...")`` of the ``dvc repro``/``dvc exp run`` process among this process's ancestors (see the
-    module docstring for why); None when no DVC process launched us (or psutil can't tell)."""
+    """``(key, "dvc repro ...")`` of the ``dvc repro``/``dvc exp run`` process among this process's ancestors; None
+    when no DVC process launched us (or psutil can't tell).
+
+    Why a process search: DVC hands a stage command only ``DVC_ROOT`` and ``DVC_STAGE`` (plus ``DVC_EXP_NAME`` /
+    ``DVC_EXP_BASELINE_REV`` under ``dvc exp run``), none of which differs between two ``dvc repro`` runs, and there
+    is no hook around an invocation. The one thing unique to an invocation that a stage can see is the ``dvc``
+    process that launched it (a parent, or a grand-parent through ``sh -c`` and ``torchrun``); its pid alone is
+    reused, so the key is host + pid + start time, which psutil reads portably. A stage run by hand has no such
+    ancestor: no parent."""
     try:
-        import psutil
+        import psutil  # lazy: optional (ImportError is caught below: no implicit parent without it)
 
         proc = psutil.Process().parent()
         while proc is not None and proc.pid > 1:
@@ -168,7 +162,9 @@ def dvc_invocation() -> tuple[str, str] | None:
 
 
 def dvc_parent(client: Any, exp_id: str, cfg: Any) -> str | None:
-    """The parent run of the DVC invocation that launched this stage (opened by its first stage), or None."""
+    """The parent run of the DVC invocation that launched this stage, or None: the first stage of an invocation opens
+    it (keyed by :func:`dvc_invocation`), the next ones find it by that key and set it RUNNING again (each stage
+    closes it when it ends: nobody knows which stage is the last)."""
     inv = dvc_invocation()
     if inv is None:
         return None
@@ -184,7 +180,7 @@ def dvc_parent(client: Any, exp_id: str, cfg: Any) -> str | None:
     if exp_name:
         tags["dvc.experiment"] = exp_name
     return open_parent(client, exp_id, root, name=run_name(root, exp_name=exp_name), tags=tags,
-                       uri=tracking.tracking_uri(cfg))
+                       uri=tracking_uri(cfg))
 
 
 def close_dvc_parent(client: Any, parent: str, stage: str, status: str, metrics_files: list[str] | None,

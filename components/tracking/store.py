@@ -1,23 +1,21 @@
-"""The MLflow store: opened one way, checked before any work, its trouble said in one line.
+"""The MLflow store: which one (URI, artifact location), opened one way, and its trouble said in one line.
 
-:func:`open_store` is the one way in: under a per-store file lock (several processes migrating a fresh SQLite store at
-once race: "table _alembic_tmp_experiments already exists") it opens the store, creates the experiment with an
-explicit artifact location and marks it a model-training experiment (``mlflow.experimentKind``; MLflow 3 otherwise
-opens it on the GenAI traces overview). That tag write doubles as the write probe: a store that is garbage, read-only
-or locked for longer than ``$SLOTCON_TRACKING_WAIT_S`` (default 30 s) is a one-line :class:`StoreError` naming the URI
-and the fix. :func:`is_transient` tells store trouble that may pass (worth buffering) from a refusal.
+:func:`open_store` is the one way in: the experiment created and marked for model training, and a store that can't be
+used a one-line :class:`StoreError` naming the URI and the fix, before any work. :func:`is_transient` tells store
+trouble that may pass (worth buffering) from a refusal.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before any mlflow import
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -28,12 +26,12 @@ from components.errors import UserError  # noqa: E402
 WAIT_ENV = "SLOTCON_TRACKING_WAIT_S"  # how long a locked store may delay a stage's start
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: land on the runs table, not the GenAI overview
 
+T = TypeVar("T")
+
 
 def quiet_mlflow_logs() -> None:
     """MLflow logs each store failure with a full traceback (and its migrations at INFO): we report store trouble
     ourselves, in one line, so those loggers only speak up for what we don't handle."""
-    import logging
-
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("mlflow.store.tracking.sqlalchemy_store").setLevel(logging.CRITICAL)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -44,6 +42,8 @@ class StoreError(UserError):
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri`` (``sqlite:///mlflow.db``: MLflow 3 rejects the old
+    file store)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
 
 
@@ -63,7 +63,8 @@ def sqlite_path(uri: str) -> Path | None:
 
 @contextlib.contextmanager
 def first_use_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a SQLite store across processes (its schema migrations race otherwise)."""
+    """Serialise the first use of a SQLite store across processes: several processes migrating a fresh store at once
+    race ("table _alembic_tmp_experiments already exists")."""
     db = sqlite_path(uri)
     if db is None:
         yield
@@ -77,7 +78,8 @@ def first_use_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (at most 200 characters), without SQLite's ``(sqlite3.X)`` prefix."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return re.sub(r"^\(sqlite3\.\w+\)\s*", "", text)[:200]
 
@@ -107,41 +109,25 @@ def store_problem(uri: str, exc: BaseException, waited: float = 0.0) -> str:
         return (f"{where} is not a usable SQLite database (damaged or not MLflow's): move {db} away (a fresh store is "
                 f"created on the next run) or set MLFLOW_TRACKING_URI / tracking.tracking_uri to another store, {off}")
     if any(t in text for t in ("readonly", "read-only", "unable to open database", "disk I/O error")):
-        return (f"{where} can't be written ({_first_line(exc)}): make {db} and its folder writable "
+        return (f"{where} can't be written ({first_line(exc)}): make {db} and its folder writable "
                 f"(ls -l, chattr -i, a read-only mount?) or point MLFLOW_TRACKING_URI elsewhere, {off}")
     if _is_locked(exc):
         return (f"{where} stayed locked by another process for {waited:.0f} s: let that process finish (an open "
                 f"`sqlite3` shell, a crashed writer: `fuser {db}`), raise ${WAIT_ENV}, {off}")
-    return f"{where} can't be used ({type(exc).__name__}: {_first_line(exc)}): check the URI, {off}"
+    return f"{where} can't be used ({type(exc).__name__}: {first_line(exc)}): check the URI, {off}"
 
 
-def open_store(cfg: TrackingConfig, wait_s: float | None = None) -> tuple[Any, str]:
-    """``(MlflowClient, experiment id)``, the experiment created and marked as model training; raises
-    :class:`StoreError` (one line) when the store is unusable. Waits up to ``wait_s`` for a locked store."""
-    import mlflow
+def _wait_s() -> float:
+    return float(os.environ.get(WAIT_ENV, "30"))
 
-    quiet_mlflow_logs()
-    uri = tracking_uri(cfg)
-    wait_s = float(os.environ.get(WAIT_ENV, "30")) if wait_s is None else wait_s
-    db = sqlite_path(uri)
-    if db is not None and not db.parent.is_dir():
-        raise StoreError(f"MLflow store {uri}: folder {db.parent} does not exist (create it or fix the URI)")
-    mlflow.set_tracking_uri(uri)  # for code on MLflow's fluent API in this process (mlflow.pytorch.log_model)
+
+def _while_locked(uri: str, wait_s: float, fn: Callable[[], T]) -> T:
+    """``fn()``, called again while the store is locked (0.5 s doubling to 5 s) for up to ``wait_s``; any other
+    failure, or a lock that outlasts ``wait_s``, is a :class:`StoreError` (one line)."""
     t0, delay = time.monotonic(), 0.5
     while True:
         try:
-            with first_use_lock(uri):
-                client = mlflow.MlflowClient(uri)
-                exp = client.get_experiment_by_name(cfg.experiment)
-                if exp is None:
-                    exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_uri(cfg))
-                else:
-                    exp_id = exp.experiment_id
-                if exp is None or exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
-                    client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
-                else:  # the write probe: a read-only store must fail here, before any work
-                    client.set_experiment_tag(exp_id, "slotcon.last_opened", str(int(time.time())))
-            return client, exp_id
+            return fn()
         except Exception as exc:  # noqa: BLE001 - any failure becomes one line
             waited = time.monotonic() - t0
             if _is_locked(exc) and waited + delay < wait_s:
@@ -149,6 +135,42 @@ def open_store(cfg: TrackingConfig, wait_s: float | None = None) -> tuple[Any, s
                 delay = min(delay * 2, 5.0)
                 continue
             raise StoreError(store_problem(uri, exc, waited)) from None
+
+
+def open_store(cfg: TrackingConfig, wait_s: float | None = None) -> tuple[Any, str]:
+    """``(MlflowClient, experiment id)``, the experiment created and marked as model training; raises
+    :class:`StoreError` (one line) when the store is unusable. Waits up to ``wait_s`` (default
+    ``$SLOTCON_TRACKING_WAIT_S``, else 30 s) for a locked store.
+
+    Under :func:`first_use_lock` it creates the experiment with an explicit artifact location and tags it
+    ``mlflow.experimentKind`` (MLflow 3 otherwise opens it on the GenAI traces overview); that tag write (or, once
+    tagged, ``slotcon.last_opened``) is the write probe: a read-only store fails here, before any work.
+    """
+    import mlflow  # lazy: mlflow costs ~1 s at start-up; a stage without tracking never loads it
+
+    quiet_mlflow_logs()
+    uri = tracking_uri(cfg)
+    wait_s = _wait_s() if wait_s is None else wait_s
+    db = sqlite_path(uri)
+    if db is not None and not db.parent.is_dir():
+        raise StoreError(f"MLflow store {uri}: folder {db.parent} does not exist (create it or fix the URI)")
+    mlflow.set_tracking_uri(uri)  # for code on MLflow's fluent API in this process (mlflow.pytorch.log_model)
+
+    def attempt() -> tuple[Any, str]:
+        with first_use_lock(uri):
+            client = mlflow.MlflowClient(uri)
+            exp = client.get_experiment_by_name(cfg.experiment)
+            if exp is None:
+                exp_id = client.create_experiment(cfg.experiment, artifact_location=artifact_uri(cfg))
+            else:
+                exp_id = exp.experiment_id
+            if exp is None or exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+            else:  # the write probe: a read-only store must fail here, before any work
+                client.set_experiment_tag(exp_id, "slotcon.last_opened", str(int(time.time())))
+        return client, exp_id
+
+    return _while_locked(uri, wait_s, attempt)
 
 
 def ensure_experiment(cfg: TrackingConfig) -> str | None:
@@ -160,16 +182,4 @@ def ensure_experiment(cfg: TrackingConfig) -> str | None:
 
 def create_run(client: Any, exp_id: str, tags: Mapping[str, str], name: str, uri: str) -> Any:
     """``create_run`` with the same wait for a locked store as :func:`open_store` (no work has started yet)."""
-    wait_s, t0, delay = float(os.environ.get(WAIT_ENV, "30")), time.monotonic(), 0.5
-    while True:
-        try:
-            return client.create_run(exp_id, tags=dict(tags), run_name=name)
-        except Exception as exc:  # noqa: BLE001
-            waited = time.monotonic() - t0
-            if _is_locked(exc) and waited + delay < wait_s:
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            raise StoreError(store_problem(uri, exc, waited)) from None
-
-
+    return _while_locked(uri, _wait_s(), lambda: client.create_run(exp_id, tags=dict(tags), run_name=name))

@@ -2,10 +2,30 @@
 several models (e.g. supervised vs ReCo) side by side with the image and its ground truth."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
+
+from components.io import write_bytes_atomic
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
+    import matplotlib  # lazy: matplotlib costs ~0.5 s at start-up; only a stage that draws needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: as above
+
+    return plt
+
+
+def _write_png(fig, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def draw_predictions(rows: Sequence[tuple[str, Sequence[tuple[torch.Tensor, dict]]]],
@@ -15,16 +35,7 @@ def draw_predictions(rows: Sequence[tuple[str, Sequence[tuple[torch.Tensor, dict
 
     Writes a PNG atomically to ``path`` and returns the matplotlib figure (closed by the caller).
     """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from components.io import write_bytes_atomic
-
+    plt = _pyplot()
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
     ncols = max((len(r[1]) for r in rows), default=1) or 1
     fig, axes = plt.subplots(len(rows), ncols, figsize=(3 * ncols, 3 * len(rows)), squeeze=False)
@@ -56,16 +67,13 @@ def draw_predictions(rows: Sequence[tuple[str, Sequence[tuple[torch.Tensor, dict
             if c == 0:
                 ax.set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)
     return fig
 
 
 def class_palette(num_classes: int):
     """``(num_classes + 1, 3)`` float RGB in [0, 1]: distinct colours per class (tab20, then hsv), black for ignore."""
-    import matplotlib
-    import numpy as np
+    import matplotlib  # lazy: matplotlib costs ~0.5 s at start-up; only a stage that draws needs it
 
     cmap = matplotlib.colormaps["tab20" if num_classes <= 20 else "hsv"]
     colors = [cmap(i if num_classes <= 20 else i / num_classes)[:3] for i in range(num_classes)]
@@ -81,16 +89,7 @@ def draw_segmentation(images: Sequence[torch.Tensor], labels: Sequence[torch.Ten
     ``images`` uint8 ``(3, H, W)``, ``labels`` ``(H, W)`` class ids (255 = ignore, drawn black). Writes a PNG atomically
     to ``path`` and returns the matplotlib figure (closed by the caller).
     """
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from components.io import write_bytes_atomic
-
+    plt = _pyplot()
     pal = class_palette(len(class_names))
 
     def paint(lbl: torch.Tensor):
@@ -118,7 +117,5 @@ def draw_segmentation(images: Sequence[torch.Tensor], labels: Sequence[torch.Ten
         fig.legend(handles, [class_names[i] for i in shown], loc="lower center", ncol=min(len(shown), 6), fontsize=6,
                    frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)
     return fig

@@ -1,31 +1,27 @@
 """``slotcon export``: the pretrained method's trunk -> ``models/backbone.pt`` with torchvision key names.
 
-Each pretraining method names the trunk it transfers (``backbone_prefix`` in ``last.pt``): SlotCon the teacher (EMA)
-ResNet (the official ``convert_pretrain_to_*`` scripts take ``encoder_k``), SIM the online ViT encoder (what the
-released fine-tuning loads). Both trunks are torchvision modules, so the conversion is a prefix strip
-(``teacher_encoder.backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight``,
-``student_encoder.encoder.layers.encoder_layer_0.ln_1.weight -> encoder.layers.encoder_layer_0.ln_1.weight``). The
-result loads with ``strict=True`` into ``torchvision.models.<arch>()`` with ``fc = Identity()`` (ResNets) or into
-``torchvision.models.VisionTransformer`` of the arch and the pretraining image size with ``heads = Identity()``
-(ViTs; the size is read back from the position embedding) -- checked before writing.
-
-Output: ``{"arch": ..., "state_dict": {...}, "source": {...}}``; with ``export.register_model`` the backbone is also
-logged to MLflow as a model and registered: SlotCon's as a new version of ``tracking.registered_model``, another
-method's as a version of the sibling model ``<tracking.registered_model>-<method>`` (:func:`registered_model_name`:
-versions of one registered model should be interchangeable for whoever loads ``models:/name@alias``; a ViT that
-only takes its pretraining image size and a ResNet are not).
+Each method names the trunk it transfers (``backbone_prefix`` in ``last.pt``), so the conversion is a prefix strip
+checked by a strict load into torchvision (:func:`convert_checkpoint`). Output: ``{"arch", "state_dict",
+"source"}``; with ``export.register_model`` the backbone is also registered in MLflow (:func:`run_export`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+import torchvision
 
+from components.backbone import ARCHS, build_resnet, build_vit, clean_keys, is_vit, vit_image_size
 from components.errors import UserError
+from components.io import save_torch_atomic, torch_file_damage
+from components.pretrain.artifact import PretrainArtifact
 from components.stage import Arg, Stage
+from components.tracking.lineage import file_md5
 
 PREFIX = "teacher_encoder.backbone."  # SlotCon's (files written before last.pt recorded its method's prefix)
 
@@ -39,8 +35,6 @@ def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = No
     with ``heads = Identity`` for ``image_size`` px (default: the size of ``state_dict``'s position embedding, else
     224); forward ``(B, 3, S, S) -> (B, D)`` class-token features.
     """
-    from components.backbone import build_resnet, build_vit, is_vit, vit_image_size
-
     if is_vit(arch):
         if image_size is None:
             image_size = vit_image_size(arch, state_dict) if state_dict is not None else 224
@@ -54,62 +48,57 @@ def build_backbone(arch: str, state_dict: Mapping[str, torch.Tensor] | None = No
 
 def teacher_backbone_state(model_state: Mapping[str, torch.Tensor], prefix: str = PREFIX) -> dict[str, torch.Tensor]:
     """Keys under ``prefix`` with the prefix removed (``module.`` from DDP dropped first), minus a classifier
-    (``fc.*`` / ``heads.*``); tensors cloned to CPU. (The name is historical: the prefix picks the method's trunk.)"""
-    from components.backbone import clean_keys
-
+    (``fc.*`` / ``heads.*``); tensors cloned to CPU. (The prefix picks the method's trunk, not only a teacher.)"""
     sd = clean_keys(model_state)
     out = {k[len(prefix):]: v.detach().cpu().clone() for k, v in sd.items() if k.startswith(prefix)}
     return {k: v for k, v in out.items() if not k.startswith(("fc.", "heads."))}
 
 
-def _arch_of(state: Mapping[str, Any]) -> str | None:
-    arch = state.get("arch")
-    if arch is None and isinstance(state.get("model_kwargs"), dict):
-        arch = state["model_kwargs"].get("arch")
+def _arch_of(art: PretrainArtifact) -> str | None:
+    arch = art.arch
+    if arch is None and isinstance(art.model_kwargs, dict):
+        arch = art.model_kwargs.get("arch")
     return arch
 
 
 def convert_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
     """Pretrain checkpoint -> ``(arch, torchvision state_dict, source info)``; UserError naming the file if bad.
 
-    The trunk is the one the checkpoint's method transfers (``backbone_prefix`` in ``last.pt``: SlotCon's teacher,
-    SIM's online encoder); a ViT is checked at the image size it was pretrained for.
+    The trunk is the one the checkpoint's method transfers (``backbone_prefix`` in ``last.pt``): SlotCon the teacher
+    (EMA) ResNet (the official ``convert_pretrain_to_*`` scripts take ``encoder_k``), SIM the online ViT encoder
+    (what the released fine-tuning loads), MoCo v2 the query encoder. Both kinds of trunk are torchvision modules
+    (``teacher_encoder.backbone.layer1.0.conv1.weight -> layer1.0.conv1.weight``); the result loads with
+    ``strict=True`` into ``torchvision.models.<arch>()`` with ``fc = Identity()`` (ResNets) or into
+    ``torchvision.models.VisionTransformer`` of the arch and the pretraining image size (read back from the position
+    embedding) with ``heads = Identity()`` (ViTs) -- checked before returning.
     """
-    from components.backbone import ARCHS
-    from components.engine.checkpoint import load_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: pretrain checkpoint not found; run `dvc repro pretrain` first")
-    state = load_checkpoint(path)
-    arch = _arch_of(state)
+    art = PretrainArtifact.load(path)
+    arch = _arch_of(art)
     if arch not in ARCHS:
         raise UserError(f"{path}: checkpoint names no known arch (got {arch!r}); it was not written by slotcon pretrain")
-    prefix = state.get("backbone_prefix") or PREFIX
-    sd = teacher_backbone_state(state["model"], prefix)
+    prefix = art.backbone_prefix or PREFIX
+    sd = teacher_backbone_state(art.model, prefix)
     if not sd:
         raise UserError(f"{path}: no '{prefix}*' weights in the checkpoint's model; is it a pretrain checkpoint?")
     try:
         build_backbone(arch, sd)
     except RuntimeError as exc:
-        raise UserError(f"{path}: the {state.get('method', 'slotcon')} backbone does not load into torchvision "
+        raise UserError(f"{path}: the {art.method} backbone does not load into torchvision "
                         f"{arch}: {str(exc).splitlines()[0]}") from None
-    source = {"checkpoint": str(path), "epoch": state.get("epoch"), "step": state.get("step"),
-              "method": state.get("method", "slotcon")}
-    if isinstance(state.get("model_kwargs"), dict) and state["model_kwargs"].get("image_size"):
-        source["image_size"] = int(state["model_kwargs"]["image_size"])
+    source = {"checkpoint": str(path), "epoch": art.epoch, "step": art.step, "method": art.method}
+    if isinstance(art.model_kwargs, dict) and art.model_kwargs.get("image_size"):
+        source["image_size"] = int(art.model_kwargs["image_size"])
     return arch, sd, source
 
 
 def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     """``models/backbone.pt`` -> ``(arch, state_dict)`` (torchvision keys minus ``fc.*``); UserError if bad."""
-    from components.backbone import ARCHS
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: backbone not found; run `dvc repro export` (slotcon export) first")
-    from components.io import torch_file_damage
-
     damage = torch_file_damage(path)
     if damage:
         raise UserError(f"{path}: not a readable backbone file ({damage}); re-run `slotcon export`")
@@ -124,24 +113,21 @@ def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]
 
 def registered_model_name(base: str, method: str) -> str:
     """The registered model a method's backbone is a version of: ``base`` for SlotCon (what the registry always
-    held), ``<base>-<method>`` for the others (a sibling model: see the module docstring)."""
+    held), ``<base>-<method>`` for the others: versions of one registered model should be interchangeable for
+    whoever loads ``models:/name@alias``, and a ViT that only takes its pretraining image size and a ResNet are not."""
     return base if method == "slotcon" else f"{base}-{method}"
 
 
 def checkpoint_method(path: str | os.PathLike) -> str:
     """The method that wrote a pretrain checkpoint (``slotcon`` for files without one, or unreadable ones: the
     export itself then reports what is wrong). Memory-maps the file: no tensor is read."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:
-        return "slotcon"
-    return str(state.get("method", "slotcon")) if isinstance(state, dict) else "slotcon"
+    return PretrainArtifact.method_of(path)
 
 
 def _trunk_name(source: Mapping[str, Any]) -> str:
     """Which network of the method the export holds (what each method transfers)."""
     return {"slotcon": "teacher backbone", "sim": "online encoder",
-            "mocov2": "query encoder"}.get(str(source.get("method", "slotcon")), "backbone")
+            "mocov2": "query encoder"}.get(str(source["method"]), "backbone")
 
 
 def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, tracker=None,
@@ -154,10 +140,6 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
     ``@champion`` is the explicit step ``python -m pipelines.registry promote``. A registry failure (store locked or
     gone) is a warning: ``out`` is written either way.
     """
-    from components.backbone import is_vit
-    from components.io import save_torch_atomic
-    from components.tracking.lineage import file_md5
-
     arch, sd, source = convert_checkpoint(checkpoint)
     save_torch_atomic({"arch": arch, "state_dict": sd, "source": source}, out)
     n_params = sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked"))
@@ -167,7 +149,7 @@ def run_export(cfg, checkpoint: str | os.PathLike, out: str | os.PathLike, track
         if cfg.register_model:
             tags = {"arch": arch, "source_step": source.get("step"), "source_checkpoint": str(checkpoint),
                     "slotcon.backbone_md5": file_md5(out), "slotcon.checkpoint_md5": file_md5(checkpoint)}
-            description = (f"{arch} {_trunk_name(source)} of {source.get('method', 'slotcon')} pretraining "
+            description = (f"{arch} {_trunk_name(source)} of {source['method']} pretraining "
                            f"({source.get('step')} steps), torchvision "
                            f"{'VisionTransformer' if is_vit(arch) else 'ResNet'} keys. Downstream stages add their "
                            "headline figures as tags (detect.bbox_AP, segment.mIoU, unsup_seg.mIoU).")
@@ -186,10 +168,7 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, descri
                tags: dict[str, Any] | None = None, alias: str = "candidate") -> dict[str, Any]:
     """Log ``model`` in ``tracker``'s run, register a new version of ``registered_model`` with ``description``,
     ``tags`` and ``@alias``; returns ``{"model_uri", "model_version"}``."""
-    import logging
-
-    import mlflow
-    import torchvision
+    import mlflow  # lazy: mlflow costs ~1 s at start-up; only export.register_model needs it
 
     class _NoPickleNotice(logging.Filter):  # we choose pickle on purpose (see below): no warning on every export
         def filter(self, record: logging.LogRecord) -> bool:
@@ -203,8 +182,6 @@ def _log_model(tracker, model: torch.nn.Module, registered_model: str, *, descri
     ctx = mlflow.start_run(run_id=tracker.run_id) if active is None or active.info.run_id != tracker.run_id else None
     size = int(getattr(model, "image_size", 224))
     try:
-        import numpy as np
-
         info = mlflow.pytorch.log_model(
             model,
             name="backbone",

@@ -1,23 +1,8 @@
-"""Stage ``probe``: frozen-trunk linear probes, the cheap and low-variance transfer figures a CPU can afford.
-
-Mask R-CNN fine-tuning for a few dozen CPU iterations measures mostly noise (pretrained vs random AP^b 0.024 vs
-0.014 on one machine, 0.035 vs 0.032 on another). A linear probe on frozen features asks a narrower question -- how
-much of the labels can be read *linearly* from what pretraining put in the trunk -- but answers it with a few seconds
-of optimisation on cached features, so seeds can be compared. Two probes, on the trunk from ``models/backbone.pt``
-(``probe.init: random`` builds the same trunk randomly initialised; ``compare_random`` runs both):
-
-- **dense** (semantic segmentation, the scenes' stuff + thing maps): the chosen ``layers`` of the frozen trunk (BN in
-  eval mode) at ``resolution`` (short side resize + centre crop, as unsup_seg), the coarser maps bilinearly
-  upsampled to the finest one's grid and concatenated; features standardised with the train split's per-channel mean
-  and std; a linear map (a 1x1 convolution) trained with cross-entropy on the logits bilinearly upsampled to
-  ``label_size`` (labels nearest-resized; ignore 255); evaluated on val at the full label resolution: mIoU, pixel acc.
-- **object** (the recognition half of detection): every non-crowd ground-truth box of the split, RoI-averaged
-  (``torchvision.ops.roi_align``, one bin, adaptive sampling) on each chosen layer, concatenated and standardised;
-  a linear classifier over the thing categories; val top-1 accuracy and class-balanced accuracy.
-
-Both classifiers are trained with AdamW for ``steps`` steps (cosine decay) from a seeded init, on mini-batches of
-``probe_batch`` images for the dense probe and on all boxes at once for the object probe: deterministic on a CPU.
-The val split is never seen in training; nothing is tuned per trunk.
+"""Stage ``probe``: frozen-trunk linear probes (dense: semantic segmentation; object: box classes), the cheap,
+low-variance transfer figures a CPU can afford. Mask R-CNN fine-tuning for a few dozen CPU iterations measures mostly
+noise (pretrained vs random AP^b 0.024 vs 0.014 on one machine, 0.035 vs 0.032 on another); a linear probe asks a
+narrower question -- how much of the labels can be read *linearly* from the trunk -- but answers it with a few
+seconds of optimisation on cached features, so seeds can be compared. :func:`run_probe` says how.
 """
 from __future__ import annotations
 
@@ -30,9 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
+from components.backbone import build_resnet, build_vit, is_vit, load_trunk, vit_feature_map, vit_image_size
+from components.constants import normalize_uint8
+from components.data.loading.loader import iterate_samples
+from components.data.segmentation.sources import open_shards
+from components.data.shards.index import read_index
 from components.errors import UserError
-from components.stage import Arg, Stage
+from components.stage import Arg, Stage, summary_line
+from components.tracking import Tracker
+from components.transfer.export import load_backbone
+from components.transfer.seg_metrics import confusion_matrix, metrics_from_confusion
+from components.transfer.unsup.stage import resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +41,6 @@ VIT_LAYERS = ("tokens",)  # a ViT trunk: its final patch tokens as one map (stri
 def frozen_trunk(arch: str, state_dict: dict | None, *, seed: int, source: str) -> torch.nn.Module:
     """A torchvision trunk (ResNet without fc/avgpool, or ViT without its classifier), loaded strictly from
     ``state_dict`` (None: random init from ``seed``), in eval mode without gradients."""
-    from components.backbone import build_resnet, build_vit, is_vit, load_trunk, vit_image_size
-
     torch.manual_seed(seed)
     if is_vit(arch):  # built at the weights' own size; other sizes resize the position table on the fly
         net = build_vit(arch, vit_image_size(arch, state_dict) if state_dict is not None else 224)
@@ -65,8 +58,6 @@ def trunk_maps(net: torch.nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -
     """The requested stage outputs of a headless ResNet: ``{layer: (B, C_l, H/s_l, W/s_l)}``; a ViT:
     ``{"tokens": (B, D, H/p, W/p)}``."""
     if layers == VIT_LAYERS:
-        from components.backbone import vit_feature_map
-
         return {"tokens": vit_feature_map(net, x)}
     out = {}
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
@@ -98,10 +89,6 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
             device: torch.device) -> dict[str, torch.Tensor]:
     """One pass over ``samples`` (``{"image", "label", "meta"}``): dense features (N, C, h, w) on the finest chosen
     grid, labels (N, R, R) uint8, object features (M, C) and object classes (M,)."""
-    from components.constants import normalize_uint8
-    from components.transfer.unsup.stage import resize_center_crop
-    from torchvision.ops import roi_align
-
     dense, labels, obj, obj_cls = [], [], [], []
     strides = {**STRIDES, "tokens": getattr(net, "patch_size", 16)}
     finest = min(layers, key=lambda n: strides[n])
@@ -144,8 +131,6 @@ def extract(net, samples, *, layers: tuple[str, ...], resolution: int, batch_siz
 def labelled_samples(src):
     """The samples of a :class:`~components.data.segmentation.sources.ShardSource` split with their COCO record kept:
     ``{"key", "image", "label" (class ids, 255 ignore), "meta"}`` in a fixed order."""
-    from components.data.loading.loader import iterate_samples
-
     lut = torch.from_numpy(src.lut)
     for s in iterate_samples(src.urls, decode="rgb", with_seg=True):
         if s.get("seg") is None:
@@ -206,8 +191,6 @@ def train_dense_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: in
 @torch.no_grad()
 def eval_dense_probe(head, std, feats: torch.Tensor, labels: torch.Tensor, class_names: list[str],
                      batch: int = 16) -> dict[str, Any]:
-    from components.transfer.seg_metrics import confusion_matrix, metrics_from_confusion
-
     c = len(class_names)
     conf = torch.zeros(c, c, dtype=torch.int64)
     grid = tuple(feats.shape[-2:])
@@ -271,12 +254,23 @@ def _probe_one(cfg, net, train_src, val_src, cat_index, num_things, device) -> d
 
 
 def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, device: str | None = None) -> dict:
-    """Dense and object linear probes of the frozen trunk (and of a random one with ``compare_random``)."""
-    from components.data.segmentation.sources import open_shards
-    from components.data.shards.stage import read_index
-    from components.tracking.runs import Tracker
-    from components.transfer.export import load_backbone
+    """Dense and object linear probes of the frozen trunk from ``backbone`` (``probe.init: random`` builds the same
+    trunk randomly initialised; ``compare_random`` runs both).
 
+    - **dense** (semantic segmentation, the scenes' stuff + thing maps): the chosen ``layers`` of the frozen trunk (BN
+      in eval mode) at ``resolution`` (short side resize + centre crop, as unsup_seg), the coarser maps bilinearly
+      upsampled to the finest one's grid and concatenated; features standardised with the train split's per-channel
+      mean and std; a linear map (a 1x1 convolution) trained with cross-entropy on the logits bilinearly upsampled to
+      ``label_size`` (labels nearest-resized; ignore 255); evaluated on val at the full label resolution: mIoU, pixel
+      acc.
+    - **object** (the recognition half of detection): every non-crowd ground-truth box of the split, RoI-averaged
+      (``torchvision.ops.roi_align``, one bin, adaptive sampling) on each chosen layer, concatenated and
+      standardised; a linear classifier over the thing categories; val top-1 accuracy and class-balanced accuracy.
+
+    Both classifiers are trained with AdamW for ``steps`` steps (cosine decay) from a seeded init, on mini-batches of
+    ``probe_batch`` images for the dense probe and on all boxes at once for the object probe: deterministic on a
+    CPU. The val split is never seen in training; nothing is tuned per trunk.
+    """
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_src, val_src = open_shards(shards, "train"), open_shards(shards, "val")
@@ -286,8 +280,6 @@ def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, de
         arch, sd = cfg.arch, None
     else:
         arch, sd = load_backbone(cfg.init if cfg.init.endswith(".pt") else backbone)
-    from components.backbone import is_vit
-
     metrics: dict[str, Any] = {"init": cfg.init, "arch": arch,
                                "layers": ",".join(VIT_LAYERS if is_vit(arch) else cfg.layers),
                                "num_train_images": len(train_src), "num_val_images": len(val_src)}
@@ -309,12 +301,8 @@ def _run_stage(ctx) -> dict:
 
 
 def _summary(m: dict) -> str:
-    msg = f"dense mIoU {m['dense_mIoU']:.4f}"
-    if "object_acc" in m:
-        msg += f", object acc {m['object_acc']:.4f}"
-    if "random/dense_mIoU" in m:
-        msg += f" (random trunk: {m['random/dense_mIoU']:.4f}, {m.get('random/object_acc', float('nan')):.4f})"
-    return msg
+    return summary_line(m, "dense mIoU {dense_mIoU:.4f}", ("object_acc", ", object acc {object_acc:.4f}"),
+                        ("random/dense_mIoU", " (random trunk: {random/dense_mIoU:.4f}, {random/object_acc:.4f})"))
 
 
 STAGE = Stage(

@@ -1,18 +1,6 @@
-"""Segmentation metrics from an accumulated confusion matrix, and cluster -> class matching.
-
-Conventions (as mmsegmentation): the confusion matrix is accumulated over the whole split, never averaged per image;
-pixels labelled ``ignore_index`` (255) are left out; IoU_c = TP_c / (TP_c + FP_c + FN_c); mIoU is the mean over the
-classes with a non-empty union (a class absent from both the labels and the predictions is NaN and not averaged);
-pixel accuracy = sum_c TP_c / labelled pixels.
-
-Unsupervised segmentation (PiCIE / SlotCon §4) predicts *clusters*, not classes: a ``(K, C)`` cluster x class
-confusion is turned into a ``(C, C)`` class confusion by
-
-- :func:`hungarian_match`: a one-to-one assignment maximising the matched pixels
-  (``scipy.optimize.linear_sum_assignment``); with K > C the unmatched clusters predict "no class" (their pixels are
-  false negatives of their true class), with K < C the unmatched classes get IoU 0;
-- :func:`majority_match`: many-to-one, each cluster votes for the class it overlaps most (an upper bound that favours
-  over-clustering; reported as a second figure when K > C).
+"""Segmentation metrics from a confusion matrix accumulated over the whole split (as mmsegmentation: never averaged
+per image, ``ignore_index`` 255 left out), and the cluster -> class matching of unsupervised segmentation (PiCIE /
+SlotCon §4): :func:`hungarian_match` one-to-one, :func:`majority_match` many-to-one.
 """
 from __future__ import annotations
 
@@ -48,6 +36,9 @@ def confusion_matrix(
 def metrics_from_confusion(conf: torch.Tensor | np.ndarray, class_names: list[str] | None = None) -> dict:
     """mIoU, pixel accuracy and per-class IoU/accuracy from a square ``(C, C)`` [pred, label] confusion matrix.
 
+    IoU_c = TP_c / (TP_c + FP_c + FN_c); mIoU is the mean over the classes with a non-empty union (a class absent from
+    both the labels and the predictions is NaN and not averaged); pixel accuracy = sum_c TP_c / labelled pixels.
+
     Returns ``{"mIoU", "pixel_acc", "mAcc", "per_class": {name: {"IoU", "acc"}}}``; per-class values of classes with
     an empty union are ``None`` (JSON null), and they are left out of the means.
     """
@@ -77,7 +68,9 @@ def metrics_from_confusion(conf: torch.Tensor | np.ndarray, class_names: list[st
 
 
 def hungarian_match(conf: torch.Tensor | np.ndarray) -> np.ndarray:
-    """One-to-one cluster -> class assignment maximising matched pixels on a ``(K, C)`` confusion.
+    """One-to-one cluster -> class assignment maximising matched pixels on a ``(K, C)`` confusion
+    (``scipy.optimize.linear_sum_assignment``); with K > C the unmatched clusters predict "no class" (their pixels are
+    false negatives of their true class), with K < C the unmatched classes get IoU 0.
 
     Returns ``mapping`` of length K: ``mapping[k]`` = class of cluster k, or -1 for a cluster left unmatched
     (K > C). Ties (e.g. an empty cluster) never beat a cluster with pixels: the optimum is unique in matched pixels and
@@ -91,7 +84,8 @@ def hungarian_match(conf: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def majority_match(conf: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Many-to-one: each cluster -> the class it overlaps most; clusters without labelled pixels -> -1."""
+    """Many-to-one: each cluster -> the class it overlaps most; clusters without labelled pixels -> -1. An upper bound
+    that favours over-clustering (reported as a second figure when K > C)."""
     conf = np.asarray(conf)
     mapping = conf.argmax(axis=1).astype(np.int64)
     mapping[conf.sum(axis=1) == 0] = -1
@@ -115,7 +109,8 @@ def remap_confusion(conf: torch.Tensor | np.ndarray, mapping: np.ndarray, num_cl
 def matched_metrics(
     conf: torch.Tensor | np.ndarray, mapping: np.ndarray, class_names: list[str] | None = None
 ) -> dict:
-    """Metrics of a ``(K, C)`` cluster confusion under a cluster -> class ``mapping`` (see module docstring)."""
+    """Metrics of a ``(K, C)`` cluster confusion under a cluster -> class ``mapping`` (:func:`hungarian_match` or
+    :func:`majority_match`); pixels of unmatched clusters count as missed."""
     conf = np.asarray(conf, dtype=np.int64)
     num_classes = conf.shape[1]
     sq = remap_confusion(conf, mapping, num_classes)

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-from data_fixtures import jpeg_bytes, png_bytes, read_instances, write_coco, write_instances
 
 from components.config import DataConfig
 from components.data.prepare.coco import coco_stuff_classes
@@ -23,7 +22,7 @@ def _params(tmp_path, **data) -> str:
     return str(p)
 
 
-def test_manifest_rows_hashes_counts_and_index(tmp_path):
+def test_manifest_rows_hashes_counts_and_index(tmp_path, read_instances, write_coco):
     root = write_coco(tmp_path / "scenes", n_train=10, n_val=4)
     metrics = run_prepare(DataConfig(workers=1), root, tmp_path / "raw", progress=False)
     assert metrics["images"] == 14 and metrics["skipped"] == 0
@@ -48,7 +47,8 @@ def test_manifest_rows_hashes_counts_and_index(tmp_path):
     assert index["semantic_classes"][0] == {"id": 0, "name": "sky", "isthing": False}
 
 
-def test_bad_files_are_skipped_listed_and_counted(tmp_path):
+def test_bad_files_are_skipped_listed_and_counted(tmp_path, jpeg_bytes, png_bytes, read_instances, write_coco,
+                                                  write_instances):
     root = write_coco(tmp_path / "coco", n_train=10, n_val=3)
     rng = np.random.default_rng(1)
     tr = root / "train2017"
@@ -90,7 +90,7 @@ def test_bad_files_are_skipped_listed_and_counted(tmp_path):
     assert metrics["splits"]["val2017"]["skipped"] == 0
 
 
-def test_size_mismatch_and_bad_seg(tmp_path):
+def test_size_mismatch_and_bad_seg(tmp_path, png_bytes, read_instances, write_coco, write_instances):
     root = write_coco(tmp_path / "s", n_train=4, n_val=2)
     inst = read_instances(root, "train2017")
     inst["images"][0]["width"] += 5  # record disagrees with the pixels: boxes/masks would be wrong
@@ -115,7 +115,7 @@ def test_size_mismatch_and_bad_seg(tmp_path):
         ("no_unlabeled", "unlabeled2017/ not found; COCO ships it in unlabeled2017.zip"),
     ],
 )
-def test_unusable_source_is_one_line_error(tmp_path, breakage, needle):
+def test_unusable_source_is_one_line_error(tmp_path, breakage, needle, write_coco):
     root = write_coco(tmp_path / "coco", n_train=3, n_val=2, with_seg=False)
     source = "cocoplus" if breakage == "no_unlabeled" else "coco"
     if breakage == "no_val_json":
@@ -135,7 +135,7 @@ def test_unusable_source_is_one_line_error(tmp_path, breakage, needle):
     assert not (tmp_path / "raw" / "index.json").exists()
 
 
-def test_cli_missing_annotations_exit_2_one_line(tmp_path, capsys):
+def test_cli_missing_annotations_exit_2_one_line(tmp_path, capsys, write_coco):
     from components.cli import main
 
     root = write_coco(tmp_path / "scenes", n_train=3, n_val=2)
@@ -148,7 +148,7 @@ def test_cli_missing_annotations_exit_2_one_line(tmp_path, capsys):
     assert "annotations/instances_train2017.json not found" in err and "slotcon scenes" in err
 
 
-def test_cli_writes_metrics_and_relative_root(tmp_path, monkeypatch):
+def test_cli_writes_metrics_and_relative_root(tmp_path, monkeypatch, write_coco):
     from components.cli import main
 
     write_coco(tmp_path / "data" / "scenes", n_train=3, n_val=2)
@@ -162,7 +162,7 @@ def test_cli_writes_metrics_and_relative_root(tmp_path, monkeypatch):
     assert index["root"] == "../scenes"  # relative to data/raw: the DVC output doesn't depend on the checkout path
 
 
-def test_cocoplus_adds_unlabeled_and_cocostuff_classes(tmp_path):
+def test_cocoplus_adds_unlabeled_and_cocostuff_classes(tmp_path, write_coco):
     root = write_coco(tmp_path / "coco", n_train=4, n_val=2, n_unlabeled=3)
     (root / "annotations" / "semantic_classes.json").unlink()  # real COCO: classes come from COCO-Stuff's maps
     (root / "unlabeled2017" / "000000999998.jpg").write_bytes(b"\x89PNG not really")

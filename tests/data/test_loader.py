@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 
@@ -10,41 +9,20 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from data_fixtures import jpeg_bytes, png_bytes
 from PIL import Image
 
 from components.data.loading.loader import iterate_samples, make_loader
 from components.errors import UserError
 
 
-def _sample(key: str, rng, h=24, w=32, mode=None, seg=True) -> dict:
-    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    s = {"__key__": key, "jpg": jpeg_bytes(arr, mode=mode), "json": json.dumps({"image": {"id": key}, "annotations": []}).encode()}
-    if seg:
-        s["seg.png"] = png_bytes(rng.integers(0, 4, (h, w), dtype=np.uint8))
-    return s
-
-
-def write_shards(d: Path, n_shards: int, per_shard: int, seed: int = 0, prefix: str = "s") -> list[str]:
-    rng = np.random.default_rng(seed)
-    d.mkdir(parents=True, exist_ok=True)
-    urls = []
-    for i in range(n_shards):
-        p = d / f"{prefix}-{i:06d}.tar"
-        with wds.TarWriter(str(p), encoder=False, mtime=0) as tw:
-            for j in range(per_shard):
-                tw.write(_sample(f"k{i:03d}_{j:03d}", rng))
-        urls.append(str(p))
-    return urls
-
-
 def _keys(loader) -> list[str]:
     return [s["key"] for batch in loader for s in batch]
 
 
-def test_decode_rgb_gray_cmyk_png_and_bytes(tmp_path):
+def test_decode_rgb_gray_cmyk_png_and_bytes(tmp_path, jpeg_bytes, png_bytes, loader_sample):
     rng = np.random.default_rng(0)
-    samples = [_sample("rgb", rng), _sample("gray", rng), _sample("cmyk", rng, mode="CMYK"), _sample("png", rng)]
+    samples = [loader_sample("rgb", rng), loader_sample("gray", rng), loader_sample("cmyk", rng, mode="CMYK"),
+               loader_sample("png", rng)]
     gray = rng.integers(0, 255, (24, 32), dtype=np.uint8)
     samples[1]["jpg"] = jpeg_bytes(gray)
     png_arr = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
@@ -70,16 +48,16 @@ def test_decode_rgb_gray_cmyk_png_and_bytes(tmp_path):
     assert [s["image"] for s in raw] == [s["jpg"] for s in samples] and all(s["seg"] is None for s in raw)
 
 
-def test_corrupt_samples_and_truncated_tar_are_skipped_and_counted(tmp_path):
+def test_corrupt_samples_and_truncated_tar_are_skipped_and_counted(tmp_path, write_shards, loader_sample):
     rng = np.random.default_rng(1)
     urls = write_shards(tmp_path, 3, 6, seed=1)
-    bad = [_sample(f"bad{i}", rng) for i in range(3)]
+    bad = [loader_sample(f"bad{i}", rng) for i in range(3)]
     bad[0]["jpg"] = b"\xff\xd8\xff" + bytes(50)  # undecodable JPEG
     bad[1]["json"] = b"{not json"
     del bad[2]["json"]  # a sample missing a member
     p = tmp_path / "s-000003.tar"
     with wds.TarWriter(str(p), encoder=False) as tw:
-        for s in bad + [_sample("fine", rng)]:
+        for s in bad + [loader_sample("fine", rng)]:
             tw.write(s)
     urls.append(str(p))
     whole = Path(urls[1]).read_bytes()
@@ -103,7 +81,7 @@ def test_corrupt_samples_and_truncated_tar_are_skipped_and_counted(tmp_path):
     assert it.stats["skipped_by_reason"] == by
 
 
-def test_two_ranks_two_workers_disjoint_cover(tmp_path):
+def test_two_ranks_two_workers_disjoint_cover(tmp_path, write_shards):
     urls = write_shards(tmp_path, 6, 5)
     everything = sorted(f"k{i:03d}_{j:03d}" for i in range(6) for j in range(5))
     per_rank = [
@@ -118,7 +96,7 @@ def test_two_ranks_two_workers_disjoint_cover(tmp_path):
     assert sorted(again[0] + again[1]) == everything and again != per_rank
 
 
-def test_resampled_equal_batches_per_rank_and_repeatable(tmp_path):
+def test_resampled_equal_batches_per_rank_and_repeatable(tmp_path, write_shards):
     urls = write_shards(tmp_path, 3, 5)  # fewer shards than ranks x workers is fine when resampling
     spe, bs = 41, 4
     counts, streams = [], []
@@ -140,7 +118,7 @@ def test_resampled_equal_batches_per_rank_and_repeatable(tmp_path):
     assert [s["key"] for b in other for s in b] != streams[0]
 
 
-def test_too_few_shards_for_ranks_times_workers(tmp_path):
+def test_too_few_shards_for_ranks_times_workers(tmp_path, write_shards):
     urls = write_shards(tmp_path, 3, 2)
     with pytest.raises(UserError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 worker\(s\)"):
         make_loader(urls, batch_size=2, num_workers=2, rank=0, world_size=2)
@@ -150,7 +128,7 @@ def test_too_few_shards_for_ranks_times_workers(tmp_path):
         make_loader(urls + [str(tmp_path / "s-000009.tar")], batch_size=2, resampled=True, samples_per_epoch=8)
 
 
-def test_map_fn_collate_fn_and_seeded_worker_rng(tmp_path):
+def test_map_fn_collate_fn_and_seeded_worker_rng(tmp_path, write_shards):
     urls = write_shards(tmp_path, 4, 4)
 
     def draw(sample):
@@ -171,7 +149,7 @@ def test_map_fn_collate_fn_and_seeded_worker_rng(tmp_path):
     assert [x["r"] for x in a] != [x["r"] for x in c]
 
 
-def test_url_forms_brace_pipe_fsspec(tmp_path):
+def test_url_forms_brace_pipe_fsspec(tmp_path, write_shards):
     import fsspec
 
     urls = write_shards(tmp_path, 3, 3)
@@ -193,7 +171,7 @@ def test_url_forms_brace_pipe_fsspec(tmp_path):
     assert "memory" not in wds.gopen_schemes and "s3" not in wds.gopen_schemes
 
 
-def test_iterate_samples_fixed_order(tmp_path):
+def test_iterate_samples_fixed_order(tmp_path, write_shards):
     urls = write_shards(tmp_path, 2, 4)
     keys = [s["key"] for s in iterate_samples(urls)]
     assert keys == [f"k{i:03d}_{j:03d}" for i in range(2) for j in range(4)]
@@ -201,7 +179,7 @@ def test_iterate_samples_fixed_order(tmp_path):
 
 
 @pytest.mark.parametrize("cut", ["header_boundary", "inside_member", "inside_padding"])
-def test_truncation_point(tmp_path, cut):
+def test_truncation_point(tmp_path, cut, write_shards):
     """tarfile ends *silently* at a header boundary; the loader must still see and count the truncation."""
     import tarfile
 

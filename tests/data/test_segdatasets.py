@@ -158,25 +158,12 @@ def test_wrong_layouts_give_one_line_errors(tmp_path):
         next(open_folder(root, "auto", "val").iterate())
 
 
-def _shards(tmp_path, with_seg=True):
-    from data_fixtures import write_coco
-
-    from components.config import DataConfig, ShardConfig
-    from components.data.prepare.stage import run_prepare
-    from components.data.shards.stage import run_shard
-
-    root = write_coco(tmp_path / "src", n_train=4, n_val=2, with_seg=with_seg)
-    run_prepare(DataConfig(workers=1), root, tmp_path / "raw", progress=False)
-    run_shard(ShardConfig(max_count=4, workers=1), tmp_path / "raw", tmp_path / "shards", progress=False)
-    return tmp_path / "shards"
-
-
-def test_shard_source_reads_seg_png_members(tmp_path):
+def test_shard_source_reads_seg_png_members(tmp_path, coco_shards):
     import torch
 
     from components.data.segmentation.sources import open_shards, open_source
 
-    src = open_shards(_shards(tmp_path), "val")
+    src = open_shards(coco_shards(tmp_path), "val")
     assert src.class_names == ["sky", "disc", "square", "bar"] and len(src) == 2
     samples = list(src.iterate())
     assert len(samples) == 2 and all(s["label"].shape == s["image"].shape[1:] for s in samples)
@@ -186,9 +173,9 @@ def test_shard_source_reads_seg_png_members(tmp_path):
     assert len(batch) == 2 and {"key", "image", "label"} <= set(batch[0])
 
 
-def test_shards_without_semantic_maps_are_a_one_line_error(tmp_path):
+def test_shards_without_semantic_maps_are_a_one_line_error(tmp_path, coco_shards):
     from components.data.segmentation.sources import open_shards
 
     with pytest.raises(UserError, match="carry no semantic maps; set data_root") as exc:
-        open_shards(_shards(tmp_path, with_seg=False), "val")
+        open_shards(coco_shards(tmp_path, with_seg=False), "val")
     assert "\n" not in str(exc.value)

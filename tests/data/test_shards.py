@@ -10,7 +10,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from data_fixtures import read_instances, write_coco
 
 from components.config import DataConfig, ShardConfig
 from components.data.prepare.manifest import read_manifest
@@ -22,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def raw(tmp_path):
+def raw(tmp_path, write_coco):
     """A tiny COCO-layout source (with semantic maps) checked by ``prepare``: (root, raw_dir)."""
     root = write_coco(tmp_path / "scenes", n_train=14, n_val=5)
     run_prepare(DataConfig(workers=1), root, tmp_path / "raw", progress=False)
@@ -34,7 +33,7 @@ def _tar_members(path) -> list[tuple[str, bytes]]:
         return [(ti.name, tf.extractfile(ti).read()) for ti in tf]
 
 
-def test_round_trip_bytes_annotations_and_manifests(raw, tmp_path):
+def test_round_trip_bytes_annotations_and_manifests(raw, tmp_path, read_instances):
     root, raw_dir = raw
     out = tmp_path / "shards"
     m = run_shard(ShardConfig(max_count=4, workers=1), raw_dir, out, progress=False)
@@ -220,7 +219,7 @@ def test_shard_bytes_hash_matches_manifest_metadata(raw, tmp_path):
         assert tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0].mtime == 946684800
 
 
-def test_cocoplus_unlabeled_split_and_cli_metrics(tmp_path):
+def test_cocoplus_unlabeled_split_and_cli_metrics(tmp_path, write_coco):
     from components.cli import main
 
     root = write_coco(tmp_path / "coco", n_train=4, n_val=2, n_unlabeled=3, with_seg=False)

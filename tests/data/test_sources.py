@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from tree_fixtures import (MESSY_EXCLUDED, MESSY_OK, MESSY_SKIPS, MESSY_TRANSCODE, exif_jpeg, picture,
-                           write_imagenet, write_messy_folder)
 
 from components.config import ConfigError, DataConfig, parse_section
 from components.data.prepare.manifest import read_manifest
@@ -24,7 +22,7 @@ def folder_cfg(root, **kw) -> DataConfig:
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
+def messy(tmp_path_factory, write_messy_folder):
     root = write_messy_folder(tmp_path_factory.mktemp("messy") / "photos")
     out = root.parent / "raw"
     metrics = run_prepare(folder_cfg(root, workers=2), "unused", out, progress=False)
@@ -41,14 +39,16 @@ def test_globs():
     assert match("img_[0-4].png", "img_3.png") and not match("img_[!0-4].png", "img_3.png") and match("?.png", "a.png")
 
 
-def test_messy_folder_exact_counts_by_reason(messy):
+def test_messy_folder_exact_counts_by_reason(messy, messy_outcome):
     root, out, m = messy
     split = m["splits"]["train"]
-    assert split["skipped_by_reason"] == MESSY_SKIPS
-    assert split["images"] == MESSY_OK and m["images"] == MESSY_OK and m["skipped"] == sum(MESSY_SKIPS.values())
-    assert split["excluded"] == MESSY_EXCLUDED and split["transcode"] == MESSY_TRANSCODE == m["transcode"]
+    assert split["skipped_by_reason"] == messy_outcome.skips
+    assert split["images"] == messy_outcome.ok and m["images"] == messy_outcome.ok
+    assert m["skipped"] == sum(messy_outcome.skips.values())
+    assert split["excluded"] == messy_outcome.excluded
+    assert split["transcode"] == messy_outcome.transcode == m["transcode"]
     rows, meta = read_manifest(out / "folder" / "train" / "manifest.parquet")
-    assert meta["counts"]["skipped_by_reason"] == MESSY_SKIPS
+    assert meta["counts"]["skipped_by_reason"] == messy_outcome.skips
     listed = {(f["file"], f["reason"]) for f in meta["failures"]}
     for item in [("bad/truncated.jpg", "truncated"), ("bad/empty.jpg", "empty"), ("loop/", "symlink_loop"),
                  ("a/b/up/", "symlink_loop"), ("linked_a/", "linked_dir_seen"), ("pipe.jpg", "not_regular"),
@@ -75,11 +75,11 @@ def test_messy_folder_exact_counts_by_reason(messy):
     assert not (root.parent / ".raw.work.tmp").exists()  # parts and lock are gone after a complete run
 
 
-def test_non_jpeg_skip_and_keep_duplicates(messy, tmp_path):
+def test_non_jpeg_skip_and_keep_duplicates(messy, tmp_path, messy_outcome):
     root, _, _ = messy
     m = run_prepare(folder_cfg(root, non_jpeg="skip", duplicates="keep"), "unused", tmp_path / "raw", progress=False)
     split = m["splits"]["train"]
-    skips = {k: v for k, v in MESSY_SKIPS.items() if k not in ("duplicate", "decode_error")}
+    skips = {k: v for k, v in messy_outcome.skips.items() if k not in ("duplicate", "decode_error")}
     assert split["skipped_by_reason"] == {**skips, "not_jpeg": 8}  # 4 PNGs, WebP, BMP, a PNG named .jpg, a bad PNG
     assert split["images"] == 13 and split["duplicates_kept"] == 2 and split["transcode"] == 3  # rotated x2 + CMYK
     _, meta = read_manifest(tmp_path / "raw" / "folder" / "train" / "manifest.parquet")
@@ -87,7 +87,7 @@ def test_non_jpeg_skip_and_keep_duplicates(messy, tmp_path):
     assert sorted(f["file"] for f in kept) == ["dup/copy_of_img_000.jpg", "link_to_img.jpg"]
 
 
-def test_imagenet_layout_labels_and_cross_split_duplicates(tmp_path):
+def test_imagenet_layout_labels_and_cross_split_duplicates(tmp_path, write_imagenet):
     root = write_imagenet(tmp_path / "imagenet")
     m = run_prepare(DataConfig(source="imagenet", root=str(root), workers=1), "unused", tmp_path / "raw",
                     progress=False)
@@ -107,7 +107,7 @@ def test_imagenet_layout_labels_and_cross_split_duplicates(tmp_path):
     assert meta["same_bytes_as_earlier_split"] == ["val/ILSVRC2012_val_00000001.JPEG"]
 
 
-def test_imagenet_val_in_class_folders(tmp_path):
+def test_imagenet_val_in_class_folders(tmp_path, write_imagenet):
     root = write_imagenet(tmp_path / "imagenet", val_folders=True)
     (root / "LOC_val_solution.csv").unlink()
     run_prepare(DataConfig(source="imagenet", root=str(root), workers=1), "unused", tmp_path / "raw", progress=False)
@@ -118,7 +118,7 @@ def test_imagenet_val_in_class_folders(tmp_path):
     assert json.loads((tmp_path / "raw" / "index.json").read_text())["notes"]["val_layout"] == "class folders"
 
 
-def test_imagenet_kaggle_layout_and_class_subset(tmp_path):
+def test_imagenet_kaggle_layout_and_class_subset(tmp_path, write_imagenet):
     root = write_imagenet(tmp_path / "kaggle", kaggle=True)
     cfg = DataConfig(source="imagenet", root=str(root), include=["train/n01440764/**", "val/**"], workers=1)
     m = run_prepare(cfg, "unused", tmp_path / "raw", progress=False)
@@ -152,7 +152,7 @@ def test_folder_of_only_bad_files_and_config_errors(tmp_path):
         parse_section("data", {"source": "folder", "root": "x", "non_jpeg": "keep"})
 
 
-def test_exif_orientation_is_baked_into_pixels():
+def test_exif_orientation_is_baked_into_pixels(exif_jpeg, picture):
     stored = picture(5, 48, 32)  # marker top-left as stored; orientation 6 shows it rotated 90 degrees clockwise
     data = exif_jpeg(stored, 6)
     res = probe_image_bytes(data)

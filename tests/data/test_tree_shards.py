@@ -10,7 +10,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from tree_fixtures import MESSY_OK, MESSY_TRANSCODE, write_imagenet, write_messy_folder
 
 from components.config import DataConfig, ShardConfig
 from components.data.prepare.manifest import read_manifest
@@ -19,7 +18,7 @@ from components.data.shards.stage import read_index, run_shard, split_urls, veri
 
 
 @pytest.fixture(scope="module")
-def messy_shards(tmp_path_factory):
+def messy_shards(tmp_path_factory, write_messy_folder):
     base = tmp_path_factory.mktemp("messy_shards")
     root = write_messy_folder(base / "photos")
     run_prepare(DataConfig(source="folder", root=str(root), exclude=["**/thumbs/**"], workers=1), "x",
@@ -33,9 +32,9 @@ def _members(url):
         return {ti.name: tf.extractfile(ti).read() for ti in tf}
 
 
-def test_tree_shards_keep_original_bytes_and_verify(messy_shards):
+def test_tree_shards_keep_original_bytes_and_verify(messy_shards, messy_outcome):
     root, base, m = messy_shards
-    assert m["samples"] == MESSY_OK == m["verified_samples"] and m["transcoded"] == MESSY_TRANSCODE
+    assert m["samples"] == messy_outcome.ok == m["verified_samples"] and m["transcoded"] == messy_outcome.transcode
     assert m["shards"] == 5 and m["shards_reused"] == 0
     prep = {r["key"]: r for r in read_manifest(base / "raw" / "folder" / "train" / "manifest.parquet")[0]}
     rows, _ = read_manifest(base / "shards" / "train" / "manifest.parquet")
@@ -58,7 +57,7 @@ def test_tree_shards_keep_original_bytes_and_verify(messy_shards):
     assert read_index(base / "shards")["splits"]["train"]["shard_samples"] == [4, 4, 4, 4, 1]
 
 
-def test_orientation_is_the_same_on_every_decode_path(messy_shards):
+def test_orientation_is_the_same_on_every_decode_path(messy_shards, messy_outcome):
     """The rotated photo decodes upright, at its displayed size, through the loader's CPU path (decode_rgb), the
     bytes path the GPU uses (decode_images: nvJPEG on CUDA, libjpeg-turbo here) and PIL."""
     from PIL import Image
@@ -70,7 +69,7 @@ def test_orientation_is_the_same_on_every_decode_path(messy_shards):
     urls = split_urls(base / "shards", "train")
     rgb = {s["meta"]["image"]["file_name"]: s["image"] for s in iterate_samples(urls, decode="rgb")}
     raw = {s["meta"]["image"]["file_name"]: s["image"] for s in iterate_samples(urls, decode="bytes")}
-    assert len(rgb) == len(raw) == MESSY_OK
+    assert len(rgb) == len(raw) == messy_outcome.ok
     name = "photos/rotated_6.jpg"
     cpu = rgb[name]
     dev = decode_images([torch.frombuffer(bytearray(raw[name]), dtype=torch.uint8)], torch.device("cpu"))[0]
@@ -84,7 +83,7 @@ def test_orientation_is_the_same_on_every_decode_path(messy_shards):
         assert img.dtype == torch.uint8 and img.shape[0] == 3, name
 
 
-def test_imagenet_shards_carry_labels(tmp_path):
+def test_imagenet_shards_carry_labels(tmp_path, write_imagenet):
     root = write_imagenet(tmp_path / "imagenet")
     run_prepare(DataConfig(source="imagenet", root=str(root), workers=1), "x", tmp_path / "raw", progress=False)
     m = run_shard(ShardConfig(max_count=5, workers=1), tmp_path / "raw", tmp_path / "shards", progress=False)
@@ -125,7 +124,7 @@ def test_tar_bytes_equal_webdataset_tarwriter(tmp_path):
 
 
 @pytest.mark.slow  # imports torchvision + 2 SlotCon steps: ~20 s on a busy 2-core machine
-def test_pretraining_runs_from_imagenet_shards(tmp_path):
+def test_pretraining_runs_from_imagenet_shards(tmp_path, write_imagenet):
     from components.config import PretrainConfig
     from components.pretrain.stage import run_pretrain
 

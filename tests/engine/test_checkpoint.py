@@ -1,5 +1,5 @@
 """Checkpoints: atomic writes (a crash mid-save keeps the previous file), latest/rotation, fingerprints, RNG states,
-and load_pretrained."""
+state dict keys."""
 from __future__ import annotations
 
 import pytest
@@ -121,26 +121,3 @@ def test_clean_state_dict_and_unwrap():
 
     assert ckpt.unwrap(Wrap()) is inner
 
-
-def test_load_pretrained_roundtrip_and_errors(tmp_path):
-    from components.pretrain.methods.slotcon.model import SlotCon
-
-    kwargs = dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16)
-    torch.manual_seed(0)
-    model = SlotCon(**kwargs)
-    path = tmp_path / "last.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "model_kwargs": kwargs}, path)
-    loaded = ckpt.load_pretrained(path)
-    assert not loaded.training
-    x = torch.randn(1, 3, 64, 64)
-    model.eval()
-    torch.testing.assert_close(loaded.teacher_scores(x), model.teacher_scores(x))
-
-    with pytest.raises(UserError, match="not found"):
-        ckpt.load_pretrained(tmp_path / "missing.pt")
-    (tmp_path / "bad.pt").write_bytes(b"nope")
-    with pytest.raises(UserError, match="bad.pt"):
-        ckpt.load_pretrained(tmp_path / "bad.pt")
-    torch.save({"model": model.state_dict(), "model_kwargs": dict(kwargs, num_prototypes=4)}, tmp_path / "mis.pt")
-    with pytest.raises(UserError, match="do not match"):
-        ckpt.load_pretrained(tmp_path / "mis.pt")

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_coco
 
 from components.config import DataConfig, ShardConfig
 from components.data.prepare.stage import run_prepare
@@ -91,7 +90,7 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def raw(tmp_path):
+def raw(tmp_path, write_coco):
     root = write_coco(tmp_path / "coco", n_train=14, n_val=5)
     run_prepare(DataConfig(workers=1), root, tmp_path / "raw", progress=False)
     params = tmp_path / "params.yaml"
@@ -192,9 +191,7 @@ def test_kill9_mid_shard_then_resume_keeps_finished_shards_and_is_byte_identical
     assert _tree_bytes(tmp_path / "shards") == _tree_bytes(tmp_path / "straight")
 
 
-def test_kill9_mid_prepare_then_resume_reuses_parts_and_is_byte_identical(tmp_path):
-    from tree_fixtures import write_messy_folder
-
+def test_kill9_mid_prepare_then_resume_reuses_parts_and_is_byte_identical(tmp_path, write_messy_folder):
     from components.data.prepare.tree import run_prepare_tree
 
     root = write_messy_folder(tmp_path / "photos")

@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from data_fixtures import jpeg_bytes
-from test_loader import write_shards
-from test_pretrain import _free_port, shards  # noqa: F401  (shards: the module-scoped fixture, 48 + 8 scenes)
 
 from components.data.loading.loader import iterate_samples, make_loader
 
 pytestmark = pytest.mark.faults
 
 PER_SHARD = 16
-
-
-def _write(d: Path, n_shards: int, per_shard: int = PER_SHARD) -> list[str]:
-    """Shards of ``per_shard`` samples (jpg, json, seg.png members, as `slotcon shard` writes them)."""
-    return write_shards(d, n_shards, per_shard)
 
 
 def _members(url: str) -> list[tarfile.TarInfo]:
@@ -58,10 +50,10 @@ DAMAGES = ["checksum_first_member", "checksum_json", "checksum_last_member", "ch
 
 
 @pytest.mark.parametrize("how", DAMAGES)
-def test_every_lost_sample_is_counted_and_named(tmp_path, how):
+def test_every_lost_sample_is_counted_and_named(tmp_path, how, write_shards):
     """Counted losses == real losses (16 - samples actually delivered from the damaged shard), per shard, in the
     evaluation iterator and in the loader with 2 workers; a shard-level record names the last key it did deliver."""
-    urls = _write(tmp_path, 3)
+    urls = write_shards(tmp_path, 3, PER_SHARD)
     expected = {u: PER_SHARD for u in urls}
     victim = urls[1]
     _damage(victim, how)
@@ -87,10 +79,10 @@ def test_every_lost_sample_is_counted_and_named(tmp_path, how):
     assert loader.stats["lost"] == real and loader.stats["lost_by_shard"] == {victim: real}
 
 
-def test_damaged_header_checksum_loses_are_counted(tmp_path):
+def test_damaged_header_checksum_loses_are_counted(tmp_path, write_shards):
     """The issue's case: 4 bytes of one member header's checksum in a 16-sample shard; tarfile ends the archive there
     without an exception: 12 samples are lost, and counted, also without expected counts (as damage of unknown size)."""
-    (url,) = _write(tmp_path, 1)
+    (url,) = write_shards(tmp_path, 1, PER_SHARD)
     _damage(url, "checksum_first_member")
     it = iterate_samples(url, decode="bytes", expected_counts={url: PER_SHARD})
     assert len(list(it)) == 4 and it.stats["lost"] == 12
@@ -100,12 +92,12 @@ def test_damaged_header_checksum_loses_are_counted(tmp_path):
     assert blind.errors[0]["lost"] is None and blind.stats["lost"] == 0
 
 
-def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_path):
+def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_path, write_shards):
     """Resampled: every visit of the damaged shard loses its 12 again (the loader's per-visit count), the ledger
     counts the 12 once (per shard, maximum over visits and ranks), so a resumed or longer run does not inflate it."""
     from components.data.loading.ledger import DataLossLedger
 
-    urls = _write(tmp_path, 3)
+    urls = write_shards(tmp_path, 3, PER_SHARD)
     expected = {u: PER_SHARD for u in urls}
     _damage(urls[0], "checksum_first_member")
     ledger = DataLossLedger(expected)
@@ -127,12 +119,12 @@ def test_resampled_counts_each_visit_and_the_ledger_counts_the_data_once(tmp_pat
     assert again.lost == 12
 
 
-def test_corrupt_jpeg_in_a_shard_is_counted_on_both_paths(tmp_path):
+def test_corrupt_jpeg_in_a_shard_is_counted_on_both_paths(tmp_path, write_shards, jpeg_bytes):
     """A garbage JPEG is skipped by the worker (rgb: decode fails; bytes: the header check fails); a truncated JPEG
     with a good header passes a bytes-mode worker and is dropped, with its crops, when the device decodes."""
     from components.data.loading.decode import decode_batch
 
-    urls = _write(tmp_path, 2, per_shard=6)
+    urls = write_shards(tmp_path, 2, 6)
     rng = np.random.default_rng(5)
     good = jpeg_bytes(rng.integers(0, 255, (24, 32, 3), np.uint8))
     p = tmp_path / "bad.tar"
@@ -190,7 +182,9 @@ class NvjpegStandIn:
             raise RuntimeError(f"nvjpeg: {exc}") from None
 
 
-def _jpegs():
+@pytest.fixture
+def jpegs(jpeg_bytes) -> dict[str, bytes]:
+    """Five JPEGs for the decode paths: RGB, grey, CMYK, the RGB one cut in half (corrupt), a second RGB."""
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 255, (20, 28, 3), np.uint8)
     good = jpeg_bytes(rgb)
@@ -203,10 +197,9 @@ def _jpegs():
     }
 
 
-def test_device_decode_falls_back_per_image_and_drops_corrupt():
+def test_device_decode_falls_back_per_image_and_drops_corrupt(jpegs):
     from components.data.loading.decode import decode_batch, decode_images, decode_rgb
 
-    jpegs = _jpegs()
     names = list(jpegs)
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()]
     as_list = decode_images(tensors, torch.device("cpu"), device_decode=NvjpegStandIn())
@@ -227,11 +220,10 @@ def test_device_decode_falls_back_per_image_and_drops_corrupt():
 
 
 @pytest.mark.gpu
-def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
+def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt(jpegs):
     """The real thing on CUDA: grey and CMYK JPEGs decode (CMYK on the CPU, alone), a corrupt one is dropped."""
     from components.data.loading.decode import decode_batch, decode_rgb
 
-    jpegs = _jpegs()
     names = list(jpegs)
     out = decode_batch([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs.values()],
                         torch.device("cuda"))
@@ -242,14 +234,13 @@ def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt():
         assert (img.cpu().float() - decode_rgb(jpegs[names[i]]).float()).abs().mean() < 3
 
 
-def test_make_views_drops_the_crops_of_a_dropped_image():
+def test_make_views_drops_the_crops_of_a_dropped_image(jpegs):
     """The views of a batch with a corrupt image equal the views of the same batch without it (same generator):
     the dropped image's boxes, flips and coords went with it."""
     from components.pretrain.augment import TwoViewAugment
     from components.pretrain.crops import sample_two_crops
     from components.pretrain.views import collate_pairs, make_views
 
-    jpegs = _jpegs()
     g = torch.Generator().manual_seed(0)
     samples = [{"key": n, "url": "u.tar", "image": b, "crops": sample_two_crops(20, 28, g)} for n, b in jpegs.items()]
     augment = TwoViewAugment(image_size=32)
@@ -393,12 +384,12 @@ def _kept_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.ddp
-def test_fewer_than_two_kept_queries_two_gloo_ranks(tmp_path):
+def test_fewer_than_two_kept_queries_two_gloo_ranks(tmp_path, free_port):
     """0 or 1 kept queries on a rank (the other rank with 0-3, batches of unequal size): no crash, no hang, and the
     parameters stay identical on both ranks (DDP saw gradients for every parameter on every rank)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_kept_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_kept_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
     l0, l1 = ranks[0]["losses"], ranks[1]["losses"]

@@ -130,7 +130,7 @@ def _scenes_cli(tmp_path: Path, capsys) -> tuple[int, str]:
 
 def _fresh_store(tmp_path: Path) -> tuple[Path, str]:
     from components.config import TrackingConfig
-    from components.tracking.runs import open_store
+    from components.tracking import open_store
 
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -180,7 +180,7 @@ def test_store_trouble_mid_run_never_stops_the_stage_and_catches_up(tmp_path, mo
     from mlflow import MlflowClient
 
     from components.config import TrackingConfig
-    from components.tracking.runs import stage_run
+    from components.tracking import stage_run
 
     monkeypatch.delenv("SLOTCON_PARENT_RUN_ID", raising=False)
     monkeypatch.setenv("SLOTCON_TRACKING_FLUSH_S", "90")
@@ -229,7 +229,7 @@ CREATOR = textwrap.dedent(
     """
     import os, sys, time
     from components.config import TrackingConfig
-    from components.tracking.runs import ensure_experiment
+    from components.tracking import ensure_experiment
     start = float(sys.argv[1])
     time.sleep(max(0.0, start - time.time()))  # all processes hit the fresh store at the same moment
     ensure_experiment(TrackingConfig(experiment="slotcon-pipeline", artifact_location=sys.argv[2]))

@@ -1,4 +1,4 @@
-"""The Prefect flow on a tiny, real DVC project (tests/tiny_dvc_project.py), under a Prefect test server.
+"""The Prefect flow on a tiny, real DVC project (tests/fixtures/dvc_project.py), under a Prefect test server.
 
 The real pipeline (this repo's dvc.yaml) is exercised by tests/test_dvc_pipeline.py.
 """
@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tiny_dvc_project import make_tiny_project, venv_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +65,7 @@ def _logs(flow_run_id) -> str:
 
 
 @pytest.fixture
-def tiny(tmp_path, monkeypatch):
+def tiny(tmp_path, monkeypatch, make_tiny_project):
     root = make_tiny_project(tmp_path / "tiny")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("SLOTCON_PARENT_RUN_ID", raising=False)
@@ -164,7 +163,7 @@ def test_failing_stage_retries_then_stops_downstream(prefect_server, tiny):
 
 
 @pytest.mark.slow
-def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
+def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny, venv_env):
     from pipelines.flow import slotcon_pipeline
 
     before = (tiny / "params.yaml").read_text()
@@ -200,7 +199,7 @@ def test_params_overrides_run_as_dvc_experiment(prefect_server, tiny):
     assert "metrics/a.json" in json.dumps(exp)  # git-ignored metrics are saved with the experiment
 
 
-def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path):
+def test_select_stages_adds_upstream_and_rejects_unknown(tmp_path, make_tiny_project):
     from pipelines.dvcgraph import load_stages, select_stages
 
     stages = load_stages(make_tiny_project(tmp_path / "p"))
@@ -241,7 +240,7 @@ def test_real_dvc_yaml_graph_is_a_chain_from_scenes(repo_root):
 
 
 @pytest.mark.slow
-def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path):
+def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path, venv_env):
     """`prefect deploy --all` with this repo's prefect.yaml against the test server; schedules read back."""
     import yaml
     from prefect import get_client
@@ -297,7 +296,7 @@ def test_dvc_yaml_wiring(repo_root):
     assert not problems, "\n".join(problems)
 
 
-def test_bad_targets_and_overrides_fail_in_one_line_before_prefect(tmp_path, capsys):
+def test_bad_targets_and_overrides_fail_in_one_line_before_prefect(tmp_path, capsys, make_tiny_project):
     """`python -m pipelines.flow` checks its arguments before Prefect starts: one line, exit status 2."""
     import time
 

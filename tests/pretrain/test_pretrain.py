@@ -7,12 +7,10 @@ import csv
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import run_pretrain_in, tiny_scene_shards
 
 from components.config import PretrainConfig
 
@@ -29,19 +27,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tiny_scene_shards(tmp_path_factory.mktemp("pretrain_data"))
-
-
-_run = run_pretrain_in
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # exact resume
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_exact_resume_equals_straight_run(shards, tmp_path):
+def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step losses to 1e-6, final weights equal.
 
     2 epochs x 3 steps; the stop falls mid-epoch (the resumed loader must skip the consumed batches and the
@@ -49,14 +39,15 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
     """
     cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, warmup_epochs=1, samples_per_epoch=24, save_every_steps=2)
     straight: dict[int, dict] = {}
-    _run(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
+    run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
 
     resumed: dict[int, dict] = {}
-    out = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st), stop_after_step=2)
+    out = run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st),
+                          stop_after_step=2)
     assert out == {"stopped_at_step": 2}
     assert not (tmp_path / "b" / "models" / "last.pt").exists()
     torch.manual_seed(12345)  # the process's RNG moved on: resume must restore what it needs
-    metrics = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
+    metrics = run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
     assert metrics["resumed"] and metrics["steps_this_run"] == 4
 
     assert sorted(straight) == sorted(resumed) == list(range(1, 7))
@@ -75,13 +66,13 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
 
     # a changed run-defining param restarts cleanly in its own folder; the old checkpoints stay
     cfg2 = cfg.model_copy(update={"slotcon": cfg.slotcon.model_copy(update={"base_lr": 0.5}), "epochs": 1})
-    out2 = _run(cfg2, shards, tmp_path / "b", stop_after_step=2)
+    out2 = run_pretrain_in(cfg2, shards, tmp_path / "b", stop_after_step=2)
     assert out2 == {"stopped_at_step": 2}
     runs = sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir())
     assert len(runs) == 2
     # another length is another run (the cosine schedules span it): a fresh start in a third folder
     cfg3 = cfg.model_copy(update={"epochs": 3})
-    m3 = _run(cfg3, shards, tmp_path / "b")
+    m3 = run_pretrain_in(cfg3, shards, tmp_path / "b")
     assert not m3["resumed"] and m3["steps"] == 9 and m3["steps_this_run"] == 9 and m3["epochs"] == 3
     assert len(list((tmp_path / "b" / "ckpt").iterdir())) == 3
 
@@ -89,7 +80,7 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # non-finite loss
 # --------------------------------------------------------------------------------------------------------------------
-def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(shards, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(shards, tmp_path, monkeypatch, run_pretrain_in):
     from components.pretrain.methods.slotcon import model as model_mod
     from components.engine.loop import NonFiniteLossError
 
@@ -106,7 +97,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(shards, tmp_path, 
     monkeypatch.setattr(model_mod.SlotCon, "forward", forward)
     cfg = PretrainConfig(**TINY, batch_size=8, epochs=1, warmup_epochs=0, samples_per_epoch=32, save_every_steps=1)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 .*step_000000002\.pt"):
-        _run(cfg, shards, tmp_path)
+        run_pretrain_in(cfg, shards, tmp_path)
     ckpts = sorted(p.name for p in next((tmp_path / "ckpt").iterdir()).iterdir())
     assert ckpts[-1] == "step_000000002.pt"  # the last good one; nothing written after the bad step
 
@@ -120,7 +111,7 @@ def test_demo_run_cli_loss_falls_and_records(shards, tmp_path, mlflow_store, mon
     import yaml
 
     from components.pretrain import stage as loop
-    from components.engine.checkpoint import load_pretrained
+    from components.pretrain.registry import load_pretrained
 
     monkeypatch.chdir(tmp_path)
     pre = dict(TINY, batch_size=16, epochs=3, warmup_epochs=1, samples_per_epoch=48, save_every_steps=100)
@@ -228,14 +219,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
         tdist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
-def test_ddp_two_processes_equal_one_process(tmp_path):
+def test_ddp_two_processes_equal_one_process(tmp_path, free_port):
     import torch.multiprocessing as mp
 
     from components.pretrain.methods.slotcon.grouping import slot_keep_mask
@@ -245,7 +230,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     world, b = 2, 3
     inputs = _ddp_inputs(world * b)
     torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     # (a) loss path: kept-query-weighted mean of the rank losses == the loss on the whole batch; centers equal
@@ -322,11 +307,11 @@ def test_cpu_threads_leave_a_core_per_worker():
     assert cpu_threads(4, 8, cores=4) == 1
 
 
-def test_bad_shards_and_batch_are_user_errors(shards, tmp_path):
+def test_bad_shards_and_batch_are_user_errors(shards, tmp_path, run_pretrain_in):
     from components.errors import UserError
 
     cfg = PretrainConfig(**TINY, batch_size=8, epochs=1, warmup_epochs=0)
     with pytest.raises(UserError, match="index.json"):
-        _run(cfg, tmp_path / "nowhere", tmp_path)
+        run_pretrain_in(cfg, tmp_path / "nowhere", tmp_path)
     with pytest.raises(UserError, match="exceeds"):
-        _run(cfg.model_copy(update={"batch_size": 64}), shards, tmp_path)
+        run_pretrain_in(cfg.model_copy(update={"batch_size": 64}), shards, tmp_path)

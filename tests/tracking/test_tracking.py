@@ -1,14 +1,13 @@
-"""components.tracking.runs against a real temporary SQLite MLflow store, read back with MlflowClient."""
+"""components.tracking against a real temporary SQLite MLflow store, read back with MlflowClient."""
 from __future__ import annotations
 
 import json
 import subprocess
 
 import pytest
-from tiny_dvc_project import make_tiny_project, venv_env
 
 from components.config import ScenesConfig, TrackingConfig
-from components.tracking.runs import FLOW_RUN_ENV, PARENT_ENV, flatten, stage_run
+from components.tracking import FLOW_RUN_ENV, PARENT_ENV, flatten, stage_run
 
 
 def _client():
@@ -122,7 +121,7 @@ def test_flatten():
 
 
 @pytest.mark.slow
-def test_plain_dvc_repro_groups_stages_under_one_parent(tmp_path, monkeypatch):
+def test_plain_dvc_repro_groups_stages_under_one_parent(tmp_path, monkeypatch, make_tiny_project, venv_env):
     """No flow: the stages of one `dvc repro` share a parent run found through the dvc process."""
     from mlflow import MlflowClient
 
@@ -158,7 +157,7 @@ def test_promotion_decision_compares_with_the_champion():
 
 
 def test_numeric_items_drop_sentinels_strings_and_nan():
-    from components.tracking.runs import is_sentinel, numeric_items
+    from components.tracking import is_sentinel, numeric_items
 
     assert is_sentinel("pretrained/bbox_APl", -1.0) and is_sentinel("segm_ARs", -1.0)
     assert not is_sentinel("gain/loss", -1.0) and not is_sentinel("bbox_APl", 0.0)

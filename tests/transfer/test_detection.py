@@ -82,7 +82,7 @@ def test_wrong_trunk_weights_fail_in_one_line():
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     from components.config import DataConfig, ScenesConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.scenes.stage import generate_scenes
     from components.data.shards.stage import run_shard
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
 
 from components.config import SegmentConfig
 from components.errors import UserError
 from components.transfer.segment.models import FCN, build_trunk, load_trunk_
-from components.transfer.segment.stage import SegAugment, poly_lr, predict, run_segment
+from components.transfer.segment.evaluation import predict
+from components.transfer.segment.stage import run_segment
+from components.transfer.segment.train import SegAugment, poly_lr
 
 
 def _conv_geometry(net):
@@ -100,7 +101,7 @@ class _ToySource:
 
 def test_a_few_cpu_iterations_lower_the_loss():
     from components.engine.loop import RunSpec, fit
-    from components.transfer.segment.stage import SegmentMethod
+    from components.transfer.segment.train import SegmentMethod
 
     cfg = SegmentConfig(iters=8, batch_size=4, lr=0.05, aux_weight=0.4, head_channels=16, output_stride=16)
     method = SegmentMethod(cfg, source=_ToySource(_toy_batch(size=48)), num_classes=3, arch="resnet18",
@@ -122,28 +123,8 @@ def test_sliding_window_covers_the_image():
     torch.testing.assert_close(predict(model, x, mode="slide", crop=128), predict(model, x, mode="whole"))
 
 
-def _scenes_folder(root, n=3, size=48):
-    """A tiny dataset in the scenes layout: two colour regions = two classes (ids 3 and 7)."""
-    rng = np.random.default_rng(0)
-    for split in ("train2017", "val2017"):
-        (root / split).mkdir(parents=True)
-        (root / "stuffthingmaps_trainval2017" / split).mkdir(parents=True)
-        for i in range(n):
-            lbl = np.full((size, size), 3, np.uint8)
-            c = int(rng.integers(12, 36))
-            lbl[c:, :] = 7
-            img = np.where(lbl[..., None] == 3, [200, 40, 40], [40, 40, 200]).astype(np.uint8)
-            Image.fromarray(img).save(root / split / f"{i:012d}.jpg")
-            Image.fromarray(lbl).save(root / "stuffthingmaps_trainval2017" / split / f"{i:012d}.png")
-    (root / "annotations").mkdir()
-    (root / "annotations" / "semantic_classes.json").write_text(
-        json.dumps([{"id": 3, "name": "red", "isthing": 0}, {"id": 7, "name": "blue", "isthing": 0}])
-    )
-    return root
-
-
-def test_run_segment_end_to_end_on_a_folder_with_random_comparison(tmp_path):
-    root = _scenes_folder(tmp_path / "scenes")
+def test_run_segment_end_to_end_on_a_folder_with_random_comparison(tmp_path, scenes_folder):
+    root = scenes_folder(tmp_path / "scenes")
     sd = {k: v for k, v in torchvision.models.resnet18(weights=None).state_dict().items() if not k.startswith("fc.")}
     torch.save({"arch": "resnet18", "state_dict": sd}, tmp_path / "backbone.pt")
     cfg = SegmentConfig(data_root=str(root), iters=3, batch_size=2, crop_size=32, head_channels=8)
@@ -160,14 +141,14 @@ def test_run_segment_end_to_end_on_a_folder_with_random_comparison(tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_and_resume_equals_a_straight_run(tmp_path):
+def test_stop_and_resume_equals_a_straight_run(tmp_path, scenes_folder):
     """6 iterations straight == 2 + 'kill' + resume + 4, losses and weights to 1e-6 (augmentation drawn per sample
     from (seed, epoch, key), the loader position and the RNG restored by the engine)."""
     from components.data.segmentation.sources import open_source
     from components.transfer.segment.stage import train_one
 
     torch.set_num_threads(1)
-    root = _scenes_folder(tmp_path / "scenes", n=5)
+    root = scenes_folder(tmp_path / "scenes", n=5)
     cfg = SegmentConfig(data_root=str(root), iters=6, batch_size=2, crop_size=32, head_channels=8, save_every=2)
     src = open_source(str(root), None, "auto", "train")
     runs = {}

@@ -166,7 +166,7 @@ def test_labels_of_unlabeled_images_are_never_read(tmp_path, monkeypatch, method
     import components.data.segmentation.sources as sd
     from components.data.segmentation.sources import open_source
     from components.transfer.segment.stage import split_train, train_one
-    from components.tracking.runs import Tracker
+    from components.tracking import Tracker
 
     opened = []
     real = sd.decode_label
@@ -194,14 +194,12 @@ def test_labels_of_unlabeled_images_are_never_read(tmp_path, monkeypatch, method
         assert torch.equal(v, runs["poisoned"][1][k]), k
 
 
-def test_shard_subsets_read_only_the_labeled_maps(tmp_path, monkeypatch):
+def test_shard_subsets_read_only_the_labeled_maps(tmp_path, monkeypatch, coco_shards):
     """From shards: the labelled part is read once (only its members); the unlabelled stream never decodes a map."""
-    from test_segdatasets import _shards
-
     import components.data.loading.loader as loader
     from components.data.segmentation.sources import open_source
 
-    src = open_source("", _shards(tmp_path), "auto", "train")
+    src = open_source("", coco_shards(tmp_path), "auto", "train")
     keys = src.keys()
     lab, unl = split_labeled(keys, 2, seed=0)
     labeled = src.subset(lab, labels=True)
@@ -241,7 +239,7 @@ def test_reco_run_end_to_end_with_supervised_baseline_and_picture(tmp_path):
 def test_mean_teacher_runs_on_the_fcn_head_with_cutmix(tmp_path):
     """FCN stays available to the semi-supervised methods (auxiliary loss on the labelled part only)."""
     from components.data.segmentation.sources import open_source
-    from components.tracking.runs import Tracker
+    from components.tracking import Tracker
     from components.transfer.segment.models import FCN
     from components.transfer.segment.stage import split_train, train_one
 
@@ -278,7 +276,7 @@ def test_reco_stop_and_resume_equals_a_straight_run(tmp_path):
     mixing/sampling generator in the checkpoint, per-sample crops from (seed, epoch, key))."""
     from components.data.segmentation.sources import open_source
     from components.transfer.segment.stage import split_train, train_one
-    from components.tracking.runs import Tracker
+    from components.tracking import Tracker
 
     torch.set_num_threads(1)
     root = scenes_folder(tmp_path / "s", n=8)
@@ -315,7 +313,7 @@ def _ddp_reco_worker(rank, world, port, root, out):
     try:
         from components.data.segmentation.sources import open_source
         from components.transfer.segment.stage import split_train, train_one
-        from components.tracking.runs import Tracker
+        from components.tracking import Tracker
 
         torch.set_num_threads(1)
         cfg = SegmentConfig(method="reco", labeled=4, nproc_per_node=2, **{**TINY, "iters": 2, "batch_size": 4})

@@ -76,7 +76,7 @@ def test_vit_mask_rcnn_loads_trains_and_reloads(tmp_path):
 def test_vit_fcn_head_on_the_stride16_map():
     from components.config import SegmentConfig
     from components.transfer.segment.models import ViTFCN, build_segmenter, load_trunk_
-    from components.transfer.segment.stage import seg_loss
+    from components.transfer.segment.train import seg_loss
 
     torch.manual_seed(0)
     model = build_segmenter(SegmentConfig(crop_size=64, head_channels=8), arch="vit_demo_16", num_classes=3)
@@ -128,20 +128,14 @@ def test_vit_probe_features_are_the_token_map():
 
 
 @pytest.mark.slow
-def test_segment_stage_trains_a_vit_trunk(tmp_path):
+def test_segment_stage_trains_a_vit_trunk(tmp_path, scenes_folder):
     """The segment stage's own training (`train_one`: the engine, SegmentMethod's loss) on a ViT trunk: the
     comparison's SIM cells go through it."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))  # test_segmentation sits beside this file
-    from test_segmentation import _scenes_folder
-
     from components.config import SegmentConfig
     from components.data.segmentation.sources import open_source
     from components.transfer.segment.stage import train_one
 
-    root = _scenes_folder(tmp_path / "scenes", n=4)
+    root = scenes_folder(tmp_path / "scenes", n=4)
     cfg = SegmentConfig(data_root=str(root), iters=2, batch_size=2, crop_size=32, head_channels=8)
     sd = build_vit("vit_demo_16", 96, head="none").state_dict()
     torch.save({"arch": "vit_demo_16", "state_dict": sd}, tmp_path / "backbone.pt")

@@ -80,17 +80,16 @@ def test_palette_is_fixed_and_distinct():
 
 
 @pytest.mark.slow
-def test_segment_unsup_seg_and_viz_clis_on_real_shards(tmp_path, mlflow_store):
+def test_segment_unsup_seg_and_viz_clis_on_real_shards(tmp_path, mlflow_store, write_coco):
     """The three stages as DVC runs them (CLI, params file, MLflow on), on shards written by `shard`."""
     import json
 
     import mlflow
     import yaml
-    from data_fixtures import write_coco
 
     from components.cli import main
     from components.config import DataConfig, ShardConfig
-    from components.data.prepare.coco import run_prepare
+    from components.data.prepare.stage import run_prepare
     from components.data.shards.stage import run_shard
     from components.pretrain.methods.slotcon.model import SlotCon
 

@@ -1,13 +1,5 @@
-"""COCO evaluation with pycocotools: model outputs -> COCO results (RLE masks) -> ``COCOeval`` -> named metrics.
-
-- :func:`make_coco` builds an in-memory ``COCO`` ground truth from image records, annotations and categories (as
-  read from the shards), filling ``area``/``iscrowd``/``id`` the way COCO's files have them.
-- :func:`predictions_to_results` turns one torchvision detection output (``boxes`` (N, 4) xyxy, ``scores`` (N,),
-  ``labels`` (N,), ``masks`` (N, 1, H, W) probabilities) into COCO result dicts (``bbox`` in xywh, category ids mapped
-  back from contiguous labels, masks thresholded at 0.5 and RLE-encoded as torchvision's reference does).
-- :func:`evaluate` runs ``COCOeval`` for ``bbox`` and ``segm`` and returns the 12 summary numbers per type as
-  ``{"bbox_AP": .., "bbox_AP50": .., ..., "segm_ARl": ..}`` (AP in [0, 1]; -1 where COCO finds no ground truth in an
-  area range). An empty result list scores 0 instead of crashing inside ``COCO.loadRes``.
+"""COCO evaluation with pycocotools: model outputs -> COCO results (RLE masks) -> ``COCOeval`` -> named metrics
+(``{"bbox_AP": .., ..., "segm_ARl": ..}``, the 12 summary numbers per type).
 """
 from __future__ import annotations
 
@@ -33,7 +25,8 @@ def make_coco(
     annotations: Sequence[Mapping[str, Any]],
     categories: Sequence[Mapping[str, Any]],
 ) -> COCO:
-    """An indexed ground-truth ``COCO`` object from in-memory records (no file); missing fields get COCO's values."""
+    """An indexed ground-truth ``COCO`` object from in-memory records (no file; image records, annotations and
+    categories as read from the shards); missing ``area`` / ``iscrowd`` / ``id`` get COCO's values."""
     anns = []
     for i, a in enumerate(annotations):
         a = dict(a)
@@ -68,7 +61,9 @@ def predictions_to_results(
     *,
     mask_threshold: float = 0.5,
 ) -> list[dict]:
-    """COCO result dicts for one image from a torchvision output (tensors or arrays, on any device)."""
+    """COCO result dicts for one image from a torchvision output (tensors or arrays, on any device): ``boxes`` (N, 4)
+    xyxy -> ``bbox`` xywh, ``labels`` mapped back to category ids, ``masks`` (N, 1, H, W) probabilities thresholded at
+    ``mask_threshold`` and RLE-encoded as torchvision's reference does."""
 
     def arr(x):
         return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
@@ -123,7 +118,9 @@ def evaluate(
     *,
     summary: list[str] | None = None,
 ) -> dict[str, float]:
-    """``COCOeval`` for each IoU type; returns ``{f"{iou_type}_{stat}": value}`` for the 12 stats of each.
+    """``COCOeval`` for each IoU type; returns ``{f"{iou_type}_{stat}": value}`` for the 12 stats of each (AP in
+    [0, 1]; -1 where COCO finds no ground truth in an area range). An empty result list scores 0 instead of crashing
+    inside ``COCO.loadRes``.
 
     ``summary``, when given, receives COCO's printed summary table per type (the stdout is kept off the terminal).
     The segm type needs every result to carry a ``segmentation``.

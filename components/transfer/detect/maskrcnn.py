@@ -1,14 +1,6 @@
-"""Mask R-CNN with a ResNet-FPN or ViT simple-pyramid backbone on a pretrained trunk: model, schedule, optimiser groups.
-
-- :func:`build_model`: ``torchvision.models.detection.MaskRCNN`` on ``_resnet_fpn_extractor`` of a torchvision ResNet
-  whose trunk is loaded *strictly* (:func:`components.backbone.load_trunk`: one error format for every stage), or, for
-  a ViT arch, on ViTDet's simple feature pyramid from the stride-16 map (:mod:`components.transfer.detect.vit_pyramid`),
-  same five levels and names, same heads.
-  Normalisation as the SSL transfer protocols use it (MoCo/SlotCon detectron2 configs ``*_syncbn``): BN in train mode
-  in the trunk, FPN and (``box_head: 4conv1fc``) the ROI heads, every layer fine-tuned; ``frozen`` is torchvision's
-  supervised default (FrozenBN, stem + layer1 frozen, no norm in FPN/heads).
-- :func:`lr_at`: detectron2's WarmupMultiStepLR as a pure function of the iteration.
-- :func:`param_groups`: no weight decay on norm parameters (detectron2 ``WEIGHT_DECAY_NORM=0``).
+"""Mask R-CNN with a ResNet-FPN or ViT simple-pyramid backbone on a pretrained trunk (:func:`build_model`), its
+schedule (:func:`lr_at`: detectron2's WarmupMultiStepLR as a pure function) and optimiser groups (:func:`param_groups`:
+no weight decay on norm parameters, detectron2 ``WEIGHT_DECAY_NORM=0``).
 """
 from __future__ import annotations
 
@@ -18,8 +10,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+from torchvision.ops.misc import FrozenBatchNorm2d
 
+from components.backbone import ARCHS, build_resnet, check_arch, is_vit, load_trunk
 from components.errors import UserError
+from components.transfer.detect.vit_pyramid import build_vit_pyramid
 
 NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
 WARMUP_FACTOR = 0.001  # detectron2 WARMUP_FACTOR: warm-up starts at lr / 1000
@@ -47,9 +47,47 @@ def lr_at(it: int, *, base_lr: float, warmup_iters: int, steps: Sequence[int], w
 # model
 # --------------------------------------------------------------------------------------------------------------------
 def _norm_layer(norm: str) -> Callable[..., nn.Module]:
-    from torchvision.ops.misc import FrozenBatchNorm2d
-
     return FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d  # syncbn: converted once a group exists
+
+
+def _backbone(arch: str, norm: str, trunk_state: Mapping[str, torch.Tensor] | None, trunk_source: str,
+              trunk_size: int) -> nn.Module:
+    """ResNet-FPN (P2-P6, 256 channels) on a strictly loaded trunk, or a ViT under the simple feature pyramid."""
+    check_arch(arch, trunk_source, ARCHS)
+    fix = f"export a {arch} backbone with `slotcon export` or set detect.init: random"
+    if is_vit(arch):
+        return build_vit_pyramid(arch, trunk_size=trunk_size, trunk_state=trunk_state, trunk_source=trunk_source,
+                                 fix=fix)
+    frozen = norm == "frozen"
+    trunk = build_resnet(arch, norm_layer=_norm_layer(norm), head="keep")
+    if trunk_state is not None:
+        load_trunk(trunk, trunk_state, arch=arch, source=trunk_source, fix=fix)
+    # SSL transfer fine-tunes every layer (detectron2 FREEZE_AT=0); the supervised/FrozenBN recipe freezes stem+res2
+    return _resnet_fpn_extractor(trunk, trainable_layers=3 if frozen else 5,
+                                 norm_layer=None if frozen else nn.BatchNorm2d)
+
+
+def _heads(out_channels: int, *, num_classes: int, box_head: str, mask_head: Sequence[int],
+           head_norm: Callable[..., nn.Module] | None) -> dict[str, Any]:
+    """The RPN / box / mask heads and predictors as :class:`MaskRCNN` keyword arguments."""
+    kwargs: dict[str, Any] = {}
+    if box_head == "4conv1fc":
+        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        kwargs.update(
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+            box_head=FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=head_norm),
+        )
+    elif box_head == "2fc":
+        kwargs["box_head"] = TwoMLPHead(out_channels * 7 * 7, 1024)
+    else:
+        raise ValueError(f"box_head={box_head!r} must be '2fc' or '4conv1fc'")
+    kwargs["box_predictor"] = FastRCNNPredictor(1024, num_classes + 1)  # both heads end in a 1024-d representation
+    widths = [int(c) for c in mask_head]
+    kwargs["mask_head"] = MaskRCNNHeads(out_channels, widths, 1,
+                                        norm_layer=head_norm if box_head == "4conv1fc" else None)
+    kwargs["mask_predictor"] = MaskRCNNPredictor(widths[-1], widths[-1], num_classes + 1)
+    return kwargs
 
 
 def build_model(
@@ -73,57 +111,22 @@ def build_model(
     """Mask R-CNN, ResNet-FPN (P2-P6, 256 channels), ``num_classes`` foreground classes (+ background).
 
     Input: a list of float images ``(3, H_i, W_i)`` in [0, 1]; training also takes targets (see
-    :func:`components.transfer.detect.targets.coco_to_target`). ``trunk_state`` (torchvision ResNet keys) is loaded strictly
-    into the trunk (:func:`components.backbone.load_trunk`); None keeps torchvision's random init. ``box_head="4conv1fc"`` uses the
-    normalised heads of the SSL transfer configs (torchvision's ``maskrcnn_resnet50_fpn_v2`` layout). ``mask_head``
-    are the widths of the mask head's 3x3 convs at 14x14 (COCO: four of 256; on a CPU it dominates the step).
-    A ViT ``arch`` gets the simple feature pyramid (LayerNorm in the pyramid whatever ``norm`` says, the trunk fully
-    trained); ``trunk_size`` is the image size its position table is built for (the pretrained one is resized).
+    :func:`components.transfer.detect.targets.coco_to_target`). ``trunk_state`` (torchvision ResNet keys) is loaded
+    strictly into the trunk (:func:`components.backbone.load_trunk`); None keeps torchvision's random init.
+    ``norm``: ``bn`` / ``syncbn`` train BN in the trunk, FPN and (``box_head="4conv1fc"``) the ROI heads, every layer
+    fine-tuned, as the SSL transfer protocols (MoCo/SlotCon detectron2 configs ``*_syncbn``); ``frozen`` is
+    torchvision's supervised default (FrozenBN, stem + layer1 frozen, no norm in FPN/heads). ``box_head="4conv1fc"``
+    uses the normalised heads of the SSL transfer configs (torchvision's ``maskrcnn_resnet50_fpn_v2`` layout).
+    ``mask_head`` are the widths of the mask head's 3x3 convs at 14x14 (COCO: four of 256; on a CPU it dominates the
+    step). A ViT ``arch`` gets the simple feature pyramid (LayerNorm in the pyramid whatever ``norm`` says, the trunk
+    fully trained); ``trunk_size`` is the image size its position table is built for (the pretrained one is resized).
     """
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-    from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
-
-    from components.backbone import ARCHS, build_resnet, check_arch, is_vit, load_trunk
-
-    check_arch(arch, trunk_source, ARCHS)
-    fix = f"export a {arch} backbone with `slotcon export` or set detect.init: random"
-    frozen = norm == "frozen"
-    head_norm = None if frozen else nn.BatchNorm2d
-    if is_vit(arch):
-        from components.transfer.detect.vit_pyramid import build_vit_pyramid
-
-        backbone = build_vit_pyramid(arch, trunk_size=trunk_size, trunk_state=trunk_state, trunk_source=trunk_source,
-                                     fix=fix)
-    else:
-        trunk = build_resnet(arch, norm_layer=_norm_layer(norm), head="keep")
-        if trunk_state is not None:
-            load_trunk(trunk, trunk_state, arch=arch, source=trunk_source, fix=fix)
-        # SSL transfer fine-tunes every layer (detectron2 FREEZE_AT=0); the supervised/FrozenBN recipe freezes
-        # stem+res2
-        backbone = _resnet_fpn_extractor(trunk, trainable_layers=3 if frozen else 5, norm_layer=head_norm)
-    kwargs: dict[str, Any] = {}
-    if box_head == "4conv1fc":
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-        kwargs.update(
-            rpn_anchor_generator=anchors,
-            rpn_head=RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], conv_depth=2),
-            box_head=FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256] * 4, [1024], norm_layer=head_norm),
-        )
-    elif box_head == "2fc":
-        kwargs["box_head"] = TwoMLPHead(backbone.out_channels * 7 * 7, 1024)
-    else:
-        raise ValueError(f"box_head={box_head!r} must be '2fc' or '4conv1fc'")
-    kwargs["box_predictor"] = FastRCNNPredictor(1024, num_classes + 1)  # both heads end in a 1024-d representation
-    widths = [int(c) for c in mask_head]
-    kwargs["mask_head"] = MaskRCNNHeads(backbone.out_channels, widths, 1,
-                                        norm_layer=head_norm if box_head == "4conv1fc" else None)
-    kwargs["mask_predictor"] = MaskRCNNPredictor(widths[-1], widths[-1], num_classes + 1)
+    backbone = _backbone(arch, norm, trunk_state, trunk_source, trunk_size)
+    heads = _heads(backbone.out_channels, num_classes=num_classes, box_head=box_head, mask_head=mask_head,
+                   head_norm=None if norm == "frozen" else nn.BatchNorm2d)
     return MaskRCNN(
         backbone,
-        num_classes=None,  # the predictors above carry num_classes + 1 (background)
+        num_classes=None,  # the predictors carry num_classes + 1 (background)
         min_size=tuple(int(s) for s in min_size),
         max_size=max_size,
         rpn_batch_size_per_image=rpn_batch_size,
@@ -133,7 +136,7 @@ def build_model(
         rpn_pre_nms_top_n_test=proposals_test,
         rpn_post_nms_top_n_test=proposals_test,
         box_detections_per_img=detections_per_img,
-        **kwargs,
+        **heads,
     )
 
 
@@ -141,8 +144,6 @@ def model_kwargs_of(cfg, *, arch: str, num_classes: int) -> dict[str, Any]:
     """The :func:`build_model` keyword arguments a :class:`DetectConfig` implies (stored in ``model.pt``). A ViT's
     position table is built for ``test_size`` (rounded up to a multiple of 32): pretrained and random inits get the
     same shapes, and ``load_detector`` rebuilds them."""
-    from components.backbone import is_vit
-
     kwargs = dict(arch=arch, num_classes=num_classes, norm=cfg.norm, box_head=cfg.box_head,
                   min_size=list(cfg.min_size), max_size=cfg.max_size, rpn_batch_size=cfg.rpn_batch_size,
                   roi_batch_size=cfg.roi_batch_size, proposals_train=cfg.proposals_train,

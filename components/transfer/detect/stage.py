@@ -1,28 +1,7 @@
 """Stage ``detect``: Mask R-CNN fine-tuning on the pretrained trunk (ResNet-FPN, or a ViT under ViTDet's simple
-feature pyramid); COCO AP^b / AP^m on val.
-
-The paper's headline transfer (SlotCon Table 1): Mask R-CNN R50-FPN, COCO 1x schedule, AP^b 41.0 / AP^m 37.0 after
-800 epochs of COCO pretraining. The official code runs detectron2 by hand; here it is one stage on torchvision and the
-training engine (:mod:`components.engine.loop`: exact resume, all-rank non-finite stop, DDP, logging):
-
-- **Model** (:mod:`components.transfer.detect.maskrcnn`): the trunk loaded strictly from ``models/backbone.pt``;
-  ``init: random`` builds the same network without loading, so the baseline runs the same way; ``compare_random``
-  trains both with one schedule and one seed.
-- **Data** (:func:`prepare_train_sample`): the labeled train split from the shards; targets from COCO annotations as
-  torchvision's reference training makes them (crowds left out, zero-area boxes dropped and counted, images without a
-  usable annotation skipped and counted -- the batch is refilled from the next samples, so every rank trains on full
-  batches); horizontal flip with p = 0.5 drawn from ``(seed, epoch, key)``; the short side drawn per image from
-  ``min_size`` inside the model.
-- **Optimisation**: SGD (momentum 0.9, weight decay 1e-4, none on norm parameters), linear warm-up from ``lr/1000``,
-  x0.1 at each of ``steps``. COCO 1x: 90k iterations at batch 16 (:class:`~components.config.DetectConfig`).
-- **Evaluation**: pycocotools ``COCOeval`` (bbox and segm) on the val split -> the 12 COCO numbers of each, rank 0.
-
-Outputs: ``<out>/model.pt`` (the configured init) and ``<out>/model_random.pt`` (the comparison), written
-atomically; resumable checkpoints under ``--checkpoints/<init>/<fingerprint>/`` (outside DVC's outs);
-``<plots>/predictions.png``, ``<plots>/loss.csv`` and ``loss.png``; metrics ``bbox_AP``/``segm_AP`` (the configured
-init) plus ``pretrained/bbox_AP``, ``random/segm_AP75``, ... for each trained init. Under torchrun each rank reads its
-part of the shards, DDP all-reduces gradients, SyncBN on GPUs (``norm: syncbn``); ``nproc_per_node > 1`` makes the
-stage launch ``torch.distributed.run`` itself.
+feature pyramid, :mod:`.maskrcnn`), COCO AP^b / AP^m on val; the paper's headline transfer (SlotCon Table 1: R50-FPN,
+COCO 1x, AP^b 41.0 / AP^m 37.0). The official code runs detectron2 by hand; here it is one stage on torchvision and
+the training engine (:mod:`components.engine.loop`: exact resume, all-rank non-finite stop, DDP, logging).
 """
 from __future__ import annotations
 
@@ -35,13 +14,22 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+import torchvision
 from torch import nn
 
 from components import dist
-from components.errors import UserError
-from components.stage import Arg, Stage
+from components.backbone import is_vit
+from components.data.loading.loader import iterate_samples, make_loader
+from components.data.shards.index import read_index, split_urls
 from components.engine.loop import Method, RunSpec, autocast, fit, write_loss_plot
+from components.errors import UserError
+from components.io import save_torch_atomic, sha1_file
+from components.stage import Arg, Stage
+from components.transfer.detect.coco_eval import evaluate, make_coco, predictions_to_results
 from components.transfer.detect.maskrcnn import build_model, lr_at, model_kwargs_of, param_groups
+from components.transfer.detect.targets import category_maps, coco_to_target, has_valid_annotation, hflip
+from components.transfer.draw import draw_predictions
+from components.transfer.export import load_backbone
 
 LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -52,10 +40,11 @@ LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objec
 def prepare_train_sample(sample: dict, *, cat_to_label: Mapping[int, int], seed: int, epoch: int) -> dict:
     """Loader ``map_fn`` (runs in the worker): uint8 image ``(3, H, W)`` + target, or ``{"skip": reason}``.
 
-    The flip is drawn from ``(seed, epoch, key)``, so it is the same on a resumed run and independent of workers.
+    Targets from COCO annotations as torchvision's reference training makes them (crowds left out, zero-area boxes
+    dropped and counted, images without a usable annotation skipped and counted: :func:`refill` tops the batch up).
+    Horizontal flip with p = 0.5 drawn from ``(seed, epoch, key)``, so it is the same on a resumed run and independent
+    of workers; the short side is drawn per image from ``min_size`` inside the model.
     """
-    from components.transfer.detect.targets import coco_to_target, has_valid_annotation, hflip
-
     key = sample.get("key", "?")
     try:
         image = sample["image"]
@@ -105,7 +94,13 @@ def _to_float(image: torch.Tensor, device: torch.device) -> torch.Tensor:
 # the method the engine drives
 # --------------------------------------------------------------------------------------------------------------------
 class DetectMethod(Method):
-    """Mask R-CNN fine-tuning from one init (see the module docstring)."""
+    """Mask R-CNN fine-tuning from one init, on the labelled train split of the shards (:func:`prepare_train_sample`).
+
+    The trunk is loaded strictly from ``trunk_state`` (None: the same network without loading, so the random baseline
+    runs the same way). SGD (momentum 0.9, weight decay 1e-4, none on norm parameters), linear warm-up from
+    ``lr/1000``, x0.1 at each of ``steps``; COCO 1x is 90k iterations at batch 16. Under torchrun each rank reads its
+    part of the shards and DDP all-reduces gradients; SyncBN on GPUs (``norm: syncbn``).
+    """
 
     stat_keys = LOSS_KEYS
 
@@ -139,8 +134,6 @@ class DetectMethod(Method):
     def batches(self, epoch: int) -> Iterator[list[dict]]:
         """One pass over the train split on one process; under DDP a resampled stream long enough for the whole
         run (ranks must yield equally many batches, and refilling makes pass lengths differ per rank)."""
-        from components.data.loading.loader import make_loader
-
         cfg = self.cfg
         resampled = self.world > 1 or len(self.train_urls) < max(1, cfg.num_workers)
         per_epoch = (self.num_train_samples if self.world == 1 else 2 * cfg.iters * self.global_batch + 1024) \
@@ -198,8 +191,6 @@ def evaluate_detector(
     Returns ``(metrics, vis, summary)``: the 24 named COCO numbers, the first ``num_vis`` ``(uint8 image (3, H, W),
     output on CPU)`` pairs for the picture, and COCO's printed summary tables.
     """
-    from components.transfer.detect.coco_eval import evaluate, make_coco, predictions_to_results
-
     model.eval()
     old_size = model.transform.min_size
     model.transform.min_size = (test_size,)
@@ -257,9 +248,6 @@ def _resolve_inits(cfg, backbone: str | os.PathLike) -> list[tuple[str, Path | N
 
 def _check_data(shards, cfg, world: int) -> dict[str, Any]:
     """Everything about the shards that can be wrong, checked before any training."""
-    from components.data.shards.stage import read_index, split_urls
-    from components.transfer.detect.targets import category_maps
-
     index = read_index(shards)
     categories = index.get("categories") or []
     if not categories:
@@ -278,15 +266,11 @@ def _check_data(shards, cfg, world: int) -> dict[str, Any]:
 
 
 def _sha1(path) -> str:
-    from components.io import sha1_file
-
     return sha1_file(path)[:16]
 
 
 def _load_inits(cfg, backbone) -> tuple[list[tuple[str, Path | None]], dict[str, tuple], str]:
     """The inits, their ``(arch, state_dict, source)``, and the arch of the random baseline."""
-    from components.transfer.export import load_backbone
-
     inits = _resolve_inits(cfg, backbone)
     weights: dict[str, tuple[str, dict | None, str]] = {}
     for label, path in inits:
@@ -304,8 +288,6 @@ def train_one(cfg, label: str, arch: str, sd: dict | None, src: str, data: dict,
     method = DetectMethod(cfg, kwargs=kwargs, trunk_state=sd, trunk_source=src, train_urls=data["train_urls"],
                           cat_to_label=data["cat_to_label"], num_train_samples=data["num_train"])
     if dist.get_rank() == 0:
-        from components.backbone import is_vit
-
         neck = "simple pyramid" if is_vit(arch) else "FPN"
         print(f"detect[{label}]: Mask R-CNN {arch} + {neck}, {len(data['categories'])} classes, trunk from {src}, "
               f"norm={cfg.norm}, world={dist.get_world_size()}, {cfg.iters} iterations at batch {cfg.batch_size}",
@@ -342,12 +324,11 @@ def run_detect(cfg, shards, backbone, out_dir, plots_dir, *, checkpoints=None, t
     """Fine-tune Mask R-CNN from each init of ``cfg`` on the train split of ``shards``; COCOeval on val.
 
     ``cfg`` is a :class:`~components.config.DetectConfig`. Returns the metrics dict (``bbox_AP``, ``segm_AP`` of
-    the configured init, ``<label>/<bbox|segm>_<stat>`` for every trained init, timing and data counts).
+    the configured init, ``<label>/<bbox|segm>_<stat>`` for every trained init, timing and data counts). Writes
+    ``<out>/model.pt`` (the configured init) and ``<out>/model_random.pt`` (the comparison) atomically,
+    ``<plots>/predictions.png``, ``loss.csv`` and ``loss.png``; resumable checkpoints go under
+    ``<checkpoints>/<init>/<fingerprint>/`` (outside DVC's outs). COCOeval (bbox and segm) runs on rank 0.
     """
-    from components.data.loading.loader import iterate_samples
-    from components.io import save_torch_atomic
-    from components.transfer.draw import draw_predictions
-
     rank = dist.get_rank()
     out_dir, plots_dir = Path(out_dir), Path(plots_dir)
     data = _check_data(shards, cfg, dist.get_world_size())
@@ -389,7 +370,7 @@ def run_detect(cfg, shards, backbone, out_dir, plots_dir, *, checkpoints=None, t
     write_loss_plot([curves[k] for k in sorted(curves)], plots_dir / "loss.csv", plots_dir / "loss.png", x="iter",
                     ys=labels, title="Mask R-CNN fine-tuning loss")
     if cfg.num_vis:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # lazy: matplotlib costs ~0.5 s; only a run that draws needs it
 
         plt.close(draw_predictions(vis_rows, data["categories"], data["label_to_cat"], plots_dir / "predictions.png"))
         tracker.log_artifact(plots_dir / "predictions.png", "plots")
@@ -403,8 +384,7 @@ def _log_model(tracker, model: nn.Module) -> None:
     """Log the fine-tuned detector in the stage's MLflow run (not registered)."""
     if not tracker.active:
         return
-    import mlflow
-    import torchvision
+    import mlflow  # lazy: mlflow costs ~1 s at start-up; only detect.log_model needs its fluent API
 
     active = mlflow.active_run()
     started = active is None or active.info.run_id != tracker.run_id

@@ -1,17 +1,6 @@
-"""COCO annotations of one image -> the target dict torchvision's Mask R-CNN trains on.
-
-Follows torchvision's reference training (``references/detection/coco_utils.py``):
-
-- ``ConvertCocoPolysToMask``: crowd annotations (``iscrowd=1``) are left out of the training targets; boxes go from
-  COCO ``[x, y, w, h]`` to ``[x1, y1, x2, y2]``, are clamped to the image, and boxes with zero width or height are
-  dropped (we also *count* them, so nothing is lost silently).
-- ``_coco_remove_images_without_annotations``: a training image is used only if it has at least one annotation whose
-  box is wider and taller than one pixel (:func:`has_valid_annotation`).
-- Masks are decoded with pycocotools from any of COCO's three segmentation encodings (polygons, uncompressed RLE as
-  crowds use, compressed RLE), exactly as ``COCO.annToRLE`` / ``COCO.annToMask`` do.
-
-Category ids of COCO are not contiguous (1..90 with gaps): :func:`category_maps` maps them to the contiguous labels
-``1..C`` Mask R-CNN wants (0 is background) and back for evaluation.
+"""COCO annotations of one image -> the target dict torchvision's Mask R-CNN trains on, following torchvision's
+reference training (``references/detection/coco_utils.py``); masks decoded with pycocotools from any of COCO's three
+segmentation encodings; :func:`category_maps` maps COCO's non-contiguous category ids to labels ``1..C`` and back.
 """
 from __future__ import annotations
 
@@ -36,7 +25,8 @@ def category_maps(categories: Sequence[Mapping[str, Any]]) -> tuple[dict[int, in
 
 
 def segmentation_to_rle(segm: Any, height: int, width: int) -> dict:
-    """One annotation's ``segmentation`` (polygon list, uncompressed RLE, or compressed RLE) -> compressed RLE.
+    """One annotation's ``segmentation`` (polygon list, uncompressed RLE as crowds use, or compressed RLE) ->
+    compressed RLE.
 
     Same branches as ``pycocotools.coco.COCO.annToRLE``.
     """
@@ -56,7 +46,8 @@ def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
 
 
 def has_valid_annotation(annotations: Iterable[Mapping[str, Any]]) -> bool:
-    """torchvision reference: an image trains only if some annotation has a box > 1 px in both sides."""
+    """torchvision reference (``_coco_remove_images_without_annotations``): an image trains only if some annotation
+    has a box > 1 px in both sides."""
     anns = list(annotations)
     if not anns:
         return False
@@ -77,6 +68,10 @@ def coco_to_target(
     in ``1..C``, ``masks`` (N, H, W) uint8, ``area`` (N,) float32, ``iscrowd`` (N,) int64 (all 0), ``image_id``
     () int64; ``counts`` counts annotations seen / kept / crowd / zero_area / unknown_category / no_segmentation.
     An annotation without a segmentation keeps its box, with the box filled as its mask (counted).
+
+    As torchvision's ``ConvertCocoPolysToMask``: crowd annotations (``iscrowd=1``) are left out; boxes go from COCO
+    ``[x, y, w, h]`` to ``[x1, y1, x2, y2]``, are clamped to the image, and boxes with zero width or height are dropped
+    (and counted, so nothing is lost silently).
     """
     counts: Counter = Counter({k: 0 for k in COUNT_KEYS})
     boxes, labels, masks, areas = [], [], [], []

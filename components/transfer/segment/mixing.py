@@ -1,14 +1,6 @@
 """Batched, seeded data mixing and strong augmentation for semi-supervised segmentation (ReCo's ``generate_unsup_data``
-and ``batch_transform``), on the device, every random number from the generator passed in.
-
-- :func:`class_mix_masks` (ClassMix, Olsson et al. 2021): for image ``i``, half (``floor(n/2)``) of the ``n`` classes
-  present in its pseudo-label map, chosen uniformly; the mask is where image ``i`` shows one of them.
-- :func:`cut_mix_masks` (CutMix as ReCo draws it): a box of half the image area (width uniform in
-  ``(W/2, W)``, height = area / width), uniformly placed; the mask is 1 *outside* the box.
-- :func:`mix_pairs`: one mask applied to every tensor given (images, pseudo-labels, confidences):
-  ``x_i * m_i + x_{i+1} * (1 - m_i)`` (the next image in the batch, cyclically), exactly as ReCo pairs them.
-- :func:`strong_augment`: per sample, horizontal flip (p 0.5, applied to every tensor given) and colour jitter of
-  brightness, contrast, saturation in [0.75, 1.25] (p 0.8, image only).
+and ``batch_transform``): ClassMix / CutMix masks, pair mixing, flip and colour jitter, on the device, every random
+number from the generator passed in.
 """
 from __future__ import annotations
 
@@ -18,8 +10,9 @@ from components.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 
 def class_mix_masks(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``labels (B, H, W)`` long (255 = ignore) -> bool ``(B, H, W)``: the pixels of image ``i`` whose class is in a
-    uniformly drawn half (``floor(n_i / 2)``) of the ``n_i`` classes present in it (ignored pixels never are)."""
+    """ClassMix (Olsson et al. 2021): ``labels (B, H, W)`` long (255 = ignore) -> bool ``(B, H, W)``: the pixels of
+    image ``i`` whose class is in a uniformly drawn half (``floor(n_i / 2)``) of the ``n_i`` classes present in it
+    (ignored pixels never are)."""
     b = labels.shape[0]
     valid = labels != IGNORE_INDEX
     idx = torch.where(valid, labels, torch.full_like(labels, num_classes)).view(b, -1)  # ignore -> an extra slot
@@ -36,7 +29,8 @@ def class_mix_masks(labels: torch.Tensor, num_classes: int, generator: torch.Gen
 
 def cut_mix_masks(batch: int, height: int, width: int, *, device: torch.device | str = "cpu",
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """bool ``(B, H, W)``: False inside one box of half the area per image (ReCo's ``generate_cutout_mask``)."""
+    """CutMix as ReCo draws it (``generate_cutout_mask``): bool ``(B, H, W)``, False inside one box of half the area
+    per image (width uniform in ``(W/2, W)``, height = area / width, uniformly placed)."""
     u = torch.rand(batch, 3, device=device, generator=generator)
     lo = width // 2 + 1
     w = (lo + (u[:, 0] * max(width - lo, 1)).floor()).clamp(max=width)
@@ -52,7 +46,8 @@ def cut_mix_masks(batch: int, height: int, width: int, *, device: torch.device |
 
 def mix_pairs(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Each ``x (B, ..., H, W)`` -> ``where(mask_i, x_i, x_{(i+1) mod B})`` with ``mask (B, H, W)`` broadcast over
-    the channel dimension of images."""
+    the channel dimension of images: one mask for images, pseudo-labels and confidences alike, the next image in the
+    batch cyclically, exactly as ReCo pairs them."""
     out = []
     for x in tensors:
         m = mask if x.dim() == mask.dim() else mask[:, None]

@@ -1,33 +1,18 @@
-"""Semantic segmentation heads on a dilated pretrained trunk: FCN (mmsegmentation's ``fcn_r50-d8``/``-d16``, the
-SlotCon transfer protocol) and DeepLabv3+ with ReCo's representation head (the ReCo protocol); or an FCN head on a
-plain ViT's stride-16 map.
-
-:class:`FCN`: a torchvision ResNet whose last stage(s) trade stride for dilation (output stride 8: layer3 and layer4
-dilated 2 and 4; 16: layer4 dilated 2; :func:`components.backbone.dilate_resnet_`), an FCN head (``num_convs`` 3x3
-conv-BN-ReLU, the input concatenated back, dropout 0.1, 1x1 classifier) on layer4 and an auxiliary FCN head on layer3
-(loss weight 0.4), logits bilinearly upsampled to the input size. The trunk's state_dict keys are exactly the exported
-backbone's (torchvision minus ``fc.*``), so :func:`load_trunk_` is a strict load.
-
-:class:`DeepLabV3Plus` (Chen et al. 2018, as ReCo's ``network/deeplabv3``): the same trunk at output stride 16
-(layer4 dilated 2; 8 also works), torchvision's ``ASPP`` (rates 6/12/18 at os 16, 12/24/36 at os 8; 256 channels) on
-layer4, the low-level decoder (layer1 -> 1x1 conv-BN-ReLU to 48 channels; ASPP output bilinearly upsampled to that
-1/4 grid and concatenated: 304 channels with the default widths), a classifier (3x3 conv-BN-ReLU 256, 1x1 to C) and
-ReCo's representation head (3x3 conv -> BN -> ReLU -> 1x1 conv to ``rep_dim`` = 256) on the same 1/4-resolution
-features. ``rep_dim=0`` builds no representation head (supervised / ClassMix runs: every parameter then gets a
-gradient, as DDP without ``find_unused_parameters`` requires).
-
-Both models answer ``model(x)`` with ``(B, C, H, W)`` logits at the input size (evaluation) and
-``model(x, train_logits=True)`` with a dict of low-resolution training outputs: ``"logits"`` ``(B, C, h, w)``,
-``"aux"`` (FCN's auxiliary logits or None) and ``"rep"`` (``(B, rep_dim, h, w)`` or None). Training goes through
-``forward`` so DDP's hooks see the call.
+"""Semantic segmentation heads on a pretrained trunk: FCN on a dilated ResNet (mmsegmentation's ``fcn_r50-d8``/``-d16``,
+the SlotCon transfer protocol), DeepLabv3+ with ReCo's representation head (the ReCo protocol), or an FCN head on a
+plain ViT's stride-16 map; :func:`build_segmenter` picks one from ``segment.head``. Each answers ``model(x)`` with
+``(B, C, H, W)`` logits at the input size and ``model(x, train_logits=True)`` with low-resolution training outputs
+``{"logits", "aux" (FCN's auxiliary logits or None), "rep" (ReCo's representation or None)}``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from components.backbone import RESNET_ARCHS, build_resnet, check_arch, is_vit, load_trunk, trunk_channels
+from components.backbone import (RESNET_ARCHS, build_resnet, build_vit, check_arch, is_vit, load_trunk, tokens_to_map,
+                                 trunk_channels, vit_embed)
 from components.errors import UserError
 
 
@@ -70,8 +55,43 @@ class FCNHead(nn.Module):
         return self.conv_seg(self.dropout(y))
 
 
-class FCN(nn.Module):
-    """Dilated ResNet trunk + FCN head (+ auxiliary head on layer3). ``(B,3,H,W) -> (B,C,H,W)`` logits."""
+def _fcn_heads(in_channels: int, aux_channels: int, *, num_classes: int, head_channels: int, num_convs: int,
+               concat_input: bool, dropout: float, aux: bool) -> tuple[FCNHead, FCNHead | None]:
+    """The main FCN head and the auxiliary one (one conv, half the width, no concat) or None."""
+    head = FCNHead(in_channels=in_channels, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
+                   concat_input=concat_input, dropout=dropout)
+    aux_head = (
+        FCNHead(in_channels=aux_channels, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
+                concat_input=False, dropout=dropout)
+        if aux else None
+    )
+    return head, aux_head
+
+
+class _FCNModel(nn.Module):
+    """A trunk with FCN heads: subclasses give ``forward_logits`` (low-resolution main and auxiliary logits)."""
+
+    def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
+        """``(B,C,H,W)`` logits at the input size; ``train_logits=True``: ``{"logits", "aux", "rep": None}`` at the
+        trunk's stride (training goes through ``forward`` so DDP's gradient hooks see the call)."""
+        logits, aux = self.forward_logits(x)
+        if train_logits:
+            return {"logits": logits, "aux": aux, "rep": None}
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class FCN(_FCNModel):
+    """Dilated ResNet trunk + FCN head (+ auxiliary head on layer3). ``(B,3,H,W) -> (B,C,H,W)`` logits.
+
+    The ResNet's last stage(s) trade stride for dilation (output stride 8: layer3 and layer4 dilated 2 and 4; 16:
+    layer4 dilated 2; :func:`components.backbone.dilate_resnet_`); the FCN head (``num_convs`` 3x3 conv-BN-ReLU, the
+    input concatenated back, dropout 0.1, 1x1 classifier) sits on layer4, the auxiliary one on layer3 (loss weight
+    0.4). The trunk's state_dict keys are exactly the exported backbone's (torchvision minus ``fc.*``), so
+    :func:`load_trunk_` is a strict load.
+    """
 
     def __init__(self, *, arch: str, num_classes: int, output_stride: int = 8, head_channels: int = 512,
                  num_convs: int = 2, concat_input: bool = True, dropout: float = 0.1, aux: bool = True):
@@ -79,14 +99,9 @@ class FCN(nn.Module):
         self.arch = arch
         self.backbone = build_trunk(arch, output_stride)
         c4 = trunk_channels(arch)
-        c3 = c4 // 2
-        self.head = FCNHead(in_channels=c4, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
-                            concat_input=concat_input, dropout=dropout)
-        self.aux_head = (
-            FCNHead(in_channels=c3, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
-                    concat_input=False, dropout=dropout)
-            if aux else None
-        )
+        self.head, self.aux_head = _fcn_heads(c4, c4 // 2, num_classes=num_classes, head_channels=head_channels,
+                                              num_convs=num_convs, concat_input=concat_input, dropout=dropout,
+                                              aux=aux)
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Low-resolution ``(B,C,H/os,W/os)`` main and auxiliary logits."""
@@ -97,27 +112,24 @@ class FCN(nn.Module):
         aux = self.aux_head(c3) if self.aux_head is not None and self.training else None
         return self.head(c4), aux
 
-    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
-        """``(B,C,H,W)`` logits at the input size; ``train_logits=True``: ``{"logits", "aux", "rep": None}`` at
-        1/os (training goes through ``forward`` so DDP's gradient hooks see the call)."""
-        logits, aux = self.forward_logits(x)
-        if train_logits:
-            return {"logits": logits, "aux": aux, "rep": None}
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
 
 class DeepLabV3Plus(nn.Module):
-    """Dilated ResNet trunk + ASPP + low-level decoder (+ ReCo representation head), see the module docstring.
+    """Dilated ResNet trunk + ASPP + low-level decoder (+ ReCo representation head), as ReCo's ``network/deeplabv3``
+    (Chen et al. 2018).
 
     ``(B,3,H,W) -> (B,C,H,W)`` logits; ``train_logits=True`` -> ``{"logits": (B,C,H/4,W/4), "aux": None,
-    "rep": (B,rep_dim,H/4,W/4) | None}``.
+    "rep": (B,rep_dim,H/4,W/4) | None}``. The trunk at output stride 16 (layer4 dilated 2; 8 also works),
+    torchvision's ``ASPP`` (rates 6/12/18 at os 16, 12/24/36 at os 8; 256 channels) on layer4, the low-level decoder
+    (layer1 -> 1x1 conv-BN-ReLU to 48 channels; ASPP output bilinearly upsampled to that 1/4 grid and concatenated:
+    304 channels with the default widths), a classifier (3x3 conv-BN-ReLU 256, 1x1 to C) and ReCo's representation
+    head (3x3 conv -> BN -> ReLU -> 1x1 conv to ``rep_dim`` = 256) on the same 1/4-resolution features.
+    ``rep_dim=0`` builds no representation head (supervised / ClassMix runs: every parameter then gets a gradient, as
+    DDP without ``find_unused_parameters`` requires).
     """
 
     def __init__(self, *, arch: str, num_classes: int, output_stride: int = 16, aspp_channels: int = 256,
                  low_channels: int = 48, decoder_channels: int = 256, rep_dim: int = 256):
         super().__init__()
-        from torchvision.models.segmentation.deeplabv3 import ASPP
-
         self.arch = arch
         self.backbone = build_trunk(arch, output_stride)
         c4 = trunk_channels(arch)
@@ -144,31 +156,23 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class ViTFCN(nn.Module):
+class ViTFCN(_FCNModel):
     """ViT trunk (position table for ``image_size`` px, resized per input) + FCN head on the stride-16 map (+ an
     auxiliary head on the middle block's tokens). ``(B,3,H,W) -> (B,C,H,W)`` logits."""
 
     def __init__(self, *, arch: str, num_classes: int, image_size: int = 224, head_channels: int = 512,
                  num_convs: int = 2, concat_input: bool = True, dropout: float = 0.1, aux: bool = True):
-        from components.backbone import build_vit
-
         super().__init__()
         self.arch = arch
         self.backbone = build_vit(arch, -(-image_size // 16) * 16, head="none")
         d = trunk_channels(arch)
         self.aux_block = len(self.backbone.encoder.layers) // 2 - 1
-        self.head = FCNHead(in_channels=d, channels=head_channels, num_classes=num_classes, num_convs=num_convs,
-                            concat_input=concat_input, dropout=dropout)
-        self.aux_head = (
-            FCNHead(in_channels=d, channels=max(head_channels // 2, 8), num_classes=num_classes, num_convs=1,
-                    concat_input=False, dropout=dropout)
-            if aux else None
-        )
+        self.head, self.aux_head = _fcn_heads(d, d, num_classes=num_classes, head_channels=head_channels,
+                                              num_convs=num_convs, concat_input=concat_input, dropout=dropout,
+                                              aux=aux)
 
     def forward_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stride-16 ``(B,C,H/16,W/16)`` main and auxiliary logits."""
-        from components.backbone import tokens_to_map, vit_embed
-
         vit = self.backbone
         grid = (x.shape[-2] // vit.patch_size, x.shape[-1] // vit.patch_size)
         tokens, mid = vit_embed(vit, x), None
@@ -180,13 +184,6 @@ class ViTFCN(nn.Module):
         use_aux = self.aux_head is not None and self.training
         aux = self.aux_head(tokens_to_map(mid[:, 1:], grid)) if use_aux else None
         return self.head(c16), aux
-
-    def forward(self, x: torch.Tensor, *, train_logits: bool = False):
-        """As :meth:`FCN.forward`: logits at the input size, or ``{"logits", "aux", "rep": None}`` at stride 16."""
-        logits, aux = self.forward_logits(x)
-        if train_logits:
-            return {"logits": logits, "aux": aux, "rep": None}
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def load_trunk_(model: nn.Module, state_dict: dict, where: str) -> None:

@@ -1,26 +1,7 @@
 """ReCo's regional contrast loss (Liu, Zhi, Johns, Davison, "Bootstrapping Semantic Segmentation with Regional
-Contrast", ICLR 2022, arXiv 2104.04465, Eq. 1-3), vectorised: a few batched tensor ops on the device.
-
-For every class ``c`` present among the valid pixels of the batch (labelled pixels, and unlabelled pixels whose
-pseudo-label confidence is >= delta_w):
-
-- the positive key is the class mean ``r_c = mean_{p in c} r_p`` of the representations (detached);
-- the queries are **hard** pixels of ``c`` (the predicted ``prob_c < delta_s`` = 0.97): ``num_queries`` (256) drawn
-  uniformly with replacement;
-- each query gets ``num_negatives`` (512) negative keys: the class of each is drawn from the class-relation graph
-  ``P(j | c) = softmax_{j != c, j present}( cos(r_c, r_j) / tau )`` (Eq. 3), the pixel uniformly within class ``j``
-  (detached);
-- ``l_c = CE( [cos(q, r_c), cos(q, k_1), ..., cos(q, k_512)] / tau, target 0 )`` averaged over the queries (Eq. 2).
-
-The loss is ``sum_c l_c / K`` with ``K`` the number of present classes (a class without hard queries adds 0 but still
-counts in ``K``, as the authors' code divides), and 0 when fewer than 2 classes are present. Only the queries carry
-gradient. The authors loop over classes in Python and draw negative pixels with NumPy per query; here one
-``torch.multinomial`` over a (classes x classes) probability table draws every negative class, one ``torch.rand``
-every position, and one gather + one batched dot product give every logit. All draws come from the ``generator``
-passed in, on the device, so a test can fix them (:func:`draw_samples` returns exactly what the loss uses).
-
-Memory: the gathered negatives are ``K * num_queries * num_negatives * rep_dim`` floats (the same the authors' graph
-keeps, one class at a time): 2.8 GB at the paper's values with 21 classes; the CPU demo uses fewer queries.
+Contrast", ICLR 2022, arXiv 2104.04465, Eq. 1-3), vectorised: a few batched tensor ops on the device, every draw
+from the ``generator`` passed in (:func:`draw_samples` returns exactly what the loss uses). :func:`reco_loss` says
+what it computes.
 """
 from __future__ import annotations
 
@@ -135,10 +116,32 @@ def loss_from_draws(px: PixelSet, draws: Draws, temperature: float) -> torch.Ten
 def reco_loss(rep: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, prob: torch.Tensor, *,
               hard_threshold: float = 0.97, temperature: float = 0.5, num_queries: int = 256,
               num_negatives: int = 512, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ReCo loss of one batch (module docstring). ``rep (B, D, h, w)`` (the representation head's output),
-    ``labels (B, h, w)`` class ids at the same resolution, ``valid (B, h, w)`` bool (ignored and low-confidence
-    pixels False), ``prob (B, C, h, w)`` the student's softmax (detached). Returns a scalar; with fewer than 2
-    classes it is ``0 * rep.sum()`` (zero, still connected to the graph so DDP sees every parameter used)."""
+    """ReCo loss of one batch. ``rep (B, D, h, w)`` (the representation head's output), ``labels (B, h, w)`` class ids
+    at the same resolution, ``valid (B, h, w)`` bool (ignored and low-confidence pixels False), ``prob (B, C, h, w)``
+    the student's softmax (detached). Returns a scalar; with fewer than 2 classes it is ``0 * rep.sum()`` (zero,
+    still connected to the graph so DDP sees every parameter used).
+
+    For every class ``c`` present among the valid pixels of the batch (labelled pixels, and unlabelled pixels whose
+    pseudo-label confidence is >= delta_w):
+
+    - the positive key is the class mean ``r_c = mean_{p in c} r_p`` of the representations (detached);
+    - the queries are **hard** pixels of ``c`` (the predicted ``prob_c < delta_s`` = 0.97): ``num_queries`` (256)
+      drawn uniformly with replacement;
+    - each query gets ``num_negatives`` (512) negative keys: the class of each is drawn from the class-relation graph
+      ``P(j | c) = softmax_{j != c, j present}( cos(r_c, r_j) / tau )`` (Eq. 3), the pixel uniformly within class
+      ``j`` (detached);
+    - ``l_c = CE( [cos(q, r_c), cos(q, k_1), ..., cos(q, k_512)] / tau, target 0 )`` averaged over the queries
+      (Eq. 2).
+
+    The loss is ``sum_c l_c / K`` with ``K`` the number of present classes (a class without hard queries adds 0 but
+    still counts in ``K``, as the authors' code divides), and 0 when fewer than 2 classes are present. Only the
+    queries carry gradient. The authors loop over classes in Python and draw negative pixels with NumPy per query;
+    here one ``torch.multinomial`` over a (classes x classes) probability table draws every negative class, one
+    ``torch.rand`` every position, and one gather + one batched dot product give every logit.
+
+    Memory: the gathered negatives are ``K * num_queries * num_negatives * rep_dim`` floats (the same the authors'
+    graph keeps, one class at a time): 2.8 GB at the paper's values with 21 classes; the CPU demo uses fewer queries.
+    """
     zero = rep.sum() * 0.0
     if not bool(valid.any()):
         return zero

@@ -1,36 +1,7 @@
 """Semi-supervised segmentation on the training engine: mean teacher + ClassMix/CutMix (``segment.method: classmix``)
-and ReCo on top (``reco``), after Liu et al., ICLR 2022 (arXiv 2104.04465) and its code (lorenmt/reco).
-
-One step (:meth:`MeanTeacherMethod.forward`), with ``B_l`` labelled and ``B_u`` unlabelled crops:
-
-1. the **teacher** (an EMA of the student, eval mode, no gradient) labels the un-augmented unlabelled crops:
-   ``conf, y_hat = max softmax(teacher(x_u))`` at the crop's resolution (padding: ignore);
-2. **mixing**: one mask per image pair (ClassMix: half of the pseudo-classes of image ``i``; or CutMix) mixes the
-   images, the pseudo-labels and the confidences alike (:mod:`components.transfer.segment.mixing`), then a per-sample flip
-   (all three) and colour jitter (image);
-3. the **student** runs once on ``[x_l ; x_mixed]`` (one forward: BatchNorm sees both, and DDP one call per step);
-4. ``loss = CE(x_l, y_l) [+ 0.4 aux] + w_u * L_u [+ w_r * ReCo]`` where ``L_u`` is the pixel CE on the mixed batch,
-   image ``b``'s pixels weighted by the share of its valid pixels with ``conf >= 0.97`` (ReCo's
-   ``compute_unsupervised_loss``); ReCo (:mod:`components.transfer.segment.reco`) runs at the representation's 1/4 grid on
-   every labelled pixel and on the unlabelled pixels with ``conf >= 0.7``, with their pseudo-labels;
-5. after the optimiser step the teacher moves: ``theta_t = m theta_t + (1 - m) theta_s`` with
-   ``m = min(1 - 1/(t+1), 0.99)`` (so the first update copies the student), through the engine's ``momentum_at`` /
-   ``after_update`` hooks; floating buffers (BN running statistics) move the same way.
-
-Data: the train split is cut once into a labelled and an unlabelled part (:func:`split_labeled`: uniform, from
-``split_seed``; the labels are never looked at). Labelled crops: :class:`~components.transfer.segment.stage.SegAugment`
-(rescale, crop, flip), an endless cycle of shuffled passes. Unlabelled crops: :class:`UnlabeledCrop` (a random crop
-at scale 1, no flip: what the teacher labels); the unlabelled part is read *without* labels (folder: label files never
-opened; shards: maps never decoded). An epoch is one pass over the unlabelled part.
-
-Under DDP each rank mixes, pseudo-labels and computes ReCo on its own batch (the authors' one-GPU batch; nothing is
-gathered), DDP averages the gradients, so every rank's student and teacher parameters stay equal.
-
-Not included (said where it matters): ReCo's random rescale of the pseudo-labelled batch before mixing, Gaussian blur
-and hue jitter; its class-balanced choice of the labelled images (it reads every label to choose them). Different on
-purpose: the authors' teacher labels in train mode (BatchNorm on the unlabelled batch's statistics, its running
-statistics its own) and only its parameters are averaged; here the teacher runs in eval mode on averaged statistics
-too, so a pseudo-label does not depend on which images share its batch (and resume stays exact).
+and ReCo on top (``reco``), after Liu et al., ICLR 2022 (arXiv 2104.04465) and its code (lorenmt/reco). The train
+split is cut once into a labelled and an unlabelled part (:func:`split_labeled`); :class:`MeanTeacherMethod` says
+what one step does.
 """
 from __future__ import annotations
 
@@ -43,10 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from components.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from components.engine.ema import ema_update_ as ema_tensors_
 from components.errors import UserError
+from components.pretrain.views import sample_seed
 from components.transfer.segment.mixing import class_mix_masks, cut_mix_masks, mix_pairs, strong_augment
 from components.transfer.segment.reco import reco_loss
-from components.transfer.segment.stage import SegAugment, SegmentMethod, collate_train, seg_loss
+from components.transfer.segment.train import SegAugment, SegmentMethod, collate_train, seg_loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -76,8 +49,6 @@ class UnlabeledCrop:
         self._seen: dict[str, int] = {}
 
     def __call__(self, s: dict) -> dict:
-        from components.pretrain.views import sample_seed
-
         key = str(s["key"])
         n = self._seen[key] = self._seen.get(key, -1) + 1
         g = torch.Generator().manual_seed(sample_seed("segment-unlabeled", self.seed, self.epoch, key, n))
@@ -114,8 +85,6 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     """``t = m t + (1 - m) s`` for every parameter and floating buffer, matched by name (the student may be
     SyncBN-converted), in fused multi-tensor kernels (:func:`components.engine.ema.ema_update_`); integer buffers
     (``num_batches_tracked``) are copied."""
-    from components.engine.ema import ema_update_ as ema_tensors_
-
     s_state = student.state_dict(keep_vars=True)
     pairs = [(t, s_state[k]) for k, t in teacher.state_dict(keep_vars=True).items()]
     ema_tensors_([t for t, _ in pairs if t.is_floating_point()], [s for t, s in pairs if t.is_floating_point()],
@@ -154,10 +123,34 @@ def nearest_down(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # the methods the engine drives
 # ---------------------------------------------------------------------------------------------------------------------
 class MeanTeacherMethod(SegmentMethod):
-    """``classmix``: mean teacher + ClassMix (or CutMix, ``semisup.mix``) on ``unlabeled``; see the module docstring.
+    """``classmix``: mean teacher + ClassMix (or CutMix, ``semisup.mix``) on ``unlabeled``.
 
     ``source`` is the labelled part (anything with ``epoch_batches``), ``unlabeled`` the unlabelled part (its
-    ``epoch_batches`` yields ``{"key","image"}`` samples: it has no labels to give).
+    ``epoch_batches`` yields ``{"key","image"}`` samples: it has no labels to give). One step (:meth:`forward`), with
+    ``B_l`` labelled and ``B_u`` unlabelled crops:
+
+    1. the **teacher** (an EMA of the student, eval mode, no gradient) labels the un-augmented unlabelled crops:
+       ``conf, y_hat = max softmax(teacher(x_u))`` at the crop's resolution (padding: ignore);
+    2. **mixing**: one mask per image pair (ClassMix: half of the pseudo-classes of image ``i``; or CutMix) mixes the
+       images, the pseudo-labels and the confidences alike (:mod:`components.transfer.segment.mixing`), then a
+       per-sample flip (all three) and colour jitter (image);
+    3. the **student** runs once on ``[x_l ; x_mixed]`` (one forward: BatchNorm sees both, and DDP one call per step);
+    4. ``loss = CE(x_l, y_l) [+ 0.4 aux] + w_u * L_u [+ w_r * ReCo]`` where ``L_u`` is the pixel CE on the mixed
+       batch, image ``b``'s pixels weighted by the share of its valid pixels with ``conf >= 0.97`` (ReCo's
+       ``compute_unsupervised_loss``); ReCo (:mod:`components.transfer.segment.reco`) runs at the representation's 1/4
+       grid on every labelled pixel and on the unlabelled pixels with ``conf >= 0.7``, with their pseudo-labels;
+    5. after the optimiser step the teacher moves: ``theta_t = m theta_t + (1 - m) theta_s`` with
+       ``m = min(1 - 1/(t+1), 0.99)`` (so the first update copies the student), through the engine's ``momentum_at``
+       / ``after_update`` hooks; floating buffers (BN running statistics) move the same way.
+
+    Under DDP each rank mixes, pseudo-labels and computes ReCo on its own batch (the authors' one-GPU batch; nothing
+    is gathered), DDP averages the gradients, so every rank's student and teacher parameters stay equal.
+
+    Not included: ReCo's random rescale of the pseudo-labelled batch before mixing, Gaussian blur and hue jitter; its
+    class-balanced choice of the labelled images (it reads every label to choose them). Different on purpose: the
+    authors' teacher labels in train mode (BatchNorm on the unlabelled batch's statistics, its running statistics its
+    own) and only its parameters are averaged; here the teacher runs in eval mode on averaged statistics too, so a
+    pseudo-label does not depend on which images share its batch (and resume stays exact).
     """
 
     stat_keys = ("loss", "sup", "unsup", "confident")
@@ -175,8 +168,6 @@ class MeanTeacherMethod(SegmentMethod):
         self.gen: torch.Generator | None = None
 
     def build(self, device: torch.device) -> nn.Module:
-        from components.pretrain.views import sample_seed
-
         student = super().build(device)
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
         self.gen = torch.Generator(device).manual_seed(sample_seed("segment-semisup", self.cfg.seed, self.rank))
@@ -212,6 +203,10 @@ class MeanTeacherMethod(SegmentMethod):
                 num_workers=cfg.num_workers, rank=self.rank, world_size=self.world)
 
     def batches(self, epoch: int) -> Iterable:
+        """``(labelled batch, unlabelled batch)`` pairs: labelled crops (:class:`SegAugment`) from an endless cycle of
+        shuffled passes, unlabelled crops (:class:`UnlabeledCrop`) from the unlabelled part, read *without* labels
+        (folder: label files never opened; shards: maps never decoded). An epoch is one pass over the unlabelled
+        part."""
         cfg = self.cfg
         unlabeled = self.unlabeled.epoch_batches(
             epoch, batch_size=self.rank_ubatch, map_fn=UnlabeledCrop(cfg.crop_size, seed=cfg.seed, epoch=epoch),

@@ -1,18 +1,6 @@
 """Dense cluster assignments of any pretrained model, for unsupervised segmentation and the slot pictures.
 
-Every pretraining method answers two questions (:class:`components.pretrain.stage.PretrainMethod`):
-``prototype_scores(model, images)`` -- ``(B, K, h, w)`` scores against *learned* prototypes (SlotCon), or None -- and
-``dense_features(model, images)`` -- ``(B, D, h, w)``. :class:`ClusterHead` turns either into K cluster scores:
-
-- **prototypes** when the method has them: the scores as they are (K = the number of prototypes);
-- **k-means** otherwise (MoCo, SIM, a random trunk): spherical k-means (cosine; the features are L2-normalised) with
-  K = the number of classes on the dense features of the images to segment (transductive, labels unused, as the
-  usual "k-means on features" baselines), k-means++ seeding from a fixed seed, a few restarts (the lowest inertia
-  wins), on the model's device, in chunks of rows so memory stays bounded; the scores are then the cosine
-  similarities of every feature to the centroids.
-
-Either way the downstream protocol is the same (upsample the scores, argmax, Hungarian matching), so a method with
-prototypes and one without are measured by one ruler.
+:class:`ClusterHead` turns a method's learned prototypes, or k-means on its dense features, into K cluster scores.
 """
 from __future__ import annotations
 
@@ -92,10 +80,24 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50,
 
 
 class ClusterHead:
-    """K cluster scores of a pretrained model's dense output (see the module docstring).
+    """K cluster scores of a pretrained model's dense output.
 
-    ``method`` is the :class:`~components.pretrain.stage.PretrainMethod` subclass of the model (its two static hooks
+    ``method`` is the :class:`~components.pretrain.method.PretrainMethod` subclass of the model (its two static hooks
     are used). Call :meth:`fit` once with the images to segment; then :meth:`scores` gives ``(B, K, h, w)``.
+
+    Every pretraining method answers two questions (:class:`components.pretrain.method.PretrainMethod`):
+    ``prototype_scores(model, images)`` -- ``(B, K, h, w)`` scores against *learned* prototypes (SlotCon), or None --
+    and ``dense_features(model, images)`` -- ``(B, D, h, w)``. This head turns either into K cluster scores:
+
+    - **prototypes** when the method has them: the scores as they are (K = the number of prototypes);
+    - **k-means** otherwise (MoCo, SIM, a random trunk): spherical k-means (cosine; the features are L2-normalised)
+      with K = the number of classes on the dense features of the images to segment (transductive, labels unused, as
+      the usual "k-means on features" baselines), k-means++ seeding from a fixed seed, a few restarts (the lowest
+      inertia wins), on the model's device, in chunks of rows so memory stays bounded; the scores are then the cosine
+      similarities of every feature to the centroids.
+
+    Either way the downstream protocol is the same (upsample the scores, argmax, Hungarian matching), so a method with
+    prototypes and one without are measured by one ruler.
     """
 
     def __init__(self, model: torch.nn.Module, method, num_clusters: int, *, seed: int = 0,

@@ -1,29 +1,8 @@
 """Stage ``unsup_seg``: unsupervised semantic segmentation from a pretrained model's clusters (SlotCon §4).
 
-Prediction: every val image is resized (short side -> ``resolution``, bilinear) and centre-cropped to
-``resolution x resolution``; the model's cluster scores ``(B, K, h, w)`` (h = resolution/32) are bilinearly upsampled
-to the label resolution and the cluster with the highest score wins each pixel (argmax over K). The clusters come
-from the checkpoint's method (:class:`components.transfer.unsup.clusters.ClusterHead`): its learned prototypes when it has
-them (SlotCon: the teacher's cosine scores, K = number of prototypes), else spherical k-means with K = the number of
-classes on its dense features (MoCo, SIM); ``unsup.assign: kmeans`` forces k-means for every method. Labels get the
-same resize (nearest) and crop. One ``(K, C)`` cluster x class confusion matrix is accumulated over the *whole* val
-split (ignore 255), then clusters are matched to classes:
-
-- Hungarian matching (``scipy.optimize.linear_sum_assignment``, maximising the matched pixels): one cluster per class;
-  mIoU and pixel accuracy of the matched prediction are the headline figures (the PiCIE/STEGO/SlotCon protocol);
-- many-to-one majority mapping (each cluster -> its most overlapped class), reported as ``majority/*`` when K > C:
-  it always scores at least as high and rewards over-clustering, so it is a second figure only.
-
-Baseline: the same method's model randomly initialised with the checkpoint's ``model_kwargs`` (seed ``unsup.seed``)
-through the same path (``random/*``), so the gain of pretraining is visible.
-
-COCO-Stuff-27 (the paper's benchmark, PiCIE protocol): give ``unsup.data_root`` = a COCO-Stuff 164k root with the
-curated IIC lists (``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``, 2175 val images) and the stuffthingmaps;
-the 182 fine labels are merged into 27 coarse classes (12 thing + 15 stuff super-categories, PiCIE's
-``fine_to_coarse``), images and labels are resized to 320 on the short side and centre-cropped to 320x320
-(``resolution: 320``), and Hungarian matching is done once over the whole curated val set. The official SlotCon code
-never released this evaluation; this follows PiCIE's ``eval_coco``/STEGO's data module. The layout is recognised by
-``components.data.segmentation.layouts`` (``dataset: auto`` picks ``cocostuff27`` when the curated list exists).
+The model's clusters (:class:`components.transfer.unsup.clusters.ClusterHead`) are matched to the val split's classes
+over one confusion matrix (Hungarian: the headline mIoU); a randomly initialised model of the same method is the
+baseline (:func:`run_unsup_seg`).
 """
 from __future__ import annotations
 
@@ -35,15 +14,21 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from components.data.segmentation.layouts import CURATED_LIST, detect_layout
+from components.data.segmentation.sources import open_source
 from components.errors import UserError
+from components.pretrain.registry import open_pretrained
 from components.stage import Arg, Stage
+from components.tracking import Tracker
 from components.transfer.seg_metrics import (
     confusion_matrix,
     hungarian_match,
     majority_match,
     matched_metrics,
 )
+from components.transfer.unsup.clusters import ClusterHead
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +100,6 @@ def assign_clusters(head, images: torch.Tensor, size: tuple[int, int] | None = N
 def cluster_confusion(head, samples: Iterable[dict], *, num_classes: int, resolution: int, batch_size: int,
                       desc: str = "unsup_seg") -> tuple[torch.Tensor, int]:
     """The ``(K, C)`` cluster x class confusion over all ``samples`` (``{"key","image","label"}``) and their count."""
-    from tqdm import tqdm
-
     k = int(head.k)
     conf = torch.zeros(k, num_classes, dtype=torch.int64)
     n, t0 = 0, time.perf_counter()
@@ -132,8 +115,6 @@ def cluster_confusion(head, samples: Iterable[dict], *, num_classes: int, resolu
 def fit_head(model, method, src, cfg, device: torch.device):
     """A :class:`ClusterHead` for ``model`` fitted on the images of ``src`` (prototypes, or k-means with K = the
     number of classes, seed ``cfg.seed``)."""
-    from components.transfer.unsup.clusters import ClusterHead
-
     head = ClusterHead(model, method, src.num_classes, seed=cfg.seed, mode=cfg.assign)
     return head.fit(image_batches(src.iterate, cfg.batch_size, cfg.resolution, device), len(src))
 
@@ -159,9 +140,6 @@ def score_clusters(conf: torch.Tensor | np.ndarray, class_names: list[str], pref
 
 def _source(cfg, shards):
     """The labelled val split: shards (scenes) or ``cfg.data_root`` (COCO-Stuff-27 etc.)."""
-    from components.data.segmentation.sources import open_source
-    from components.data.segmentation.layouts import CURATED_LIST, detect_layout
-
     kind = cfg.dataset
     if cfg.data_root and kind == "auto" and detect_layout(cfg.data_root) == "cocostuff":
         if (Path(cfg.data_root) / "curated" / "val2017" / CURATED_LIST).is_file():
@@ -171,18 +149,41 @@ def _source(cfg, shards):
 
 def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tracker=None,
                   device: str | None = None) -> dict:
-    """Hungarian-matched mIoU / pixel acc of the pretrained model's clusters (and of a random one); the metrics."""
-    from components.tracking.runs import Tracker
-    from components.engine.checkpoint import load_checkpoint, load_pretrained
-    from components.pretrain.stage import method_class
+    """Hungarian-matched mIoU / pixel acc of the pretrained model's clusters (and of a random one); the metrics.
 
+    Prediction: every val image is resized (short side -> ``resolution``, bilinear) and centre-cropped to ``resolution
+    x resolution``; the model's cluster scores ``(B, K, h, w)`` (h = resolution/32) are bilinearly upsampled to the
+    label resolution and the cluster with the highest score wins each pixel (argmax over K). The clusters come from
+    the checkpoint's method (:class:`components.transfer.unsup.clusters.ClusterHead`): its learned prototypes when it
+    has them (SlotCon: the teacher's cosine scores, K = number of prototypes), else spherical k-means with K = the
+    number of classes on its dense features (MoCo, SIM); ``unsup.assign: kmeans`` forces k-means for every method.
+    Labels get the same resize (nearest) and crop. One ``(K, C)`` cluster x class confusion matrix is accumulated over
+    the *whole* val split (ignore 255), then clusters are matched to classes:
+
+    - Hungarian matching (``scipy.optimize.linear_sum_assignment``, maximising the matched pixels): one cluster per
+      class; mIoU and pixel accuracy of the matched prediction are the headline figures (the PiCIE/STEGO/SlotCon
+      protocol);
+    - many-to-one majority mapping (each cluster -> its most overlapped class), reported as ``majority/*`` when K > C:
+      it always scores at least as high and rewards over-clustering, so it is a second figure only.
+
+    Baseline: the same method's model randomly initialised with the checkpoint's ``model_kwargs`` (seed
+    ``unsup.seed``) through the same path (``random/*``), so the gain of pretraining is visible.
+
+    COCO-Stuff-27 (the paper's benchmark, PiCIE protocol): give ``unsup.data_root`` = a COCO-Stuff 164k root with the
+    curated IIC lists (``curated/val2017/Coco164kFull_Stuff_Coarse_7.txt``, 2175 val images) and the stuffthingmaps;
+    the 182 fine labels are merged into 27 coarse classes (12 thing + 15 stuff super-categories, PiCIE's
+    ``fine_to_coarse``), images and labels are resized to 320 on the short side and centre-cropped to 320x320
+    (``resolution: 320``), and Hungarian matching is done once over the whole curated val set. The official SlotCon
+    code never released this evaluation; this follows PiCIE's ``eval_coco``/STEGO's data module. The layout is
+    recognised by ``components.data.segmentation.layouts`` (``dataset: auto`` picks ``cocostuff27`` when the curated
+    list exists).
+    """
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     src = _source(cfg, shards)  # cheap layout checks before loading anything heavy
-    model = load_pretrained(checkpoint).to(device).eval()
-    state = load_checkpoint(checkpoint)
-    kwargs, name = state.get("model_kwargs", {}), state.get("method", "slotcon")
-    method = method_class(name)
+    art, method, model = open_pretrained(checkpoint)
+    model = model.to(device).eval()
+    kwargs, name = art.model_kwargs, art.method
     c = src.num_classes
     head = fit_head(model, method, src, cfg, device)
     log.info("unsup_seg: %s val (%d images, %d classes), %s (%s, K=%d), resolution %d on %s", src.kind, len(src), c,

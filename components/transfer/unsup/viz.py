@@ -1,26 +1,11 @@
 """Stage ``viz``: pictures of what the model's clusters found (PNGs under ``plots/slots/``, DVC plots + MLflow artifacts).
 
-The clusters are those of :class:`components.transfer.unsup.clusters.ClusterHead`: the method's learned prototypes when it
-has them (SlotCon: the teacher's scores), else k-means on its dense features (MoCo, SIM; K = ``viz.num_clusters``,
-or the val split's number of semantic classes), so any ``last.pt`` can be drawn.
-
-- ``assignments.png``: for the first ``num_images`` val images (a fixed set: the shards' order), the image, its
-  cluster-assignment map (argmax over K of the scores upsampled to the image; one fixed colour per cluster, the same
-  in every figure) and the two blended.
-- ``concepts.png`` (the paper's concept figure, Fig. 3): the ``top_prototypes`` clusters that win most val pixels,
-  one row each; a row shows the ``num_neighbors`` val *segments* nearest to that cluster. A segment is the set of
-  pixels of one image assigned to the cluster; its similarity is the cluster's score averaged over those pixels
-  (each pixel takes the score of the stride-32 cell it lies in: the cosine to the prototype or centroid). Segments
-  under 1% of the image are skipped (too small to see). Each cell is a crop around the segment, the segment kept
-  bright and outlined in the cluster's colour, the rest dimmed.
-- ``metrics/viz.json``: cluster usage (how many clusters win any pixel, the entropy of their usage) and the
-  similarities shown.
-
 Images are composed pixel by pixel with numpy/PIL (no matplotlib): sizes are exact, so tests can check them.
 """
 from __future__ import annotations
 
 import colorsys
+import io
 import logging
 import math
 from pathlib import Path
@@ -29,8 +14,16 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
+from components.data.loading.loader import iterate_samples
+from components.data.shards.index import read_index, split_urls
+from components.errors import UserError
+from components.io import write_bytes_atomic
+from components.pretrain.registry import open_pretrained
 from components.stage import Arg, Stage
+from components.tracking import Tracker
+from components.transfer.unsup.clusters import ClusterHead
 from components.transfer.unsup.stage import batched, image_batches, normalize
 
 log = logging.getLogger(__name__)
@@ -57,8 +50,6 @@ def _hwc(img: torch.Tensor) -> np.ndarray:
 
 
 def _text(canvas: np.ndarray, xy: tuple[int, int], text: str, color=(0, 0, 0)) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     im = Image.fromarray(canvas)
     ImageDraw.Draw(im).text(xy, text, fill=color)
     return np.asarray(im).copy()
@@ -149,8 +140,6 @@ def render_slots(head, samples_fn: Callable[[], Iterable[dict]], out_dir: str | 
     ``samples_fn()`` returns the val samples (``{"key", "image": uint8 (3,H,W)}``) in a fixed order; it is called
     twice (statistics, then the crops of the chosen segments), so nothing image-sized is held for the whole split.
     """
-    from components.io import write_bytes_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     k = int(head.k)
@@ -171,8 +160,6 @@ def render_slots(head, samples_fn: Callable[[], Iterable[dict]], out_dir: str | 
             firsts_assign.append(assign[:take])
         n += len(keys)
     if n == 0:
-        from components.errors import UserError
-
         raise UserError("viz: the val split is empty; nothing to draw")
     sims_all = torch.cat(sims)  # (N, K)
 
@@ -223,10 +210,6 @@ def render_slots(head, samples_fn: Callable[[], Iterable[dict]], out_dir: str | 
 
 
 def _png(arr: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
     b = io.BytesIO()
     Image.fromarray(arr).save(b, format="PNG", optimize=True)
     return b.getvalue()
@@ -234,28 +217,35 @@ def _png(arr: np.ndarray) -> bytes:
 
 def viz_num_clusters(cfg, shards: str | Path) -> int:
     """K for k-means: ``viz.num_clusters``, else the number of semantic classes the shards' index lists (0: none)."""
-    from components.data.shards.stage import read_index
-
     return cfg.num_clusters or len(read_index(shards).get("semantic_classes") or [])
 
 
 def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path, *, tracker=None,
             device: str | None = None) -> dict:
-    """Load the pretrained model (any method), draw the figures from the shards' val split; returns the summary."""
-    from components.data.loading.loader import iterate_samples
-    from components.data.shards.stage import read_index, split_urls
-    from components.tracking.runs import Tracker
-    from components.engine.checkpoint import load_checkpoint, load_pretrained
-    from components.pretrain.stage import method_class
-    from components.errors import UserError
-    from components.transfer.unsup.clusters import ClusterHead
+    """Load the pretrained model (any method), draw the figures from the shards' val split; returns the summary.
 
+    The clusters are those of :class:`components.transfer.unsup.clusters.ClusterHead`: the method's learned prototypes
+    when it has them (SlotCon: the teacher's scores), else k-means on its dense features (MoCo, SIM; K =
+    ``viz.num_clusters``, or the val split's number of semantic classes), so any ``last.pt`` can be drawn.
+
+    - ``assignments.png``: for the first ``num_images`` val images (a fixed set: the shards' order), the image, its
+      cluster-assignment map (argmax over K of the scores upsampled to the image; one fixed colour per cluster, the
+      same in every figure) and the two blended.
+    - ``concepts.png`` (the paper's concept figure, Fig. 3): the ``top_prototypes`` clusters that win most val pixels,
+      one row each; a row shows the ``num_neighbors`` val *segments* nearest to that cluster. A segment is the set of
+      pixels of one image assigned to the cluster; its similarity is the cluster's score averaged over those pixels
+      (each pixel takes the score of the stride-32 cell it lies in: the cosine to the prototype or centroid). Segments
+      under 1% of the image are skipped (too small to see). Each cell is a crop around the segment, the segment kept
+      bright and outlined in the cluster's colour, the rest dimmed.
+    - ``metrics/viz.json``: cluster usage (how many clusters win any pixel, the entropy of their usage) and the
+      similarities shown.
+    """
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = read_index(shards)
     urls = split_urls(shards, index.get("val", "val2017"))
-    model = load_pretrained(checkpoint).to(device).eval()
-    method = method_class(load_checkpoint(checkpoint).get("method", "slotcon"))
+    _, method, model = open_pretrained(checkpoint)
+    model = model.to(device).eval()
 
     def samples():
         for s in iterate_samples(urls, decode="rgb"):

@@ -7,13 +7,11 @@ import csv
 import json
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from data_fixtures import run_pretrain_in, tiny_scene_shards
 
 from components.config import PretrainConfig
 from components.pretrain.methods.mocov2.losses import enqueue, info_nce_queue, shuffle_plan
@@ -138,14 +136,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
         tdist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
-def test_ddp_two_processes_equal_one_process(tmp_path):
+def test_ddp_two_processes_equal_one_process(tmp_path, free_port):
     import torch.multiprocessing as mp
 
     world, b = 2, 3
@@ -155,7 +147,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
            "queue": F.normalize(torch.randn(12, 16, generator=g), dim=1), "ptr": torch.tensor(6),
            "perms": [torch.randperm(world * b, generator=g) for _ in range(2)]}
     torch.save(inp, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     # (a) enqueue across ranks == enqueue of the concatenated keys (wrapping to slot 0 after slot 11)
@@ -197,14 +189,6 @@ TINY = dict(method="mocov2", image_size=64, num_workers=0, log_every_steps=1, ba
             mocov2=dict(arch="resnet18", dim_hidden=128, dim=32, queue_size=16, base_lr=1.0, bn_splits=2))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tiny_scene_shards(tmp_path_factory.mktemp("mocov2_data"))
-
-
-_run = run_pretrain_in
-
-
 def _fixed_views(shards, n=16, offset=0):
     """Two augmented views of n train images from ``offset`` on (fixed seed), as the method makes them."""
     from components.data.loading.loader import iterate_samples
@@ -223,7 +207,7 @@ def _fixed_views(shards, n=16, offset=0):
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
+def trained(shards, tmp_path_factory, run_pretrain_in):
     """A tiny MoCo v2 run through the engine (2 epochs x 3 steps) and the model it started from."""
     from components.pretrain.methods.mocov2.model import model_kwargs_from_params
 
@@ -231,7 +215,7 @@ def trained(shards, tmp_path_factory):
     cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=0, samples_per_epoch=48)
     torch.manual_seed(cfg.seed)  # what PretrainMethod.build does: the run starts from this model
     init = MoCoV2(**model_kwargs_from_params(cfg.mocov2))
-    metrics = _run(cfg, shards, out)
+    metrics = run_pretrain_in(cfg, shards, out)
     return {"out": out, "metrics": metrics, "init": init, "cfg": cfg}
 
 
@@ -323,16 +307,16 @@ def test_unsup_seg_and_viz_run_on_a_mocov2_last_pt(shards, trained, tmp_path, ml
 
 
 @pytest.mark.slow
-def test_exact_resume_equals_straight_run(shards, tmp_path):
+def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step figures, weights, queue and pointer."""
     cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=1, samples_per_epoch=48, save_every_steps=2)
     straight: dict[int, dict] = {}
-    _run(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
+    run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
     resumed: dict[int, dict] = {}
-    assert _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st),
-                stop_after_step=2) == {"stopped_at_step": 2}
+    assert run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st),
+                           stop_after_step=2) == {"stopped_at_step": 2}
     torch.manual_seed(12345)  # the process's RNG moved on: resume must restore what it needs
-    metrics = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
+    metrics = run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
     assert metrics["resumed"] and metrics["steps_this_run"] == 4
     assert sorted(straight) == sorted(resumed) == list(range(1, 7))
     for s in straight:
@@ -345,13 +329,13 @@ def test_exact_resume_equals_straight_run(shards, tmp_path):
         torch.testing.assert_close(b[k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def test_bad_queue_and_splits_are_user_errors(shards, tmp_path):
+def test_bad_queue_and_splits_are_user_errors(shards, tmp_path, run_pretrain_in):
     from components.errors import UserError
 
     base = dict(TINY, epochs=1, warmup_epochs=0, samples_per_epoch=48)
     with pytest.raises(UserError, match="queue_size=24 must be a multiple of pretrain.batch_size=16"):
-        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=24))), shards, tmp_path)
+        run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=24))), shards, tmp_path)
     with pytest.raises(UserError, match="exceeds the 48 samples per epoch"):
-        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=64))), shards, tmp_path)
+        run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=64))), shards, tmp_path)
     with pytest.raises(UserError, match="bn_splits=3 must divide"):
-        _run(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], bn_splits=3))), shards, tmp_path)
+        run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], bn_splits=3))), shards, tmp_path)

@@ -452,7 +452,7 @@ def test_prepare_drops_the_mask_of_an_undecodable_image():
 
     from components.config import PretrainConfig
     from components.pretrain.methods.sim.method import SimMethod
-    from components.pretrain.stage import Plan
+    from components.pretrain.plan import Plan
     from components.pretrain.views import collate_pairs
 
     cfg = PretrainConfig(method="sim", image_size=64, sim=dict(decoder_dim=32, decoder_heads=2))

@@ -6,12 +6,10 @@ import argparse
 import csv
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import run_pretrain_in, tiny_scene_shards
 
 from components.config import PretrainConfig
 
@@ -28,30 +26,23 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return tiny_scene_shards(tmp_path_factory.mktemp("sim_data"))
-
-
-_run = run_pretrain_in
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # exact resume through the engine
 # --------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sim_exact_resume_equals_straight_run(shards, tmp_path):
+def test_sim_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step losses, the masks/crops drawn by the loader
     workers, the augmentation generator, AdamW's moments, clipping and the EMA target all continue exactly."""
     cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, warmup_epochs=1, samples_per_epoch=24, save_every_steps=2)
     keys = ("loss", "loss_dense", "loss_global", "target_std", "target_erank", "lr", "momentum")
     straight: dict[int, dict] = {}
-    _run(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
+    run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
     resumed: dict[int, dict] = {}
-    out = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st), stop_after_step=2)
+    out = run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st),
+                          stop_after_step=2)
     assert out == {"stopped_at_step": 2}
     torch.manual_seed(4321)
-    metrics = _run(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
+    metrics = run_pretrain_in(cfg, shards, tmp_path / "b", on_step=lambda s, st: resumed.setdefault(s, st))
     assert metrics["resumed"] and metrics["steps_this_run"] == 4 and metrics["method"] == "sim"
     assert sorted(straight) == sorted(resumed) == list(range(1, 7))
     for s in straight:
@@ -82,7 +73,7 @@ def test_sim_demo_cli_loss_falls_without_collapse_and_exports(shards, tmp_path, 
     import yaml
 
     from components.pretrain import stage as loop
-    from components.engine.checkpoint import load_pretrained
+    from components.pretrain.registry import load_pretrained
     from components.transfer import export as convert
 
     monkeypatch.chdir(tmp_path)
@@ -104,7 +95,7 @@ def test_sim_demo_cli_loss_falls_without_collapse_and_exports(shards, tmp_path, 
     assert list(rows[0]) == ["epoch", "loss", "loss_dense", "loss_global"] and len(rows) == 3
 
     model = load_pretrained("models/pretrain/last.pt")  # the downstream contract
-    from components.pretrain.stage import method_class
+    from components.pretrain.registry import method_class
 
     feats = method_class("sim").dense_features(model, torch.randn(4, 3, 128, 128))
     assert feats.shape == (4, 192, 8, 8)
@@ -248,14 +239,8 @@ def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
         tdist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ddp
-def test_sim_ddp_two_processes_equal_one_process(tmp_path):
+def test_sim_ddp_two_processes_equal_one_process(tmp_path, free_port):
     import torch.multiprocessing as mp
 
     from components.pretrain.methods.sim.losses import correlation, sim_loss
@@ -264,7 +249,7 @@ def test_sim_ddp_two_processes_equal_one_process(tmp_path):
     world, b = 2, 3
     inputs = _ddp_inputs(world * b)
     torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     pred, target = inputs["loss"]["pred"], inputs["loss"]["target"]

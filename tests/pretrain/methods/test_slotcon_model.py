@@ -134,8 +134,8 @@ def _force_one_slot(model: SlotCon, student_proto: int, teacher_proto: int) -> N
 
 @pytest.mark.parametrize("batch,agree,queries", [(1, True, 1), (2, False, 0)])
 def test_fewer_than_two_kept_queries_train_without_crash(batch, agree, queries):
-    """Issue 11.2: one kept query (batch 1) made the predictor's BatchNorm1d raise in training; now the slot loss is
-    zero there (and with none), and every trainable parameter still gets a gradient (DDP needs them all)."""
+    """One kept query (batch 1) would make the predictor's BatchNorm1d raise in training: the slot loss is zero there
+    (and with none), and every trainable parameter still gets a gradient (DDP needs them all)."""
     torch.manual_seed(0)
     model = SlotCon(**TINY).train()
     _force_one_slot(model, 3, 3 if agree else 5)

@@ -3,11 +3,6 @@
 The distributed parts are parameters: ``gather`` (concatenate over ranks in rank order,
 ``components.dist.gather_cat``). ``None`` means one process, so each function runs on a CPU without a process group
 and equals the multi-rank computation on the concatenated batch.
-
-Shuffle BN (MoCo Sec. 3.3) is expressed as index arithmetic on the *global* batch (:func:`shuffle_plan`): the key
-encoder sees a random permutation of the global batch, cut into ``groups`` equal parts that each get their own
-BatchNorm statistics (one part per rank, or several per rank to emulate more GPUs), so the statistics used for a
-query and for its positive key come from different subsets of samples.
 """
 from __future__ import annotations
 
@@ -80,6 +75,11 @@ def shuffle_plan(global_batch: int, groups: int, generator: torch.Generator) -> 
         perm: (global_batch,) the global sample order the key encoder sees; group g is ``perm[g·s:(g+1)·s]``
             with ``s = global_batch / groups``; rank r runs the groups ``r·splits … (r+1)·splits − 1``.
         unperm: (global_batch,) its inverse: ``keys_in_perm_order[unperm]`` is in the original order.
+
+    Shuffle BN (MoCo Sec. 3.3) is expressed as index arithmetic on the *global* batch (:func:`shuffle_plan`): the key
+    encoder sees a random permutation of the global batch, cut into ``groups`` equal parts that each get their own
+    BatchNorm statistics (one part per rank, or several per rank to emulate more GPUs), so the statistics used for a
+    query and for its positive key come from different subsets of samples.
     """
     if global_batch % groups:
         raise ValueError(f"global batch {global_batch} is not divisible into {groups} BatchNorm groups")

@@ -1,18 +1,4 @@
-"""MoCo v2 as a pretraining method of the engine: model, optimiser, one step, the key encoder's momentum update.
-
-Per step: :class:`components.pretrain.methods.mocov2.model.MoCoV2` encodes view 1 with the query encoder and view 2 with the key
-encoder on shuffled BatchNorm groups of the global batch (the permutation is drawn from ``(seed, step)``: the same on
-every rank without a broadcast, and the same after a resume), computes InfoNCE against the queue and enqueues the
-gathered keys; DDP averages the gradients; SGD steps with ``lr = base_lr · batch / 256`` (warm-up, then cosine);
-then the key encoder follows the query encoder with the constant momentum ``key_momentum`` (vectorised EMA).
-
-Views (MoCo v2's "aug+", Chen et al. 2020, Sec. 3): random resized crops with scale (0.2, 1), colour jitter
-(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5 on both views, flips; no
-solarisation. The two crops are drawn **independently** (``min_overlap = 0``), not with the shared sampler's forced
-overlap: MoCo's positive is the *image*, no pixel correspondence is used, and forcing an overlap would hand the
-baseline SlotCon's prior of easier, more similar pairs (at scale (0.2, 1) the 1 % rule rejects only a few per cent
-of pairs; the point is that the baseline is MoCo's, not a variant of it).
-"""
+"""MoCo v2 as a pretraining method of the engine: model, optimiser, one step, the key encoder's momentum update."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,10 +6,13 @@ from typing import Any
 import torch
 
 from components import dist
-from components.errors import UserError
-from components.engine.ema import ema_update_
 from components.engine.optim import build_optimizer
-from components.pretrain.stage import PretrainMethod
+from components.errors import UserError
+from components.pretrain.augment import TwoViewAugment
+from components.pretrain.method import PretrainMethod
+from components.pretrain.methods.mocov2.losses import shuffle_plan
+from components.pretrain.methods.mocov2.model import MoCoV2, model_kwargs_from_params
+from components.pretrain.views import sample_seed
 
 # MoCo v2's augmentation where it differs from TwoViewAugment's defaults (SlotCon/BYOL's asymmetric recipe)
 MOCOV2_AUGMENT = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(0.5, 0.5),
@@ -31,16 +20,30 @@ MOCOV2_AUGMENT = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_pr
 
 
 class MocoV2Method(PretrainMethod):
+    """Per step: :class:`components.pretrain.methods.mocov2.model.MoCoV2` encodes view 1 with the query encoder and view
+    2 with the key encoder on shuffled BatchNorm groups of the global batch (the permutation is drawn from ``(seed,
+    step)``: the same on every rank without a broadcast, and the same after a resume), computes InfoNCE against the
+    queue and enqueues the gathered keys; DDP averages the gradients; SGD steps with ``lr = base_lr · batch / 256``
+    (warm-up, then cosine); then the key encoder follows the query encoder with the constant momentum ``key_momentum``
+    (vectorised EMA).
+
+    Views (MoCo v2's "aug+", Chen et al. 2020, Sec. 3): random resized crops with scale (0.2, 1), colour jitter (0.4,
+    0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur σ ∈ [0.1, 2] with p 0.5 on both views, flips; no
+    solarisation. The two crops are drawn **independently** (``min_overlap = 0``), not with the shared sampler's
+    forced overlap: MoCo's positive is the *image*, no pixel correspondence is used, and forcing an overlap would hand
+    the baseline SlotCon's prior of easier, more similar pairs (at scale (0.2, 1) the 1 % rule rejects only a few per
+    cent of pairs; the point is that the baseline is MoCo's, not a variant of it).
+    """
+
     name = "mocov2"
     stat_keys = ("loss", "acc", "pos_sim", "neg_sim")
     plot_keys = ("loss",)
     backbone_prefix = "query_encoder.backbone."  # MoCo transfers the query encoder (the official convert script)
     crop_scale = (0.2, 1.0)
-    crop_min_overlap = 0.0  # independent crops (see the module docstring)
+    crop_min_overlap = 0.0  # independent crops (see the class docstring)
+    model_class = MoCoV2
 
     def __init__(self, cfg, plan, device: torch.device):
-        from components.pretrain.augment import TwoViewAugment
-
         super().__init__(cfg, plan, device)
         p = self.params
         if p.queue_size % plan.global_batch:
@@ -56,15 +59,10 @@ class MocoV2Method(PretrainMethod):
 
     # -- the model ----------------------------------------------------------------------------------------------------
     def model_kwargs(self) -> dict[str, Any]:
-        from components.pretrain.methods.mocov2.model import model_kwargs_from_params
-
         return model_kwargs_from_params(self.params)
 
-    @classmethod
-    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
-        from components.pretrain.methods.mocov2.model import MoCoV2
-
-        return MoCoV2(**kwargs)
+    def ema_pairs(self, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return model.momentum_parameters()  # the key encoder follows the query encoder
 
     @staticmethod
     def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -82,9 +80,6 @@ class MocoV2Method(PretrainMethod):
 
     def shuffle(self, step: int) -> torch.Tensor:
         """The key encoder's global sample order at ``step``: the same on every rank and after a resume."""
-        from components.pretrain.methods.mocov2.losses import shuffle_plan
-        from components.pretrain.views import sample_seed
-
         gen = torch.Generator().manual_seed(sample_seed("mocov2-shuffle-bn", self.cfg.seed, step))
         perm, _ = shuffle_plan(self.plan.global_batch, self.plan.world_size * self.params.bn_splits, gen)
         return perm
@@ -93,12 +88,6 @@ class MocoV2Method(PretrainMethod):
         world = self.plan.world_size
         return model(views["view1"], views["view2"], perm=self.shuffle(step),
                      gather=dist.gather_cat if world > 1 else None, rank=self.plan.rank, world=world)
-
-    def after_update(self, model: torch.nn.Module, step: int, momentum: float | None) -> None:
-        cached = getattr(self, "_pairs", None)
-        if cached is None or cached[0] is not model:
-            self._pairs = (model, *model.momentum_parameters())
-        ema_update_(self._pairs[1], self._pairs[2], momentum)
 
     def compile(self, model: torch.nn.Module) -> None:
         model.query_encoder.compile()

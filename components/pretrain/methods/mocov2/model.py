@@ -1,18 +1,7 @@
 """MoCo v2 (Chen, Fan, Girshick, He 2020, arXiv 2003.04297; MoCo: He et al., CVPR 2020): the image-level baseline.
 
-A query encoder (ResNet trunk → global average pool → 2-layer MLP head, v2's change over v1) and a key encoder that
-follows it by momentum (``θ_k ← m·θ_k + (1 − m)·θ_q``, updated by the method after each optimiser step, not here);
-InfoNCE against a queue of keys of earlier batches (:mod:`components.pretrain.methods.mocov2.losses`). One direction per step, as the
-paper: view 1 is the query, view 2 the key.
-
-BatchNorm (MoCo Sec. 3.3): both encoders compute BN statistics over groups of ``bn_splits`` equal parts of each rank's
-batch (MoCo's per-GPU BN, with ``bn_splits`` emulating more GPUs per process); the key encoder's groups are cut from
-a random permutation of the *global* batch (shuffle BN), so a query and its positive key never share statistics.
-With ``world · bn_splits = 1`` the shuffle changes nothing (the paper's "cheating" through BN is then possible).
-
-The model holds no schedule and reads no argv; collectives (``gather``) and the permutation are parameters, so the
-same forward runs on one CPU and under DDP, and 2 ranks with ``bn_splits = 1`` equal 1 process with ``bn_splits = 2``
-on the concatenated batch.
+A query encoder and a key encoder that follows it by momentum; InfoNCE against a queue of earlier keys
+(:class:`MoCoV2`).
 """
 from __future__ import annotations
 
@@ -75,6 +64,21 @@ class MoCoV2(nn.Module):
         query_encoder, key_encoder: :class:`Encoder`; the key encoder has ``requires_grad=False``.
         queue: (queue_size, dim) buffer of L2-normalised keys (random unit vectors at first, as MoCo).
         queue_ptr: () long buffer, the index of the oldest entry.
+
+    A query encoder (ResNet trunk → global average pool → 2-layer MLP head, v2's change over v1) and a key encoder
+    that follows it by momentum (``θ_k ← m·θ_k + (1 − m)·θ_q``, updated by the method after each optimiser step, not
+    here); InfoNCE against a queue of keys of earlier batches (:mod:`components.pretrain.methods.mocov2.losses`). One
+    direction per step, as the paper: view 1 is the query, view 2 the key.
+
+    BatchNorm (MoCo Sec. 3.3): both encoders compute BN statistics over groups of ``bn_splits`` equal parts of each
+    rank's batch (MoCo's per-GPU BN, with ``bn_splits`` emulating more GPUs per process); the key encoder's groups are
+    cut from a random permutation of the *global* batch (shuffle BN), so a query and its positive key never share
+    statistics. With ``world · bn_splits = 1`` the shuffle changes nothing (the paper's "cheating" through BN is then
+    possible).
+
+    The model holds no schedule and reads no argv; collectives (``gather``) and the permutation are parameters, so the
+    same forward runs on one CPU and under DDP, and 2 ranks with ``bn_splits = 1`` equal 1 process with
+    ``bn_splits = 2`` on the concatenated batch.
     """
 
     def __init__(self, *, arch: str = "resnet50", dim_hidden: int = 2048, dim: int = 128, queue_size: int = 65536,

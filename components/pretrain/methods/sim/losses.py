@@ -1,22 +1,5 @@
 """UniGrad (Tao et al., "Exploring the Equivalence of Siamese SSL via a Unified Gradient Framework", CVPR 2022), the
-loss of SIM, in fp32.
-
-For predictions ``p_n`` and (stop-gradient) targets ``t_n``, n = 1..N tokens of width D::
-
-    F = (1/N) Σ_n t_n t_nᵀ                      (D x D, all-reduced: the mean over ranks; no gradient)
-    L = [ (1/N) Σ_n ‖p_n − t_n‖² + λ (1/N) Σ_n p_nᵀ F p_n ] / D
-    ∂L/∂p_n = [ 2 (p_n − t_n) + 2 λ F p_n ] / (N D)
-
-The first term pulls each prediction to its target, the second pushes predictions away from the directions the
-targets of the whole (global) batch occupy -- a contrastive push with O(D²) memory instead of O(N²). SIM takes the
-targets through a LayerNorm without affine parameters (``t``); the released code leaves predictions as they are
-(``online_ln: false``), an option LayerNorms them too.
-
-SIM's paper splits the objective into a global and a dense part, ``α1 · L_global + α2 · L_dense``: UniGrad on each
-image's mean token, and UniGrad on the tokens minus their image's mean (α1 = 1, α2 = 4 for short schedules). Since
-``Σ_n ‖p_n − t_n‖² = L ‖p̄ − t̄‖² + Σ_n ‖(p_n − p̄) − (t_n − t̄)‖²`` per image, the split re-weights the image-level
-and the within-image parts of the released code's single dense term, which is what ``α1 = 0`` gives here
-(UniGrad on the raw tokens, times α2).
+loss of SIM, in fp32 (:func:`unigrad`), and SIM's global + dense split of it (:func:`sim_loss`).
 """
 from __future__ import annotations
 
@@ -41,9 +24,20 @@ def correlation(targets: torch.Tensor, all_reduce: AllReduce | None = None) -> t
 
 def unigrad(pred: torch.Tensor, target: torch.Tensor, neg_weight: float, all_reduce: AllReduce | None = None,
             corr: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """UniGrad of ``(N, D)`` predictions against ``(N, D)`` targets (see the module docstring), in fp32.
+    """UniGrad of ``(N, D)`` predictions against ``(N, D)`` targets (below), in fp32.
 
     Returns ``(loss, parts)`` with the detached ``pos`` and ``neg`` means (already divided by D) and ``corr``.
+
+    For predictions ``p_n`` and (stop-gradient) targets ``t_n``, n = 1..N tokens of width D::
+
+        F = (1/N) Σ_n t_n t_nᵀ                      (D x D, all-reduced: the mean over ranks; no gradient)
+        L = [ (1/N) Σ_n ‖p_n − t_n‖² + λ (1/N) Σ_n p_nᵀ F p_n ] / D
+        ∂L/∂p_n = [ 2 (p_n − t_n) + 2 λ F p_n ] / (N D)
+
+    The first term pulls each prediction to its target, the second pushes predictions away from the directions the
+    targets of the whole (global) batch occupy -- a contrastive push with O(D²) memory instead of O(N²). SIM takes the
+    targets through a LayerNorm without affine parameters (``t``); the released code leaves predictions as they are
+    (``online_ln: false``), an option LayerNorms them too.
     """
     p = pred.float()
     t = target.detach().float()
@@ -72,6 +66,12 @@ def sim_loss(pred: torch.Tensor, target: torch.Tensor, *, neg_weight: float = 0.
         ``(loss, stats)``: stats are detached scalars -- ``loss_pos``/``loss_neg`` (the dense term's parts),
         ``loss_dense``, ``loss_global`` (0 when α1 = 0), and the collapse indicators of :func:`target_health` on
         the normalised targets.
+
+    SIM's paper splits the objective into a global and a dense part, ``α1 · L_global + α2 · L_dense``: UniGrad on each
+    image's mean token, and UniGrad on the tokens minus their image's mean (α1 = 1, α2 = 4 for short schedules). Since
+    ``Σ_n ‖p_n − t_n‖² = L ‖p̄ − t̄‖² + Σ_n ‖(p_n − p̄) − (t_n − t̄)‖²`` per image, the split re-weights the
+    image-level and the within-image parts of the released code's single dense term, which is what ``α1 = 0`` gives
+    here (UniGrad on the raw tokens, times α2).
     """
     device_type = pred.device.type
     with torch.autocast(device_type=device_type, enabled=False):

@@ -1,13 +1,5 @@
 """SIM's block-wise mask of view A (BEiT's masking generator), drawn in the loader workers with a seeded generator.
 
-BEiT (Bao et al. 2021, Alg. 1) masks rectangles of patches until a budget is reached: each block has an area drawn
-uniformly in ``[min_block, remaining budget]`` and an aspect ratio log-uniform in ``[0.3, 1/0.3]``; a block is
-accepted if it masks at least one new patch and no more than the budget (10 tries per block). SIM uses it with a
-*fixed* count (118 of 196 patches at 224 px, ~60 %): when no block fits any more, the remainder is filled with
-random single patches, so every sample has exactly the same number of visible tokens (the visible tokens of a batch
-stack into one ``(B, L_vis, D)`` tensor). BEiT's ``min_block = 16`` at 14 x 14 is scaled with the grid's area
-(:func:`default_min_block`).
-
 Everything draws from one ``torch.Generator`` (never Python's ``random``): a generator seeded from
 ``(seed, epoch, rank, worker, key, occurrence)`` redraws the same mask after a resume.
 """
@@ -75,6 +67,14 @@ def block_mask(grid: tuple[int, int], num_masked: int, generator: torch.Generato
         min_block / max_block: block area range in patches (default :func:`default_min_block` / ``num_masked``).
     Returns:
         ``(gh, gw)`` bool, True = masked.
+
+    BEiT (Bao et al. 2021, Alg. 1) masks rectangles of patches until a budget is reached: each block has an area drawn
+    uniformly in ``[min_block, remaining budget]`` and an aspect ratio log-uniform in ``[0.3, 1/0.3]``; a block is
+    accepted if it masks at least one new patch and no more than the budget (10 tries per block). SIM uses it with a
+    *fixed* count (118 of 196 patches at 224 px, ~60 %): when no block fits any more, the remainder is filled with
+    random single patches, so every sample has exactly the same number of visible tokens (the visible tokens of a
+    batch stack into one ``(B, L_vis, D)`` tensor). BEiT's ``min_block = 16`` at 14 x 14 is scaled with the grid's
+    area (:func:`default_min_block`).
     """
     gh, gw = grid
     if not 0 < num_masked < gh * gw:

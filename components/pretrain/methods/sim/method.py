@@ -1,17 +1,4 @@
-"""SIM as a pretraining method of the engine: loader with block masks, model, AdamW, one step, clipping, the EMA.
-
-Per step (the released ViT-B recipe): the loader workers draw the two crop boxes, flips and view A's block mask
-(:class:`components.pretrain.methods.sim.masking.DrawCropsAndMask`); the shared device-side augmentation makes the two views
-(view 1 = A: blur always; view 2 = B: blur p 0.1, solarize p 0.2, as the authors' two colour pipelines);
-:class:`components.pretrain.methods.sim.model.SIM` computes UniGrad with the correlation matrix all-reduced over ranks; DDP averages
-the gradients; the global gradient norm is clipped to ``clip_grad``; AdamW (betas 0.9 / ``beta2``, weight decay on
-matrices only: none on norms, biases, position embedding, class and mask tokens) steps with the scheduled lr; then
-the target (encoder, ``decoder_embed``, projector) follows by EMA with the cosine momentum from ``teacher_momentum``.
-
-The crops come from the shared two-view sampler (:func:`components.pretrain.crops.sample_two_crops`) with
-``crop_min_overlap = 0``: the two crops are drawn independently, as the authors do (SlotCon re-draws view B until it
-overlaps view A by >= 1 % of its area); a mask token of a B patch outside A's frame gets a position outside [0, 1].
-"""
+"""SIM as a pretraining method of the engine: loader with block masks, model, AdamW, one step, clipping, the EMA."""
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +6,11 @@ from typing import Any
 import torch
 
 from components import dist
-from components.engine.ema import ema_update_
-from components.pretrain.stage import PretrainMethod
+from components.constants import VIT_SPECS
+from components.pretrain.method import PretrainMethod
+from components.pretrain.methods.sim.masking import DrawCropsAndMask, num_masked_patches
+from components.pretrain.methods.sim.model import SIM, model_kwargs_from_config
+from components.pretrain.views import make_views
 
 #: parameters never weight-decayed besides 1-D ones (timm's ViT ``no_weight_decay``: positions and tokens)
 NO_DECAY_NAMES = ("pos_embedding", "class_token", "mask_token")
@@ -40,31 +30,36 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class SimMethod(PretrainMethod):
+    """Per step (the released ViT-B recipe): the loader workers draw the two crop boxes, flips and view A's block mask
+    (:class:`components.pretrain.methods.sim.masking.DrawCropsAndMask`); the shared device-side augmentation makes the
+    two views (view 1 = A: blur always; view 2 = B: blur p 0.1, solarize p 0.2, as the authors' two colour pipelines);
+    :class:`components.pretrain.methods.sim.model.SIM` computes UniGrad with the correlation matrix all-reduced over
+    ranks; DDP averages the gradients; the global gradient norm is clipped to ``clip_grad``; AdamW (betas 0.9 /
+    ``beta2``, weight decay on matrices only: none on norms, biases, position embedding, class and mask tokens) steps
+    with the scheduled lr; then the target (encoder, ``decoder_embed``, projector) follows by EMA with the cosine
+    momentum from ``teacher_momentum``.
+
+    The crops come from the shared two-view sampler (:func:`components.pretrain.crops.sample_two_crops`) with
+    ``crop_min_overlap = 0``: the two crops are drawn independently, as the authors do (SlotCon re-draws view B until
+    it overlaps view A by >= 1 % of its area); a mask token of a B patch outside A's frame gets a position outside [0,
+    1].
+    """
+
     name = "sim"
     stat_keys = ("loss", "loss_dense", "loss_global", "loss_pos", "loss_neg", "target_std", "target_erank")
     plot_keys = ("loss", "loss_dense", "loss_global")
     backbone_prefix = "student_encoder."  # SIM transfers the online encoder (the released fine-tuning loads it)
-    crop_min_overlap = 0.0  # the authors draw the two crops independently (see the module docstring)
+    crop_min_overlap = 0.0  # the authors draw the two crops independently (see the class docstring)
+    model_class = SIM  # EMA pairs: SIM.ema_parameters (encoder, decoder_embed, projector; trainable ones only)
 
     def __init__(self, cfg, plan, device: torch.device):
-        from components.constants import VIT_SPECS
-        from components.pretrain.methods.sim.masking import num_masked_patches
-
         super().__init__(cfg, plan, device)
         n = cfg.image_size // VIT_SPECS[self.params.arch]["patch_size"]
         self.grid = (n, n)
         self.num_masked = num_masked_patches(self.grid, self.params.mask_ratio)
 
     def model_kwargs(self) -> dict[str, Any]:
-        from components.pretrain.methods.sim.model import model_kwargs_from_config
-
         return model_kwargs_from_config(self.params, self.cfg.image_size)
-
-    @classmethod
-    def model_from_kwargs(cls, kwargs: dict[str, Any]) -> torch.nn.Module:
-        from components.pretrain.methods.sim.model import SIM
-
-        return SIM(**kwargs)
 
     @staticmethod
     def dense_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -78,8 +73,6 @@ class SimMethod(PretrainMethod):
 
     def crop_drawer(self, epoch: int):
         """The shared two-view loader's draw plus view A's block mask (drawn in the loader workers)."""
-        from components.pretrain.methods.sim.masking import DrawCropsAndMask
-
         return DrawCropsAndMask(self.cfg.seed, epoch, self.plan.rank, self.crop_scale, grid=self.grid,
                                 num_masked=self.num_masked, min_overlap=self.crop_min_overlap)
 
@@ -87,8 +80,6 @@ class SimMethod(PretrainMethod):
         """The shared two views plus ``mask`` ``(B', L)``: an image no decoder accepted is dropped with its crops by
         :func:`~components.pretrain.views.make_views`, and here with its mask (by its url and key), so rows stay
         aligned."""
-        from components.pretrain.views import make_views
-
         views = make_views(batch, self.augment, self.generator, device)
         dropped = views.pop("dropped", ())
         self.lost.add_dropped((url, key) for url, key, _ in dropped)
@@ -107,21 +98,8 @@ class SimMethod(PretrainMethod):
         if self.params.clip_grad > 0:  # after DDP's all-reduce: every rank clips the same global norm
             torch.nn.utils.clip_grad_norm_(self._trainable(model), self.params.clip_grad, foreach=True)
 
-    def after_update(self, model: torch.nn.Module, step: int, momentum: float | None) -> None:
-        teacher, student = self._ema_lists(model)
-        ema_update_(teacher, student, momentum)
-
     def _trainable(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        cached = getattr(self, "_params", None)
-        if cached is None or cached[0] is not model:
-            self._params = (model, [p for p in model.parameters() if p.requires_grad])
-        return self._params[1]
-
-    def _ema_lists(self, model: torch.nn.Module):
-        cached = getattr(self, "_ema", None)
-        if cached is None or cached[0] is not model:
-            self._ema = (model, *model.ema_parameters())
-        return self._ema[1], self._ema[2]
+        return self.per_model(model, "trainable", lambda m: [p for p in m.parameters() if p.requires_grad])
 
     def compile(self, model: torch.nn.Module) -> None:
         # the encoders run through vit_tokens (gather of visible tokens, resized positions): compile their blocks

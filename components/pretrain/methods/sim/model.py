@@ -1,26 +1,7 @@
 """SIM, Siamese Image Modeling (Tao et al., CVPR 2023, arXiv 2206.01204): predict view B's dense tokens from a masked
 view A, knowing where B's patches lie in A.
 
-Online branch (trained): the visible patches of view A (block mask, :mod:`components.pretrain.methods.sim.masking`) -> ViT encoder
-(torchvision's ``VisionTransformer``; only visible tokens enter) -> ``decoder_embed`` (linear to the decoder width)
--> projector blocks -> [class token, visible tokens + A's 2-D sin-cos positions, one mask token per patch of view B
-+ a linear map of B's relative-position embedding (:mod:`components.pretrain.methods.sim.positions`)] -> predictor blocks ->
-``decoder_pred`` (linear) -> the predictions of B's L patch tokens.
-
-Target branch (EMA of the online encoder, ``decoder_embed`` and projector; no gradient): the full, unmasked view B
--> its tokens minus the class token -> LayerNorm without affine parameters (in the loss) -> UniGrad
-(:mod:`components.pretrain.methods.sim.losses`).
-
-Projector and predictor blocks are pre-norm transformer blocks (torchvision's ``EncoderBlock``) whose norm is a
-token BatchNorm (``norm="bn"``, the paper's choice: statistics over the batch's tokens, in fp32) or LayerNorm.
-
-Where we differ from the released code, and why:
-
-- the encoder's final LayerNorm (``encoder.ln``) is applied before ``decoder_embed`` (the released code has no norm
-  there): it makes the online branch exactly torchvision's ``VisionTransformer`` encoder, so the exported
-  ``encoder.ln`` is a trained layer, not a fresh one;
-- position embeddings: torchvision's ``encoder.pos_embedding`` is set to the fixed 2-D sin-cos table and frozen,
-  as the released code's ``pos_embed`` (the class position is zero).
+The online ViT + projector/predictor and its EMA target (:class:`SIM`).
 """
 from __future__ import annotations
 
@@ -30,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torchvision.models.vision_transformer import EncoderBlock
 
 from components.backbone import build_vit, vit_feature_map, vit_tokens
 from components.constants import VIT_SPECS
@@ -54,8 +36,6 @@ class TokenBatchNorm(nn.Module):
 
 
 def _blocks(depth: int, dim: int, heads: int, norm: str) -> nn.Sequential:
-    from torchvision.models.vision_transformer import EncoderBlock
-
     norm_layer: Callable[[int], nn.Module] = TokenBatchNorm if norm == "bn" else partial(nn.LayerNorm, eps=1e-6)
     return nn.Sequential(*[EncoderBlock(heads, dim, 4 * dim, 0.0, 0.0, norm_layer) for _ in range(depth)])
 
@@ -86,6 +66,28 @@ class SIM(nn.Module):
         neg_weight, global_weight, dense_weight, online_ln: the loss (:func:`components.pretrain.methods.sim.losses.sim_loss`).
         train_patch_embed: train the patch projection (released code: frozen at its random init, MoCo v3's trick
             against instability).
+
+    Online branch (trained): the visible patches of view A (block mask,
+    :mod:`components.pretrain.methods.sim.masking`) -> ViT encoder (torchvision's ``VisionTransformer``; only visible
+    tokens enter) -> ``decoder_embed`` (linear to the decoder width) -> projector blocks -> [class token, visible
+    tokens + A's 2-D sin-cos positions, one mask token per patch of view B + a linear map of B's relative-position
+    embedding (:mod:`components.pretrain.methods.sim.positions`)] -> predictor blocks -> ``decoder_pred`` (linear) ->
+    the predictions of B's L patch tokens.
+
+    Target branch (EMA of the online encoder, ``decoder_embed`` and projector; no gradient): the full, unmasked view B
+    -> its tokens minus the class token -> LayerNorm without affine parameters (in the loss) -> UniGrad
+    (:mod:`components.pretrain.methods.sim.losses`).
+
+    Projector and predictor blocks are pre-norm transformer blocks (torchvision's ``EncoderBlock``) whose norm is a
+    token BatchNorm (``norm="bn"``, the paper's choice: statistics over the batch's tokens, in fp32) or LayerNorm.
+
+    Where we differ from the released code, and why:
+
+    - the encoder's final LayerNorm (``encoder.ln``) is applied before ``decoder_embed`` (the released code has no
+      norm there): it makes the online branch exactly torchvision's ``VisionTransformer`` encoder, so the exported
+      ``encoder.ln`` is a trained layer, not a fresh one;
+    - position embeddings: torchvision's ``encoder.pos_embedding`` is set to the fixed 2-D sin-cos table and frozen,
+      as the released code's ``pos_embed`` (the class position is zero).
     """
 
     def __init__(self, arch: str = "vit_demo_16", image_size: int = 96, *, decoder_dim: int = 192,

@@ -1,14 +1,6 @@
-"""SlotCon model, losses and two-view augmentation (issue 4, model half)."""
+"""SlotCon (Wen et al., NeurIPS 2022): semantic grouping by learned prototypes, slot-level contrast; its model
+(:mod:`~components.pretrain.methods.slotcon.model`), losses, overlap alignment and the engine method."""
 from components.pretrain.methods.slotcon.align import align_scores
-from components.pretrain.augment import TwoViewAugment
 from components.pretrain.methods.slotcon.model import SlotCon, model_kwargs_from_config
-from components.pretrain.crops import collate_crop_params, sample_two_crops
 
-__all__ = [
-    "SlotCon",
-    "TwoViewAugment",
-    "align_scores",
-    "collate_crop_params",
-    "model_kwargs_from_config",
-    "sample_two_crops",
-]
+__all__ = ["SlotCon", "align_scores", "model_kwargs_from_config"]

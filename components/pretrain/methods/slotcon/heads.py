@@ -1,10 +1,5 @@
 """Backbone trunk, projector and predictor of SlotCon (paper Sec. 3, official ``DINOHead2d`` / ``DINOHead``).
 
-* :class:`ResNetTrunk`: a torchvision ResNet up to ``layer4`` (stride 32), with exactly torchvision's parameter names
-  minus ``fc.*``, so its state_dict loads into ``torchvision.models.resnetXX()`` (strict, without fc). Initialised as
-  the official code: He-normal (fan_out) convs and zero-γ for the last BN of each residual block.
-* :class:`ConvProjector`: 1×1-conv MLP on the map, conv(C→H)+BN+GELU, conv(H→H)+BN+GELU, conv(H→D).
-* :class:`MLPPredictor`: the same shape on vectors, Linear/BatchNorm1d/GELU.
 Heads use truncated-normal(0.02) weights and zero biases, as DINO/SlotCon.
 """
 from __future__ import annotations
@@ -20,7 +15,12 @@ TRUNK_LAYERS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
 
 
 class ResNetTrunk(nn.Module):
-    """torchvision ResNet without avgpool/fc: (B, 3, H, W) → (B, C, H/32, W/32), C = 512 (r18/34) or 2048 (r50)."""
+    """torchvision ResNet without avgpool/fc: (B, 3, H, W) → (B, C, H/32, W/32), C = 512 (r18/34) or 2048 (r50).
+
+    Exactly torchvision's parameter names minus ``fc.*``, so its state_dict loads into
+    ``torchvision.models.resnetXX()`` (strict, without fc). Initialised as the official code: He-normal (fan_out)
+    convs and zero-γ for the last BN of each residual block.
+    """
 
     def __init__(self, arch: str = "resnet18"):
         super().__init__()
@@ -46,7 +46,10 @@ def _trunc_normal_init(module: nn.Module) -> None:
 
 
 class ConvProjector(nn.Module):
-    """(B, C, h, w) → (B, D, h, w) by a 3-layer 1×1-conv MLP (BN + GELU between layers)."""
+    """(B, C, h, w) → (B, D, h, w) by a 3-layer 1×1-conv MLP (BN + GELU between layers).
+
+    conv(C→H)+BN+GELU, conv(H→H)+BN+GELU, conv(H→D).
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
@@ -66,7 +69,10 @@ class ConvProjector(nn.Module):
 
 
 class MLPPredictor(nn.Module):
-    """(N, D) → (N, D_out) by a 3-layer MLP (BatchNorm1d + GELU between layers)."""
+    """(N, D) → (N, D_out) by a 3-layer MLP (BatchNorm1d + GELU between layers).
+
+    The same shape as :class:`ConvProjector` on vectors: Linear/BatchNorm1d/GELU.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()

@@ -1,11 +1,4 @@
-"""SlotCon (Wen et al., NeurIPS 2022): student/teacher encoders, semantic grouping and the two losses.
-
-``forward`` takes the batch of two views made by :class:`components.pretrain.augment.TwoViewAugment` and returns the
-loss and what the trainer logs. The teacher (encoder + projector + prototypes) is an EMA of the student; the trainer
-updates it with the parameter lists of :meth:`SlotCon.ema_parameters` (vectorised, momentum from a pure schedule) —
-the model holds no schedule and reads no argv. Collectives are parameters (``gather``, ``all_reduce``), so the same
-forward runs on one CPU and under DDP.
-"""
+"""SlotCon (Wen et al., NeurIPS 2022): student/teacher encoders, semantic grouping and the two losses."""
 from __future__ import annotations
 
 import copy
@@ -57,6 +50,12 @@ class SlotCon(nn.Module):
         student_prototypes, teacher_prototypes: (K, D) parameters (the teacher's has ``requires_grad=False``).
         predictor: vector MLP applied to the student slots.
         center: (1, K) buffer, EMA of the teacher's mean score (updated inside ``forward``).
+
+    ``forward`` takes the batch of two views made by :class:`components.pretrain.augment.TwoViewAugment` and returns
+    the loss and what the trainer logs. The teacher (encoder + projector + prototypes) is an EMA of the student; the
+    trainer updates it with the parameter lists of :meth:`SlotCon.ema_parameters` (vectorised, momentum from a pure
+    schedule) — the model holds no schedule and reads no argv. Collectives are parameters (``gather``,
+    ``all_reduce``), so the same forward runs on one CPU and under DDP.
     """
 
     def __init__(
