@@ -204,7 +204,7 @@ def many_files_case(work: Path, n: int, workers: int, per_shard: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", choices=("all", "loader", "many"), default="all")
-    ap.add_argument("--many-files", type=int, default=2000, help="images of the many-small-files case (issue: 20000)")
+    ap.add_argument("--many-files", type=int, default=2000, help="images of the many-small-files case (20000 at full scale)")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=384, help="square image side (COCO's are ~640x480)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="N (the other figure is 1)")

@@ -167,7 +167,7 @@ def test_url_forms_brace_pipe_fsspec(tmp_path, write_shards):
     got = list(iterate_samples(mem, decode="bytes"))
     assert sorted(s["key"] for s in got) == expected and got[0]["url"].startswith("memory://")
     assert sorted(_keys(make_loader([Path(u).as_uri() for u in urls], batch_size=3))) == expected
-    # fsspec URLs open without patching WebDataset's global scheme table (the wave-1 loader added every protocol)
+    # fsspec URLs open without patching WebDataset's global scheme table
     assert "memory" not in wds.gopen_schemes and "s3" not in wds.gopen_schemes
 
 

@@ -1,5 +1,5 @@
 """Faults in the data and in the batch, injected: every sample a damaged shard did not deliver is counted exactly and
-named by shard (issue 11.1), a corrupt / CMYK / grey JPEG on the device-decode path is dropped-and-counted / decoded
+named by shard, a corrupt / CMYK / grey JPEG on the device-decode path is dropped-and-counted / decoded
 (11.5), and a batch with fewer than 2 kept slot queries neither crashes nor desynchronises ranks (11.2)."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _members(url: str) -> list[tarfile.TarInfo]:
 
 
 def _damage(url: str, how: str) -> None:
-    """The damages of issue 11.1 (and their neighbours), on sample 4 of the shard (members 12, 13, 14)."""
+    """The damages the loader must survive (and their neighbours), on sample 4 of the shard (members 12, 13, 14)."""
     data = bytearray(Path(url).read_bytes())
     m = _members(url)
     if how.startswith("checksum_"):  # 4 bytes of a member header's checksum field (offset 148, 8 bytes)
@@ -401,7 +401,7 @@ def test_fewer_than_two_kept_queries_two_gloo_ranks(tmp_path, free_port):
 
 
 def test_fewer_than_two_kept_queries_one_process():
-    """The crash of issue 11.2 ("Expected more than 1 value per channel when training" from the predictor's
+    """The crash ("Expected more than 1 value per channel when training" from the predictor's
     BatchNorm1d on one kept query) is gone; 2 queries still train the predictor; a Linear predictor (no batch
     statistics) still contrasts a single query."""
     from components.pretrain.methods.slotcon.losses import slot_contrastive_loss

@@ -1,4 +1,4 @@
-"""Faults in the operations layer (issue 11, items 3, 4, 6): the DVC cache, the MLflow store, params.yaml.
+"""Faults in the operations layer: the DVC cache, the MLflow store, params.yaml.
 
 Each test injects one fault with the real tool (DVC with this repo's .dvc/config, a real SQLite MLflow store locked
 by another process / damaged / made immutable, real YAML) and asserts what the product promises: workspace damage

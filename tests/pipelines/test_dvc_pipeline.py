@@ -6,7 +6,7 @@
 3. ``dvc exp run -S pretrain.epochs=2 pretrain`` runs a variant; ``dvc exp show`` lists it, ``dvc metrics diff``
    compares it with the committed baseline.
 4. ``dvc plots show`` renders offline: ``--json`` (the data, no HTML) and an HTML page whose pictures are local files.
-Plus what a seasoned user checks (issue 16): headline-only parents, no COCO −1 values, every picture a DVC output,
+Plus what a seasoned user checks: headline-only parents, no COCO −1 values, every picture a DVC output,
 the experiment opens on its runs, lineage (datasets, registry alias and tags), system metrics, a params typo that
 leaves the outputs in place, and workspace damage to a shard repaired from the cache.
 """
