@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# Prefect binds its console log handler to the sys.stderr of its first import: import it now, under pytest's
+# session-long capture, not inside a test's capsys (whose stream is closed after that test; later flow runs would
+# then log into a closed file)
+import pipelines.flow  # noqa: E402,F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # tests/ is on sys.path as this conftest's folder (pytest's default "prepend" import mode)
