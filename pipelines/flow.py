@@ -96,9 +96,10 @@ def workspace_lock(root: Path, logger) -> Iterator[None]:
 
 
 def _open_parent(root: Path, params_file: str, targets: Sequence[str] | None, force: bool, overrides: list[str],
-                 exp_name: str | None, logger) -> tuple[TrackingConfig, str | None, dict[str, str]]:
+                 exp_name: str | None, flow_run: tuple[str | None, str],
+                 logger) -> tuple[TrackingConfig, str | None, dict[str, str]]:
     """The MLflow parent run of this flow run; returns (store, parent id or None, env for the stage processes)."""
-    flow_run_id, flow_run_name = flow_run_info()
+    flow_run_id, flow_run_name = flow_run
     tcfg = mlflow_runs.resolve_store(load_section("tracking", root / params_file), root)
     suffix = f"[{','.join(targets)}]" if targets else ""
     parent_id = mlflow_runs.open_parent_run(
@@ -189,13 +190,15 @@ def slotcon_pipeline(
     overrides = normalize_overrides(params_overrides)
     stages = validate_request(root, targets, overrides, params_file)
     logger.info("repo %s; stages in order: %s", root, " -> ".join(s.name for s in stages))
-    exp_name = exp_name_for(flow_run_info()[1]) if overrides else None
+    flow_run = flow_run_info()
+    exp_name = exp_name_for(flow_run[1]) if overrides else None
 
     with workspace_lock(root, logger), overridden_params(root, overrides):
         if overrides:
             logger.info("params overrides (DVC experiment %s): %s", exp_name, " ".join(overrides))
         check_params(str(root), params_file)
-        tcfg, parent_id, env = _open_parent(root, params_file, targets, force, overrides, exp_name, logger)
+        tcfg, parent_id, env = _open_parent(root, params_file, targets, force, overrides, exp_name,
+                                               flow_run, logger)
         results: dict[str, Any] = {}
         failed: dict[str, str] = {}
         saved_exp = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import codegraph, dvcdeps
+from components import dvcdeps
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,6 @@ def test_deps_check_names_a_missing_module_and_deps_writes_it_back(tmp_path):
     others = {d for name, s in spec["stages"].items() if name != "pretrain" for d in s.get("deps", [])}
     victim = next(d for d in spec["stages"]["pretrain"]["deps"] if d.startswith("components/") and d not in others)
     (root / "dvc.yaml").write_text(text.replace(f"      - {victim}\n", "", 1))
-    codegraph._graph.cache_clear()
     run = lambda *a: subprocess.run([sys.executable, "-m", "components", "deps", *a], cwd=root, env=_env(),  # noqa: E731
                                     capture_output=True, text=True)
     bad = run("--check")

@@ -1,7 +1,10 @@
-"""Fixtures the pretraining tests (tests/pretrain/ and its methods/) share: ``run_pretrain_in``."""
+"""Fixtures the pretraining tests (tests/pretrain/ and its methods/) share: ``run_pretrain_in`` and ``one_thread``."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
+import torch
 
 from fixtures import expose
 
@@ -16,3 +19,13 @@ def run_pretrain_in(cfg, shards: Path, out: Path, **kw):
 
 # the helper above as a fixture of the same name
 run_pretrain_in_fixture = expose(run_pretrain_in)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): tiny steps gain little from two, and a busy 2-core box
+    makes two threads spin. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,7 @@ TINY = dict(image_size=64, num_workers=0, log_every_steps=1,
             slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny steps gain little from two, and a busy 2-core box makes two threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,60 +171,47 @@ def _ddp_inputs(b: int, seed: int = 0) -> dict:
     }
 
 
-def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
-    import torch.distributed as tdist
-
+def _ddp_worker(rank: int, world: int, inputs: dict) -> dict:
     from components import dist
     from components.pretrain.methods.slotcon.grouping import slot_keep_mask
     from components.pretrain.methods.slotcon.losses import slot_contrastive_loss, update_center
     from components.pretrain.methods.slotcon.model import SlotCon
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        inputs = torch.load(Path(tmpdir) / "inputs.pt", weights_only=False)
-        b = inputs["views"]["view1"].shape[0] // world
-        half = slice(rank * b, (rank + 1) * b)
-        # (a) the loss path with identical inputs: gathered negatives, all-reduced center
-        li = {k: (v[half] if k != "center" else v) for k, v in inputs["loss"].items()}
-        slot = slot_contrastive_loss(li["student_slots"], li["teacher_slots"], li["student_scores"],
-                                     li["teacher_scores"], temperature=0.2, gather=dist.gather_cat)
-        n_query = (slot_keep_mask(li["student_scores"]) & slot_keep_mask(li["teacher_scores"])).sum()
-        center = update_center(li["center"], li["teacher_scores"], 0.9, all_reduce=dist.all_reduce_mean)
-        # (b) the whole model under DDP, BN on running stats (see _bn_eval); group loss only (lambda = 1), whose
-        # per-rank mean over equally many pixels averages to the global mean exactly
-        torch.manual_seed(0)
-        model = SlotCon(**MODEL_KW, group_loss_weight=1.0)
-        model.train()
-        _bn_eval(model)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        views = {k: v[half] for k, v in inputs["views"].items()}
-        out = ddp(**views, gather=dist.gather_cat, all_reduce=dist.all_reduce_mean)
-        out["loss"].backward()
-        torch.save({
-            "slot": slot.detach(), "n_query": n_query, "center": center,
-            "loss": dist.all_reduce_mean(out["loss"].detach()), "entropy": out["assign_entropy"],
-            "model_center": model.center.clone(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        }, Path(tmpdir) / f"rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
+    b = inputs["views"]["view1"].shape[0] // world
+    half = slice(rank * b, (rank + 1) * b)
+    # (a) the loss path with identical inputs: gathered negatives, all-reduced center
+    li = {k: (v[half] if k != "center" else v) for k, v in inputs["loss"].items()}
+    slot = slot_contrastive_loss(li["student_slots"], li["teacher_slots"], li["student_scores"],
+                                 li["teacher_scores"], temperature=0.2, gather=dist.gather_cat)
+    n_query = (slot_keep_mask(li["student_scores"]) & slot_keep_mask(li["teacher_scores"])).sum()
+    center = update_center(li["center"], li["teacher_scores"], 0.9, all_reduce=dist.all_reduce_mean)
+    # (b) the whole model under DDP, BN on running stats (see _bn_eval); group loss only (lambda = 1), whose
+    # per-rank mean over equally many pixels averages to the global mean exactly
+    torch.manual_seed(0)
+    model = SlotCon(**MODEL_KW, group_loss_weight=1.0)
+    model.train()
+    _bn_eval(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    views = {k: v[half] for k, v in inputs["views"].items()}
+    out = ddp(**views, gather=dist.gather_cat, all_reduce=dist.all_reduce_mean)
+    out["loss"].backward()
+    return {
+        "slot": slot.detach(), "n_query": n_query, "center": center,
+        "loss": dist.all_reduce_mean(out["loss"].detach()), "entropy": out["assign_entropy"],
+        "model_center": model.center.clone(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
 
 
 @pytest.mark.ddp
-def test_ddp_two_processes_equal_one_process(tmp_path, free_port):
-    import torch.multiprocessing as mp
-
+def test_ddp_two_processes_equal_one_process(gloo_ranks):
     from components.pretrain.methods.slotcon.grouping import slot_keep_mask
     from components.pretrain.methods.slotcon.losses import slot_contrastive_loss, update_center
     from components.pretrain.methods.slotcon.model import SlotCon
 
     world, b = 2, 3
     inputs = _ddp_inputs(world * b)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = gloo_ranks(_ddp_worker, inputs, world)
 
     # (a) loss path: kept-query-weighted mean of the rank losses == the loss on the whole batch; centers equal
     li = inputs["loss"]

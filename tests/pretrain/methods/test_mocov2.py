@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +18,7 @@ from components.pretrain.methods.mocov2.model import MoCoV2
 MODEL_KW = dict(arch="resnet18", dim_hidden=32, dim=16, queue_size=12, temperature=0.2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -102,53 +95,39 @@ def test_shuffle_bn_keys_do_not_depend_on_the_permutation_in_eval_mode():
 # --------------------------------------------------------------------------------------------------------------------
 # DDP: 2 gloo processes == 1 process on the whole batch
 # --------------------------------------------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
-    import torch.distributed as tdist
-
+def _ddp_worker(rank: int, world: int, inp: dict) -> dict:
     from components import dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        inp = torch.load(Path(tmpdir) / "inputs.pt", weights_only=False)
-        b = inp["view1"].shape[0] // world
-        half = slice(rank * b, (rank + 1) * b)
-        # (a) the queue alone: every rank enqueues its own keys -> the queue of the concatenated batch, everywhere
-        q_alone, p_alone = enqueue(inp["queue"], inp["ptr"], inp["keys"][half], gather=dist.gather_cat)
-        # (b) the whole model under DDP, BN in train mode: one BN group per rank == 2 groups in one process
-        torch.manual_seed(0)
-        model = MoCoV2(**MODEL_KW, bn_splits=1)
-        model.train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        outs = []
-        for step in range(2):  # two steps: the second sees the keys the first enqueued
-            out = ddp(inp["view1"][half], inp["view2"][half], perm=inp["perms"][step], gather=dist.gather_cat,
-                      rank=rank, world=world)
-            if step == 0:
-                out["loss"].backward()
-            outs.append({k: dist.all_reduce_mean(v.detach()) for k, v in out.items()})
-        torch.save({"queue_alone": q_alone, "ptr_alone": p_alone, "outs": outs, "queue": model.queue.clone(),
-                    "ptr": model.queue_ptr.clone(),
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}},
-                   Path(tmpdir) / f"rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
+    b = inp["view1"].shape[0] // world
+    half = slice(rank * b, (rank + 1) * b)
+    # (a) the queue alone: every rank enqueues its own keys -> the queue of the concatenated batch, everywhere
+    q_alone, p_alone = enqueue(inp["queue"], inp["ptr"], inp["keys"][half], gather=dist.gather_cat)
+    # (b) the whole model under DDP, BN in train mode: one BN group per rank == 2 groups in one process
+    torch.manual_seed(0)
+    model = MoCoV2(**MODEL_KW, bn_splits=1)
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    outs = []
+    for step in range(2):  # two steps: the second sees the keys the first enqueued
+        out = ddp(inp["view1"][half], inp["view2"][half], perm=inp["perms"][step], gather=dist.gather_cat,
+                  rank=rank, world=world)
+        if step == 0:
+            out["loss"].backward()
+        outs.append({k: dist.all_reduce_mean(v.detach()) for k, v in out.items()})
+    return {"queue_alone": q_alone, "ptr_alone": p_alone, "outs": outs, "queue": model.queue.clone(),
+            "ptr": model.queue_ptr.clone(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
 @pytest.mark.ddp
-def test_ddp_two_processes_equal_one_process(tmp_path, free_port):
-    import torch.multiprocessing as mp
-
+def test_ddp_two_processes_equal_one_process(gloo_ranks):
     world, b = 2, 3
     g = torch.Generator().manual_seed(0)
     inp = {"view1": torch.randn(world * b, 3, 64, 64, generator=g), "view2": torch.randn(world * b, 3, 64, 64, generator=g),
            "keys": F.normalize(torch.randn(world * b, 16, generator=g), dim=1),
            "queue": F.normalize(torch.randn(12, 16, generator=g), dim=1), "ptr": torch.tensor(6),
            "perms": [torch.randperm(world * b, generator=g) for _ in range(2)]}
-    torch.save(inp, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = gloo_ranks(_ddp_worker, inp, world)
 
     # (a) enqueue across ranks == enqueue of the concatenated keys (wrapping to slot 0 after slot 11)
     q_full, p_full = enqueue(inp["queue"], inp["ptr"], inp["keys"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,7 @@ SIM_TINY = dict(arch="vit_demo_16", decoder_dim=32, decoder_heads=2, projector_d
 TINY = dict(method="sim", image_size=64, num_workers=0, log_every_steps=1, sim=dict(SIM_TINY, base_lr=1.2e-2))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -202,55 +196,42 @@ def _ddp_inputs(b: int, seed: int = 0) -> dict:
     }
 
 
-def _ddp_worker(rank: int, world: int, port: int, tmpdir: str) -> None:
-    import torch.distributed as tdist
-
+def _ddp_worker(rank: int, world: int, inputs: dict) -> dict:
     from components import dist
     from components.pretrain.methods.sim.losses import correlation, sim_loss
     from components.pretrain.methods.sim.model import SIM
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        inputs = torch.load(Path(tmpdir) / "inputs.pt", weights_only=False)
-        b = inputs["views"]["view1"].shape[0] // world
-        half = slice(rank * b, (rank + 1) * b)
-        # (a) the loss path: the all-reduced correlation matrix and the loss
-        pred, target = inputs["loss"]["pred"][half], inputs["loss"]["target"][half]
-        t = torch.nn.functional.layer_norm(target, (16,)).reshape(-1, 16)
-        corr = correlation(t, dist.all_reduce_mean)
-        losses = {a1: sim_loss(pred, target, global_weight=a1, dense_weight=4.0, all_reduce=dist.all_reduce_mean)[0]
-                  for a1 in (0.0, 1.0)}
-        # (b) the whole model under DDP (LayerNorm blocks: per-sample computation, only F couples the ranks)
-        torch.manual_seed(0)
-        model = SIM(**SIM_TINY, image_size=64, norm="ln", global_weight=1.0, dense_weight=4.0)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        views = {k: v[half] for k, v in inputs["views"].items()}
-        out = ddp(**views, all_reduce=dist.all_reduce_mean)
-        out["loss"].backward()
-        torch.save({
-            "corr": corr, "loss_a0": dist.all_reduce_mean(losses[0.0].detach()),
-            "loss_a1": dist.all_reduce_mean(losses[1.0].detach()),
-            "loss": dist.all_reduce_mean(out["loss"].detach()), "erank": out["target_erank"],
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-        }, Path(tmpdir) / f"rank{rank}.pt")
-    finally:
-        tdist.destroy_process_group()
+    b = inputs["views"]["view1"].shape[0] // world
+    half = slice(rank * b, (rank + 1) * b)
+    # (a) the loss path: the all-reduced correlation matrix and the loss
+    pred, target = inputs["loss"]["pred"][half], inputs["loss"]["target"][half]
+    t = torch.nn.functional.layer_norm(target, (16,)).reshape(-1, 16)
+    corr = correlation(t, dist.all_reduce_mean)
+    losses = {a1: sim_loss(pred, target, global_weight=a1, dense_weight=4.0, all_reduce=dist.all_reduce_mean)[0]
+              for a1 in (0.0, 1.0)}
+    # (b) the whole model under DDP (LayerNorm blocks: per-sample computation, only F couples the ranks)
+    torch.manual_seed(0)
+    model = SIM(**SIM_TINY, image_size=64, norm="ln", global_weight=1.0, dense_weight=4.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    views = {k: v[half] for k, v in inputs["views"].items()}
+    out = ddp(**views, all_reduce=dist.all_reduce_mean)
+    out["loss"].backward()
+    return {
+        "corr": corr, "loss_a0": dist.all_reduce_mean(losses[0.0].detach()),
+        "loss_a1": dist.all_reduce_mean(losses[1.0].detach()),
+        "loss": dist.all_reduce_mean(out["loss"].detach()), "erank": out["target_erank"],
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
 
 
 @pytest.mark.ddp
-def test_sim_ddp_two_processes_equal_one_process(tmp_path, free_port):
-    import torch.multiprocessing as mp
-
+def test_sim_ddp_two_processes_equal_one_process(gloo_ranks):
     from components.pretrain.methods.sim.losses import correlation, sim_loss
     from components.pretrain.methods.sim.model import SIM
 
     world, b = 2, 3
     inputs = _ddp_inputs(world * b)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    mp.spawn(_ddp_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ranks = gloo_ranks(_ddp_worker, inputs, world)
 
     pred, target = inputs["loss"]["pred"], inputs["loss"]["target"]
     full_corr = correlation(torch.nn.functional.layer_norm(target, (16,)).reshape(-1, 16))
