@@ -16,7 +16,7 @@ class Method:
 
     #: names of the per-step figures :meth:`forward` returns (scalar tensors); the first is the loss to minimise
     stat_keys: tuple[str, ...] = ("loss",)
-    #: convert BatchNorm to SyncBatchNorm under DDP on CUDA
+    #: convert BatchNorm to SyncBatchNorm under DDP on CUDA (False: every process normalises with its own batch)
     sync_bn: bool = True
     #: images per step over all ranks (throughput); set by the method
     global_batch: int = 1

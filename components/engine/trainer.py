@@ -28,13 +28,25 @@ def default_device() -> torch.device:
     return torch.device("cuda", dist.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def uses_sync_bn(device_type: str, world_size: int, sync_bn: bool) -> bool:
+    """Whether :func:`wrap_model` turns BatchNorm into SyncBatchNorm: only on CUDA with more than one rank, and only for
+    a method that asks for it (``Method.sync_bn``; SyncBatchNorm has no CPU/gloo kernel)."""
+    return sync_bn and device_type == "cuda" and world_size > 1
+
+
+def ddp_ready(model: nn.Module, device_type: str, world_size: int, *, sync_bn: bool) -> nn.Module:
+    """``model`` as DDP will hold it: BatchNorm converted to SyncBatchNorm when :func:`uses_sync_bn` says so."""
+    if uses_sync_bn(device_type, world_size, sync_bn):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def wrap_model(model: nn.Module, device: torch.device, *, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
     """``(wrapped, raw)``: DDP (SyncBatchNorm first on CUDA when ``sync_bn``) when the world is larger than one."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return model, model
     cuda = device.type == "cuda"
-    if cuda and sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ddp_ready(model, device.type, dist.get_world_size(), sync_bn=sync_bn)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
                                               broadcast_buffers=True)
     return ddp, model

@@ -42,6 +42,10 @@ class MocoV2Method(PretrainMethod):
     crop_scale = (0.2, 1.0)
     crop_min_overlap = 0.0  # independent crops (see the class docstring)
     model_class = MoCoV2
+    # per-process BatchNorm under DDP, as the released code (plain DDP, no SyncBatchNorm): shuffle BN only hides a
+    # query's statistics from its key while each process normalises its own slice; SyncBatchNorm would normalise both
+    # encoders with the whole global batch and reopen the leak that shuffle BN exists to close
+    sync_bn = False
 
     def __init__(self, cfg, plan, device: torch.device):
         super().__init__(cfg, plan, device)
