@@ -43,9 +43,9 @@ TINY = {
     "scenes": {"num_train": 48, "num_val": 8, "image_size": 64, "workers": 1},
     "data": {"workers": 1},
     "shard": {"max_count": 8, "workers": 2, "verify": False},
-    "pretrain": {"image_size": 64, "batch_size": 8, "epochs": 2, "warmup_epochs": 1, "num_workers": 0,
+    "pretrain": {"image_size": 64, "batch_size": 8, "epochs": 2, "num_workers": 0,
                  "log_every_steps": 1, "save_every_steps": 2, "samples_per_epoch": 32,
-                 "slotcon": {"num_prototypes": 8, "dim_hidden": 32, "dim_out": 16}},
+                 "slotcon": {"num_prototypes": 8, "dim_hidden": 32, "dim_out": 16, "warmup_epochs": 1}},
 }
 
 

@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {n} synthetic {h}x{w} JPEGs in {time.perf_counter() - t0:.1f} s -> {shards}", file=sys.stderr)
 
     sim_decoder = {} if args.arch == "vit_demo_16" else SIM_PAPER_DECODER  # the demo's own decoder (params.yaml)
-    method_params = {"sim": dict(arch=args.arch, **sim_decoder)} if sim else {
+    method_params = {"sim": dict(arch=args.arch, warmup_epochs=0, **sim_decoder)} if sim else {
         "slotcon": dict(arch=args.arch, num_prototypes=args.num_prototypes, dim_hidden=args.dim_hidden,
-                        dim_out=args.dim_out)}
+                        dim_out=args.dim_out, warmup_epochs=0)}
     cfg = PretrainConfig(
-        method=args.method, image_size=args.image_size, batch_size=args.batch_size, epochs=1, warmup_epochs=0,
+        method=args.method, image_size=args.image_size, batch_size=args.batch_size, epochs=1,
         **method_params,
         num_workers=args.num_workers, compile=args.compile, amp=not args.no_amp,
         channels_last=not args.no_channels_last, samples_per_epoch=steps_needed * args.batch_size,

@@ -173,8 +173,10 @@ def vit_embed(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = 
     return net.encoder.dropout(torch.cat([cls, x], dim=1))
 
 
-def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(B, 1 + L', D)``: class token then patch tokens after the final LayerNorm.
+def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None, *,
+               final_norm: bool = True) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 1 + L', D)``: class token then patch tokens after the final LayerNorm (before it
+    with ``final_norm=False``: SIM's pretraining branches, which have no norm there).
 
     Exactly torchvision's ``VisionTransformer`` encoder (``x + pos_embedding`` -> blocks -> ``ln``) for any ``H, W``
     (patches of ``p`` px: the conv drops a remainder; the position grid is resized when it differs from the built
@@ -182,7 +184,8 @@ def vit_tokens(net: nn.Module, images: torch.Tensor, keep: torch.Tensor | None =
     encoding of the visible tokens; each keeps its own position embedding, so the result equals the full sequence
     with the other patches masked out of attention.
     """
-    return net.encoder.ln(net.encoder.layers(vit_embed(net, images, keep)))
+    tokens = net.encoder.layers(vit_embed(net, images, keep))
+    return net.encoder.ln(tokens) if final_norm else tokens
 
 
 def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

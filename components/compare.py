@@ -40,7 +40,8 @@ DEFAULT_OVERRIDES: dict[str, Any] = {
     "scenes.num_train": 256, "scenes.num_val": 64, "scenes.min_objects": 3, "scenes.max_objects": 8,
     "scenes.min_object_frac": 0.1, "scenes.max_object_frac": 0.45, "scenes.num_thing_classes": 8,
     "scenes.clutter_shapes": 4, "scenes.object_spread": 0.6,
-    "pretrain.epochs": 10, "pretrain.warmup_epochs": 1, "pretrain.save_every_steps": 20,
+    "pretrain.epochs": 10, "pretrain.slotcon.warmup_epochs": 1, "pretrain.sim.warmup_epochs": 1,
+    "pretrain.save_every_steps": 20,
     "probe.steps": 200,
     # Mask R-CNN: more iterations at a lower, single scale (the demo: 40 at [96, 112, 128])
     "detect.iters": 60, "detect.min_size": [96], "detect.max_size": 128, "detect.test_size": 128,

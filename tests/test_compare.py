@@ -150,7 +150,7 @@ def prefect_server(tmp_path_factory):
 
 TINY_GRID = {
     "scenes.num_train": 32, "scenes.num_val": 8, "scenes.image_size": 64, "scenes.min_object_frac": 0.2,
-    "pretrain.image_size": 64, "pretrain.batch_size": 16, "pretrain.epochs": 1, "pretrain.warmup_epochs": 0,
+    "pretrain.image_size": 64, "pretrain.batch_size": 16, "pretrain.epochs": 1, "pretrain.slotcon.warmup_epochs": 0,
     "pretrain.num_workers": 0, "pretrain.samples_per_epoch": 16,
     "pretrain.mocov2.queue_size": 16, "pretrain.mocov2.dim_hidden": 32, "pretrain.mocov2.dim": 16,
     "probe.resolution": 64, "probe.steps": 5, "probe.layers": ["layer4"], "unsup.resolution": 64,

@@ -1,11 +1,12 @@
 """docs/presets: every paper preset is a valid params file with the paper's pretraining values."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from components.config import parse_section, read_params
+from components.config import PretrainConfig, parse_section, read_params
 from components.pretrain.methods.sim.masking import num_masked_patches
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "docs" / "presets").glob("*.yaml"))
@@ -69,3 +70,46 @@ def test_sim_preset_is_the_released_vitb16_recipe(path):
         768, 16, 2, 4, "bn")
     assert (sim.neg_weight, sim.global_weight, sim.dense_weight, sim.online_ln, sim.train_patch_embed) == (
         0.02, 0.0, 1.0, False, False)
+
+
+# a comment's clean claim: "paper: 5", "paper and released scripts: 5", "released code: 0" -- a number that ends the
+# comment or is followed by ";" / "," (a value with a qualifier, "paper: 256 (COCO)", claims nothing checkable)
+CLAIM = re.compile(r"(?:^|; )(?:paper|released (?:code|scripts))(?: and released (?:code|scripts))?: "
+                   r"([-+]?[0-9][0-9.e+-]*)(?=$|[;,])")
+
+
+def _claims(section_class) -> dict[str, float]:
+    """``{key: value}`` of the knobs of ``section_class`` whose comment claims a paper / released value."""
+    out = {}
+    for name, info in section_class.model_fields.items():
+        match = CLAIM.search(info.description or "")
+        if match:
+            out[name] = float(match.group(1))
+    return out
+
+
+def _paper_scale(method: str) -> list[Path]:
+    return [p for p in PRESETS if _method(p) == method]
+
+
+@pytest.mark.parametrize("method", ["slotcon", "sim"])
+def test_paper_claims_in_comments_match_the_paper_scale_presets(method):
+    """Each knob of a method's subsection whose comment states the paper's (or released code's) number has that number
+    in every paper-scale preset of the method: a "paper:" comment that names another method's value fails here."""
+    section = getattr(PretrainConfig, "model_fields")[method].annotation
+    claims = _claims(section)
+    assert "warmup_epochs" in claims and "weight_decay" in claims  # the two every method states
+    presets = _paper_scale(method)
+    assert presets
+    for path in presets:
+        params = getattr(parse_section("pretrain", read_params(path)["pretrain"], path), method)
+        wrong = {k: (getattr(params, k), v) for k, v in claims.items() if float(getattr(params, k)) != v}
+        assert not wrong, f"{path.name}: preset value != comment's paper value: {wrong}"
+
+
+def test_each_method_states_its_own_warmup():
+    """The warm-up belongs to the method: SlotCon 5 epochs (released scripts), SIM 40 (of 1600), MoCo v2 none."""
+    claims = {m: _claims(getattr(PretrainConfig, "model_fields")[m].annotation) for m in ("slotcon", "sim", "mocov2")}
+    assert claims["slotcon"]["warmup_epochs"] == 5 and claims["mocov2"]["warmup_epochs"] == 0
+    assert PretrainConfig(method="mocov2").warmup_epochs == 0  # the demo runs MoCo v2 as released: no warm-up
+    assert "40" in (PretrainConfig.model_fields["sim"].annotation.model_fields["warmup_epochs"].description or "")

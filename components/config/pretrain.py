@@ -18,7 +18,8 @@ class SlotConParams(Section):
                                                               "params")
     base_lr: float = knob(1.0, "lr = base_lr * batch_size / 256 (the global batch); paper: 1.0 with LARS", gt=0)
     min_lr: float = knob(1e-6, "cosine floor", ge=0)
-    weight_decay: float = knob(1e-5, "paper: 1e-5", ge=0)
+    warmup_epochs: int = knob(1, "linear warm-up per iteration from lr/100; paper and released scripts: 5", ge=0)
+    weight_decay: float = knob(1e-5, "paper: 1e-5; released code: none on 1-D tensors (biases, BN)", ge=0)
     num_prototypes: int = knob(32, "K; paper: 256 (COCO), 2048 (ImageNet)", ge=2)
     dim_hidden: int = knob(256, "projector/predictor hidden size; paper: 4096", ge=8)
     dim_out: int = knob(64, "D; paper: 256", ge=8)
@@ -45,7 +46,10 @@ class SimParams(Section):
     base_lr: float = knob(1.5e-3, "lr = base_lr * batch_size / 256 (demo: 1.9e-4); paper: 6.25e-5 at batch 4096 (lr "
                                   "1e-3)", gt=0)
     min_lr: float = knob(1e-6, "cosine floor; paper: 0", ge=0)
-    weight_decay: float = knob(0.05, "paper: 0.05; none on norms, biases, position embedding, class/mask tokens", ge=0)
+    warmup_epochs: int = knob(1, "linear warm-up per iteration from 0 (released code: util/lr_sched.py); paper: 40, "
+                                 "of 1600 epochs", ge=0)
+    weight_decay: float = knob(0.05, "paper: 0.05; released code: none on 1-D tensors and biases, class/mask tokens "
+                                     "decayed", ge=0)
     beta2: float = knob(0.95, "AdamW beta2; paper: 0.95", gt=0, lt=1)
     clip_grad: float = knob(1.0, "global gradient-norm clip, 0 = off; paper: 1.0", ge=0)
     teacher_momentum: float = knob(0.995, "m0 of the cosine EMA schedule to 1; paper: 0.995", ge=0, le=1)
@@ -84,7 +88,8 @@ class MocoV2Params(Section):
     base_lr: float = knob(0.24, "lr = base_lr * batch_size / 256 (0.03 at batch 32), cosine to min_lr; paper: 0.03",
                           gt=0)
     min_lr: float = knob(0.0, "cosine floor; paper: 0", ge=0)
-    weight_decay: float = knob(1e-4, "paper: 1e-4", ge=0)
+    warmup_epochs: int = knob(0, "paper and released code: 0; cosine from the first step", ge=0)
+    weight_decay: float = knob(1e-4, "paper: 1e-4; released code: on every parameter, BN and biases included", ge=0)
     dim_hidden: int = knob(512, "hidden width of the 2-layer MLP head (Linear-ReLU-Linear); paper: 2048 (= the R50 "
                                 "trunk's channels)", ge=8)
     dim: int = knob(128, "embedding size; paper: 128", ge=8)
@@ -118,7 +123,6 @@ class PretrainConfig(Section):
                                "slots per image), 64 px only ~0.7", ge=32)
     batch_size: int = knob(32, "global batch over all ranks; paper: 512 on COCO", ge=2)
     epochs: int = knob(3, "paper: 800 (COCO / COCO+)", ge=1)
-    warmup_epochs: int = knob(1, "paper: 5", ge=0)
     seed: int = knob(0)
     num_workers: int = knob(1, "loader workers per rank: read shards, draw crop boxes (+ JPEG decode on CPU); GPUs: 8",
                             ge=0, resume_safe=True)
@@ -138,13 +142,21 @@ class PretrainConfig(Section):
     sim: SimParams = Field(default_factory=SimParams)
     mocov2: MocoV2Params = Field(default_factory=MocoV2Params)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "warmup_epochs" in data:
+            raise ValueError("warmup_epochs moved into the method's subsection: set pretrain.<method>.warmup_epochs "
+                             "(slotcon, sim or mocov2), each with its own paper value")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
         world = self.nproc_per_node * self.nnodes
         if self.batch_size % world:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by world size {world}")
         if self.warmup_epochs >= self.epochs and self.epochs > 1:
-            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+            raise ValueError(f"{self.method}.warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
         if self.method == "sim" and self.image_size % VIT_SPECS[self.sim.arch]["patch_size"]:
             raise ValueError(f"image_size={self.image_size} is not a multiple of {self.sim.arch}'s patch size "
                              f"{VIT_SPECS[self.sim.arch]['patch_size']} (method sim)")
@@ -158,6 +170,11 @@ class PretrainConfig(Section):
     @property
     def arch(self) -> str:
         return self.method_params.arch
+
+    @property
+    def warmup_epochs(self) -> int:
+        """The chosen method's warm-up (each method carries its own)."""
+        return self.method_params.warmup_epochs
 
 
 class ExportConfig(Section):

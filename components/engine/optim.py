@@ -18,10 +18,12 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256.0
 
 
-def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int,
+          start_factor: float = WARMUP_START_FACTOR) -> float:
     """Learning rate at global ``step`` (0-based; the value used for the update of that step).
 
-    Warm-up: ``peak * (f + (1 - f) * step / warmup_steps)`` with f = 1/100 for ``step < warmup_steps``; then
+    Warm-up: ``peak * (f + (1 - f) * step / warmup_steps)`` for ``step < warmup_steps``, f = ``start_factor``
+    (1/100: SlotCon's GradualWarmupScheduler; 0: MAE/SIM's ``lr_sched``, ``peak * step / warmup_steps``); then
     ``min_lr + (peak - min_lr) * (1 + cos(pi * t)) / 2`` with ``t = (step - warmup) / (total - warmup)`` in [0, 1].
     Steps past ``total_steps`` stay at ``min_lr``.
 
@@ -31,7 +33,7 @@ def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_
         raise ValueError(f"total_steps={total_steps} must be > 0")
     warmup_steps = max(0, min(warmup_steps, total_steps))
     if step < warmup_steps:
-        return peak_lr * (WARMUP_START_FACTOR + (1.0 - WARMUP_START_FACTOR) * step / warmup_steps)
+        return peak_lr * (start_factor + (1.0 - start_factor) * step / warmup_steps)
     decay = total_steps - warmup_steps
     if decay <= 0:
         return peak_lr
@@ -124,17 +126,20 @@ def build_optimizer(
     weight_decay: float,
     momentum: float = 0.9,
     eta: float = 0.001,
+    decay_1d: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimiser named in ``pretrain.optimizer`` over the trainable parameters.
 
     ``lars`` (paper), ``sgd`` (momentum 0.9, wd on >1-D params only, like LARS without the trust ratio) or
-    ``adamw`` (wd on >1-D params only). ``lr`` is the initial value; the loop overwrites it every step.
+    ``adamw`` (wd on >1-D params only). ``decay_1d``: sgd / adamw decay every parameter, biases and norms too (MoCo's
+    released ``SGD(model.parameters(), weight_decay=...)``); LARS always exempts 1-D tensors. ``lr`` is the initial
+    value; the loop overwrites it every step.
     """
     params = [p for p in (model.parameters() if isinstance(model, torch.nn.Module) else model) if p.requires_grad]
     if name == "lars":
         return LARS(params, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta)
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+    decay = [p for p in params if p.ndim > 1 or decay_1d]
+    no_decay = [p for p in params if p.ndim <= 1 and not decay_1d]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)

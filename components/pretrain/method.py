@@ -11,7 +11,7 @@ from components import dist
 from components.data.loading.ledger import DataLossLedger
 from components.engine.ema import ema_update_
 from components.engine.method import Method
-from components.engine.optim import lr_at, momentum_at, scaled_lr
+from components.engine.optim import WARMUP_START_FACTOR, lr_at, momentum_at, scaled_lr
 from components.pretrain.augment import TwoViewAugment
 from components.pretrain.plan import Plan
 from components.pretrain.views import DrawCrops, augment_generator, build_loader, make_views
@@ -35,6 +35,7 @@ class PretrainMethod(Method):
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_min_overlap = 0.01  # view 2 covers >= this share of its area inside view 1 (SlotCon); 0: independent crops
     prefetch = True  # on CUDA: decode + augment the next batch on a side stream during the step
+    warmup_start_factor = WARMUP_START_FACTOR  # the warm-up's first lr is this share of the peak (SlotCon: 1/100)
 
     def __init__(self, cfg, plan: Plan, device: torch.device):
         self.cfg, self.plan, self.device = cfg, plan, device
@@ -86,7 +87,7 @@ class PretrainMethod(Method):
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, peak_lr=self.peak_lr, min_lr=self.params.min_lr, warmup_steps=self.plan.warmup_steps,
-                     total_steps=self.plan.total_steps)
+                     total_steps=self.plan.total_steps, start_factor=self.warmup_start_factor)
 
     def momentum_at(self, step: int) -> float | None:
         m0 = getattr(self.params, "teacher_momentum", None)

@@ -132,8 +132,8 @@ def test_pretraining_runs_from_imagenet_shards(tmp_path, write_imagenet):
     run_prepare(DataConfig(source="imagenet", root=str(root), workers=1), "x", tmp_path / "raw", progress=False)
     run_shard(ShardConfig(max_count=4, workers=1), tmp_path / "raw", tmp_path / "shards", progress=False)
     verify_shards(tmp_path / "shards", progress=False)
-    cfg = PretrainConfig(image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1, warmup_epochs=0,
-                         slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
+    cfg = PretrainConfig(image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1,
+                         slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16, warmup_epochs=0))
     m = run_pretrain(cfg, tmp_path / "shards", tmp_path / "models", tmp_path / "ckpt", tmp_path / "metrics.json",
                      tmp_path / "plots", progress=False)
     assert (tmp_path / "models" / "last.pt").is_file()

@@ -274,8 +274,9 @@ def test_pretrain_reports_lost_samples_and_stops_above_the_threshold(shards, tmp
     victim = sorted(counts)[0]
     _damage(victim, "checksum_first_member")  # 12 of its 16 samples are gone
     total = sum(counts.values())
-    tiny = dict(image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1, warmup_epochs=0,
-                samples_per_epoch=16, slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
+    tiny = dict(image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1,
+                samples_per_epoch=16, slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16,
+                                                   warmup_epochs=0))
     torch.set_num_threads(1)  # tiny steps: a second thread only spins on a busy 2-core box (restored by conftest)
     with pytest.raises(UserError) as err:
         run_pretrain(PretrainConfig(**tiny), root, tmp_path / "m", tmp_path / "ck", progress=False)
@@ -305,9 +306,9 @@ def test_every_pretraining_method_counts_lost_samples(shards, tmp_path, method):
     victim = sorted(counts)[0]
     _damage(victim, "checksum_first_member")
     sub = {"mocov2": dict(arch="resnet18", dim_hidden=32, dim=16, queue_size=16, bn_splits=2),
-           "sim": dict(decoder_dim=32, decoder_heads=2, predictor_depth=1)}[method]
+           "sim": dict(decoder_dim=32, decoder_heads=2, predictor_depth=1, warmup_epochs=0)}[method]
     cfg = PretrainConfig(method=method, image_size=64, num_workers=0, log_every_steps=1, batch_size=8, epochs=1,
-                         warmup_epochs=0, samples_per_epoch=16, **{method: sub})
+                         samples_per_epoch=16, **{method: sub})
     torch.set_num_threads(1)
     with pytest.raises(UserError) as err:
         run_pretrain(cfg, root, tmp_path / "m", tmp_path / "ck", progress=False)

@@ -176,3 +176,31 @@ def test_ema_helper_matches_ema_update_bitwise_for_every_method():
         method.after_update(a, 0, 0.99)
         ema_update_(*pairs(b), 0.99)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# each method's optimiser rule and warm-up, as its released code
+# --------------------------------------------------------------------------------------------------------------------
+def test_each_method_decays_and_warms_up_as_its_released_code():
+    """MoCo v2: SGD decays every parameter (BN and biases too: ``SGD(model.parameters(), weight_decay=1e-4)``), no
+    warm-up. SlotCon: LARS exempts 1-D tensors, warm-up from lr/100. SIM: warm-up from 0 (``util/lr_sched.py``)."""
+    from components.pretrain.methods.sim.method import SimMethod
+    from components.pretrain.methods.slotcon.method import SlotConMethod
+
+    plan = Plan(urls=("s.tar",), num_images=40, samples_per_epoch=40, world_size=1, rank=0, global_batch=4,
+                rank_batch=4, steps_per_epoch=10, total_steps=30, warmup_steps=10, data_signature="x",
+                shard_samples=(40,))
+    cfg = PretrainConfig(method="mocov2", image_size=64, batch_size=4,
+                         mocov2=dict(arch="resnet18", dim_hidden=32, dim=16, queue_size=8, bn_splits=1))
+    moco = MocoV2Method(cfg, plan, torch.device("cpu"))
+    model = moco.build_model()
+    opt = moco.optimizer(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for g in opt.param_groups if g["weight_decay"] == cfg.mocov2.weight_decay for p in g["params"]]
+    assert len(decayed) == len(trainable) and any(p.ndim == 1 for p in decayed)  # BN weights and biases included
+    assert PretrainConfig(method="mocov2").warmup_epochs == 0
+    assert moco.lr_at(0) == pytest.approx(moco.peak_lr / 100)  # the engine's shared start, when a warm-up is set
+    sim = SimMethod(PretrainConfig(method="sim", image_size=64, batch_size=4, sim=dict(decoder_dim=32, decoder_heads=2)),
+                    plan, torch.device("cpu"))
+    assert sim.lr_at(0) == 0.0 and sim.lr_at(5) == pytest.approx(sim.peak_lr * 0.5)
+    assert SlotConMethod.warmup_start_factor == pytest.approx(0.01)

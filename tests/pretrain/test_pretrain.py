@@ -14,7 +14,8 @@ import torch
 from components.config import PretrainConfig
 
 TINY = dict(image_size=64, num_workers=0, log_every_steps=1,
-            slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16))
+            slotcon=dict(arch="resnet18", num_prototypes=8, dim_hidden=32, dim_out=16, warmup_epochs=1))
+NO_WARMUP = dict(TINY, slotcon=dict(TINY["slotcon"], warmup_epochs=0))  # one-epoch runs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +31,7 @@ def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     2 epochs x 3 steps; the stop falls mid-epoch (the resumed loader must skip the consumed batches and the
     augmentation generator continue from its saved state) and the rest crosses an epoch boundary.
     """
-    cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, warmup_epochs=1, samples_per_epoch=24, save_every_steps=2)
+    cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, samples_per_epoch=24, save_every_steps=2)
     straight: dict[int, dict] = {}
     run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
 
@@ -88,7 +89,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(shards, tmp_path, 
         return out
 
     monkeypatch.setattr(model_mod.SlotCon, "forward", forward)
-    cfg = PretrainConfig(**TINY, batch_size=8, epochs=1, warmup_epochs=0, samples_per_epoch=32, save_every_steps=1)
+    cfg = PretrainConfig(**NO_WARMUP, batch_size=8, epochs=1, samples_per_epoch=32, save_every_steps=1)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 .*step_000000002\.pt"):
         run_pretrain_in(cfg, shards, tmp_path)
     ckpts = sorted(p.name for p in next((tmp_path / "ckpt").iterdir()).iterdir())
@@ -107,7 +108,7 @@ def test_demo_run_cli_loss_falls_and_records(shards, tmp_path, mlflow_store, mon
     from components.pretrain.registry import load_pretrained
 
     monkeypatch.chdir(tmp_path)
-    pre = dict(TINY, batch_size=16, epochs=3, warmup_epochs=1, samples_per_epoch=48, save_every_steps=100)
+    pre = dict(TINY, batch_size=16, epochs=3, samples_per_epoch=48, save_every_steps=100)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"artifact_location": mlflow_store.artifact_location},
                                       "pretrain": pre}))
@@ -257,7 +258,7 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
-    pre = dict(TINY, batch_size=8, epochs=1, warmup_epochs=0, samples_per_epoch=16, nproc_per_node=2)
+    pre = dict(NO_WARMUP, batch_size=8, epochs=1, samples_per_epoch=16, nproc_per_node=2)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"enabled": False}, "pretrain": pre}))
     args = argparse.Namespace(params=str(params), shards=str(shards), out="models/pretrain",
@@ -290,7 +291,7 @@ def test_cpu_threads_leave_a_core_per_worker():
 def test_bad_shards_and_batch_are_user_errors(shards, tmp_path, run_pretrain_in):
     from components.errors import UserError
 
-    cfg = PretrainConfig(**TINY, batch_size=8, epochs=1, warmup_epochs=0)
+    cfg = PretrainConfig(**NO_WARMUP, batch_size=8, epochs=1)
     with pytest.raises(UserError, match="index.json"):
         run_pretrain_in(cfg, tmp_path / "nowhere", tmp_path)
     with pytest.raises(UserError, match="exceeds"):

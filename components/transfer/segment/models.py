@@ -119,9 +119,9 @@ class DeepLabV3Plus(nn.Module):
 
     ``(B,3,H,W) -> (B,C,H,W)`` logits; ``train_logits=True`` -> ``{"logits": (B,C,H/4,W/4), "aux": None,
     "rep": (B,rep_dim,H/4,W/4) | None}``. The trunk at output stride 16 (layer4 dilated 2; 8 also works),
-    torchvision's ``ASPP`` (rates 6/12/18 at os 16, 12/24/36 at os 8; 256 channels) on layer4, the low-level decoder
-    (layer1 -> 1x1 conv-BN-ReLU to 48 channels; ASPP output bilinearly upsampled to that 1/4 grid and concatenated:
-    304 channels with the default widths), a classifier (3x3 conv-BN-ReLU 256, 1x1 to C) and ReCo's representation
+    torchvision's ``ASPP`` without its final dropout (rates 6/12/18 at os 16, 12/24/36 at os 8; 256 channels) on
+    layer4, the low-level decoder (layer1 -> 1x1 conv-BN-ReLU to 48 channels; ASPP output bilinearly upsampled to
+    that 1/4 grid and concatenated: 304 channels with the default widths), a classifier (3x3 conv-BN-ReLU 256, 1x1 to C) and ReCo's representation
     head (3x3 conv -> BN -> ReLU -> 1x1 conv to ``rep_dim`` = 256) on the same 1/4-resolution features.
     ``rep_dim=0`` builds no representation head (supervised / ClassMix runs: every parameter then gets a gradient, as
     DDP without ``find_unused_parameters`` requires).
@@ -135,6 +135,9 @@ class DeepLabV3Plus(nn.Module):
         c4 = trunk_channels(arch)
         c1 = c4 // 8  # layer1's width: 64 (BasicBlock ResNets), 256 (Bottleneck)
         self.aspp = ASPP(c4, [6, 12, 18] if output_stride == 16 else [12, 24, 36], aspp_channels)
+        # ReCo's ASPP ends at the projection's conv-BN-ReLU (network/deeplabv3/aspp.py): drop torchvision's
+        # trailing Dropout(0.5), which would zero half of the features that classifier and representation head see
+        self.aspp.project = self.aspp.project[:3]
         self.project = ConvBNReLU(c1, low_channels, k=1)
         fused = aspp_channels + low_channels
         self.classifier = nn.Sequential(ConvBNReLU(fused, decoder_channels), nn.Conv2d(decoder_channels, num_classes, 1))

@@ -231,7 +231,7 @@ def trained(shards, tmp_path_factory, run_pretrain_in):
     from components.pretrain.methods.mocov2.model import model_kwargs_from_params
 
     out = tmp_path_factory.mktemp("mocov2_run")
-    cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=0, samples_per_epoch=48)
+    cfg = PretrainConfig(**TINY, epochs=2, samples_per_epoch=48)
     torch.manual_seed(cfg.seed)  # what PretrainMethod.build does: the run starts from this model
     init = MoCoV2(**model_kwargs_from_params(cfg.mocov2))
     metrics = run_pretrain_in(cfg, shards, out)
@@ -328,7 +328,8 @@ def test_unsup_seg_and_viz_run_on_a_mocov2_last_pt(shards, trained, tmp_path, ml
 @pytest.mark.slow
 def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step figures, weights, queue and pointer."""
-    cfg = PretrainConfig(**TINY, epochs=2, warmup_epochs=1, samples_per_epoch=48, save_every_steps=2)
+    cfg = PretrainConfig(**{**TINY, "mocov2": dict(TINY["mocov2"], warmup_epochs=1)}, epochs=2,
+                         samples_per_epoch=48, save_every_steps=2)
     straight: dict[int, dict] = {}
     run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
     resumed: dict[int, dict] = {}
@@ -351,7 +352,7 @@ def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
 def test_bad_queue_and_splits_are_user_errors(shards, tmp_path, run_pretrain_in):
     from components.errors import UserError
 
-    base = dict(TINY, epochs=1, warmup_epochs=0, samples_per_epoch=48)
+    base = dict(TINY, epochs=1, samples_per_epoch=48)
     with pytest.raises(UserError, match="queue_size=24 must be a multiple of pretrain.batch_size=16"):
         run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=24))), shards, tmp_path)
     with pytest.raises(UserError, match="exceeds the 48 samples per epoch"):

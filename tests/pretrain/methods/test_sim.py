@@ -357,7 +357,7 @@ def test_model_step_predictions_ignore_masked_pixels_and_grads_reach_the_student
     out["loss"].backward()
     for name, p in model.named_parameters():
         if name.startswith("teacher_") or name in ("student_encoder.encoder.pos_embedding",) \
-                or name.startswith("student_encoder.conv_proj"):
+                or name.startswith(("student_encoder.conv_proj", "student_encoder.encoder.ln")):
             assert p.grad is None and not p.requires_grad, name
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -376,6 +376,73 @@ def test_model_step_predictions_ignore_masked_pixels_and_grads_reach_the_student
     poked = inputs["view1"].clone()
     poked[0, :, 16 * i:16 * i + 16, 16 * j:16 * j + 16] += 5
     assert not torch.allclose(model.predict(poked, keep, inputs["boxes"], flips)[0], pred[0], atol=1e-3)
+
+
+def _released_encoder(net, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The released SIM encoder (MAE's ``forward_encoder`` structure), sample by sample: patch projection + sin-cos
+    positions, the visible patches only, the class token (position 0) in front, the blocks -- and no norm after them:
+    its output goes straight into ``decoder_embed``."""
+    out = []
+    for i in range(images.shape[0]):
+        patches = net.conv_proj(images[i:i + 1]).flatten(2).transpose(1, 2)[0]  # (L, D)
+        patches = patches + net.encoder.pos_embedding[0, 1:]
+        if keep is not None:
+            patches = patches[keep[i]]
+        seq = torch.cat([net.class_token[0] + net.encoder.pos_embedding[0, :1], patches])[None]
+        for block in net.encoder.layers:
+            seq = block(seq)
+        out.append(seq[0])
+    return torch.stack(out)
+
+
+def _released_forward(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, targets) of the released ``forward_sim`` on the model's weights: online = encoder (visible
+    tokens of A) -> decoder_embed -> projector -> [class + position 0, visible + their positions, a mask token +
+    linear(relative embedding) per patch of B] -> predictor -> decoder_pred; target = EMA encoder (all of B) ->
+    decoder_embed -> projector, class dropped."""
+    from components.pretrain.methods.sim.model import visible_indices
+
+    keep = visible_indices(inputs["mask"], model.num_patches - model.num_masked)
+    z = model.projector(model.decoder_embed(_released_encoder(model.student_encoder, inputs["view1"], keep)))
+    flips = torch.stack([inputs["flip1"], inputs["flip2"]], 1)
+    pos, log_scale = relative_positions(inputs["boxes"], flips, model.grid)
+    rel = model.position_mlp(relative_embedding(pos, log_scale, model.decoder_pos.shape[-1]))
+    dec_pos = model.decoder_pos
+    vis_pos = torch.stack([dec_pos[1:][k] for k in keep])
+    x = torch.cat([z[:, :1] + dec_pos[:1], z[:, 1:] + vis_pos, model.mask_token + rel], dim=1)
+    pred = model.decoder_pred(model.predictor(x))[:, -model.num_patches:]
+    with torch.no_grad():
+        tokens = _released_encoder(model.teacher_encoder, inputs["view2"])
+        target = model.teacher_projector(model.teacher_decoder_embed(tokens))[:, 1:]
+    return pred, target
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_forward_equals_the_released_structure_without_a_final_encoder_norm(norm):
+    """Predictions, targets and loss equal a plain re-statement of the released forward (no LayerNorm between the
+    encoder blocks and ``decoder_embed``, in either branch); torchvision's final ``encoder.ln`` stays frozen at its
+    init (the downstream trunk's per-token standardisation) and is in no optimiser group."""
+    from components.pretrain.methods.sim.method import param_groups
+    from components.pretrain.methods.sim.model import SIM, visible_indices
+
+    torch.manual_seed(0)
+    model = SIM(**TINY, norm=norm)
+    with torch.no_grad():  # a trained-looking final norm: with it applied, the outputs could not match
+        model.student_encoder.encoder.ln.weight.uniform_(0.5, 2.0)
+        model.teacher_encoder.encoder.ln.weight.copy_(model.student_encoder.encoder.ln.weight)
+    inputs = _inputs(4, 64, model.num_masked, model.grid, seed=3)
+    ref_pred, ref_target = _released_forward(model, inputs)
+    keep = visible_indices(inputs["mask"], model.num_patches - model.num_masked)
+    pred = model.predict(inputs["view1"], keep, inputs["boxes"], torch.stack([inputs["flip1"], inputs["flip2"]], 1))
+    torch.testing.assert_close(pred, ref_pred, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.target(inputs["view2"]), ref_target, rtol=0, atol=1e-5)
+    loss, _ = sim_loss(ref_pred, ref_target, **model.loss_kwargs)
+    assert model(**inputs)["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    ln = model.student_encoder.encoder.ln
+    assert not ln.weight.requires_grad and not ln.bias.requires_grad
+    in_groups = {id(p) for group in param_groups(model, 0.05) for p in group["params"]}
+    assert id(ln.weight) not in in_groups and id(ln.bias) not in in_groups
+    assert SIM(**TINY).student_encoder.encoder.ln.weight.eq(1).all()  # at init: a plain standardisation
 
 
 def test_ema_pairs_skip_frozen_tensors_and_follow_the_student():
@@ -410,7 +477,7 @@ def test_token_batchnorm_and_features_for_downstream():
     assert SimMethod.prototype_scores(model, torch.randn(1, 3, 64, 64)) is None
 
 
-def test_param_groups_keep_decay_off_norms_biases_tokens_and_positions():
+def test_param_groups_decay_tokens_as_released_and_keep_it_off_norms_and_biases():
     from components.pretrain.methods.sim.method import param_groups
     from components.pretrain.methods.sim.model import SIM
 
@@ -420,7 +487,7 @@ def test_param_groups_keep_decay_off_norms_biases_tokens_and_positions():
     names = {id(p): n for n, p in model.named_parameters()}
     dec = {names[id(p)] for p in decay["params"]}
     nod = {names[id(p)] for p in no_decay["params"]}
-    assert "student_encoder.class_token" in nod and "mask_token" in nod and "decoder_embed.bias" in nod
+    assert "student_encoder.class_token" in dec and "mask_token" in dec and "decoder_embed.bias" in nod
     assert "student_encoder.conv_proj.weight" in dec and "decoder_pred.weight" in dec
     assert all(not n.startswith("teacher_") for n in dec | nod)
     assert not any(("ln" in n or "bn" in n) and n.endswith("weight") for n in dec)

@@ -14,7 +14,7 @@ from components.config import PretrainConfig
 
 SIM_TINY = dict(arch="vit_demo_16", decoder_dim=32, decoder_heads=2, projector_depth=1, predictor_depth=1)
 # 8x the demo's base lr: 9 steps at batch 16 must show the loss falling
-TINY = dict(method="sim", image_size=64, num_workers=0, log_every_steps=1, sim=dict(SIM_TINY, base_lr=1.2e-2))
+TINY = dict(method="sim", image_size=64, num_workers=0, log_every_steps=1, sim=dict(SIM_TINY, base_lr=1.2e-2, warmup_epochs=1))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_sim_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step losses, the masks/crops drawn by the loader
     workers, the augmentation generator, AdamW's moments, clipping and the EMA target all continue exactly."""
-    cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, warmup_epochs=1, samples_per_epoch=24, save_every_steps=2)
+    cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, samples_per_epoch=24, save_every_steps=2)
     keys = ("loss", "loss_dense", "loss_global", "target_std", "target_erank", "lr", "momentum")
     straight: dict[int, dict] = {}
     run_pretrain_in(cfg, shards, tmp_path / "a", on_step=lambda s, st: straight.setdefault(s, st))
@@ -71,7 +71,7 @@ def test_sim_demo_cli_loss_falls_without_collapse_and_exports(shards, tmp_path, 
     from components.transfer import export as convert
 
     monkeypatch.chdir(tmp_path)
-    pre = dict(TINY, batch_size=16, epochs=3, warmup_epochs=1, samples_per_epoch=48, save_every_steps=100)
+    pre = dict(TINY, batch_size=16, epochs=3, samples_per_epoch=48, save_every_steps=100)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"tracking": {"artifact_location": mlflow_store.artifact_location,
                                                    "registered_model": "test-backbone"},

@@ -76,8 +76,9 @@ class MocoV2Method(PretrainMethod):
 
     # -- engine hooks ---------------------------------------------------------------------------------------------------
     def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        # released code: SGD(model.parameters(), weight_decay=1e-4): every parameter decayed, BN and biases included
         return build_optimizer(model, name=self.params.optimizer, lr=self.peak_lr,
-                               weight_decay=self.params.weight_decay)
+                               weight_decay=self.params.weight_decay, decay_1d=True)
 
     def momentum_at(self, step: int) -> float | None:
         return self.params.key_momentum  # constant, as MoCo (no cosine schedule)

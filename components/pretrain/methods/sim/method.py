@@ -12,17 +12,15 @@ from components.pretrain.methods.sim.masking import DrawCropsAndMask, num_masked
 from components.pretrain.methods.sim.model import SIM, model_kwargs_from_config
 from components.pretrain.views import make_views
 
-#: parameters never weight-decayed besides 1-D ones (timm's ViT ``no_weight_decay``: positions and tokens)
-NO_DECAY_NAMES = ("pos_embedding", "class_token", "mask_token")
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: decayed matrices, and the rest (norms, biases, tokens, positions)."""
+    """Trainable parameters in two AdamW groups: decayed (matrices, class and mask tokens) and not (1-D tensors and
+    biases). The released code's rule: timm's weight-decay groups with an empty skip list, so the tokens are decayed;
+    the frozen positions (and a frozen patch projection) are in no group."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+        if p.ndim <= 1 or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -35,9 +33,9 @@ class SimMethod(PretrainMethod):
     two views (view 1 = A: blur always; view 2 = B: blur p 0.1, solarize p 0.2, as the authors' two colour pipelines);
     :class:`components.pretrain.methods.sim.model.SIM` computes UniGrad with the correlation matrix all-reduced over
     ranks; DDP averages the gradients; the global gradient norm is clipped to ``clip_grad``; AdamW (betas 0.9 /
-    ``beta2``, weight decay on matrices only: none on norms, biases, position embedding, class and mask tokens) steps
-    with the scheduled lr; then the target (encoder, ``decoder_embed``, projector) follows by EMA with the cosine
-    momentum from ``teacher_momentum``.
+    ``beta2``, weight decay on matrices and the class / mask tokens, none on norms and biases, as released) steps with
+    the scheduled lr (warm-up from 0, as the released ``lr_sched``); then the target (encoder, ``decoder_embed``,
+    projector) follows by EMA with the cosine momentum from ``teacher_momentum``.
 
     The crops come from the shared two-view sampler (:func:`components.pretrain.crops.sample_two_crops`) with
     ``crop_min_overlap = 0``: the two crops are drawn independently, as the authors do (SlotCon re-draws view B until
@@ -50,6 +48,7 @@ class SimMethod(PretrainMethod):
     plot_keys = ("loss", "loss_dense", "loss_global")
     backbone_prefix = "student_encoder."  # SIM transfers the online encoder (the released fine-tuning loads it)
     crop_min_overlap = 0.0  # the authors draw the two crops independently (see the class docstring)
+    warmup_start_factor = 0.0  # released util/lr_sched.py: lr = peak * step / warmup_steps during the warm-up
     model_class = SIM  # EMA pairs: SIM.ema_parameters (encoder, decoder_embed, projector; trainable ones only)
 
     def __init__(self, cfg, plan, device: torch.device):

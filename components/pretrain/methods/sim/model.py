@@ -83,9 +83,11 @@ class SIM(nn.Module):
 
     Where we differ from the released code, and why:
 
-    - the encoder's final LayerNorm (``encoder.ln``) is applied before ``decoder_embed`` (the released code has no
-      norm there): it makes the online branch exactly torchvision's ``VisionTransformer`` encoder, so the exported
-      ``encoder.ln`` is a trained layer, not a fresh one;
+    - no norm between the encoder blocks and ``decoder_embed`` in either branch, as the released code; torchvision's
+      final ``encoder.ln`` is kept in the module but frozen at its init (weight 1, bias 0) and unused here, so the
+      exported trunk's ``encoder.ln`` is a parameter-free per-token standardisation: what the downstream stages
+      (probe, unsup_seg, detect, viz through :meth:`student_features`) apply, as the released fine-tuning starts
+      with a fresh norm;
     - position embeddings: torchvision's ``encoder.pos_embedding`` is set to the fixed 2-D sin-cos table and frozen,
       as the released code's ``pos_embed`` (the class position is zero).
     """
@@ -110,6 +112,7 @@ class SIM(nn.Module):
             self.student_encoder.encoder.pos_embedding.copy_(torch.cat([pos.new_zeros(1, pos.shape[1]), pos])[None])
         self.student_encoder.encoder.pos_embedding.requires_grad_(False)
         self.student_encoder.conv_proj.requires_grad_(train_patch_embed)
+        self.student_encoder.encoder.ln.requires_grad_(False)  # not in the pretraining branches (see above)
         width = self.student_encoder.hidden_dim
         self.decoder_embed = nn.Linear(width, decoder_dim)
         self.projector = _blocks(projector_depth, decoder_dim, decoder_heads, norm)
@@ -158,7 +161,8 @@ class SIM(nn.Module):
     def predict(self, view1: torch.Tensor, keep: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Online branch: ``view1`` ``(B, 3, S, S)``, ``keep`` ``(B, L_vis)`` visible patches of view A, ``boxes``
         ``(B, 2, 4)``, ``flips`` ``(B, 2)`` -> ``(B, L, decoder_dim)`` predictions of view B's patch tokens."""
-        z = self.projector(self.decoder_embed(vit_tokens(self.student_encoder, view1, keep)))  # (B, 1 + L_vis, Dd)
+        tokens = vit_tokens(self.student_encoder, view1, keep, final_norm=False)  # (B, 1 + L_vis, D)
+        z = self.projector(self.decoder_embed(tokens))  # (B, 1 + L_vis, Dd)
         pos, log_scale = relative_positions(boxes, flips, self.grid)
         rel = self.position_mlp(relative_embedding(pos, log_scale, self.decoder_pos.shape[-1]))  # (B, L, Dd)
         vis_pos = self.decoder_pos[1:][keep]  # (B, L_vis, Dd)
@@ -168,7 +172,7 @@ class SIM(nn.Module):
     @torch.no_grad()
     def target(self, view2: torch.Tensor) -> torch.Tensor:
         """Target branch: the full view B ``(B, 3, S, S)`` -> ``(B, L, decoder_dim)`` patch tokens (class dropped)."""
-        tokens = vit_tokens(self.teacher_encoder, view2)
+        tokens = vit_tokens(self.teacher_encoder, view2, final_norm=False)
         return self.teacher_projector(self.teacher_decoder_embed(tokens))[:, 1:]
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor,
