@@ -131,7 +131,10 @@ def launch_command(stage: Stage, args: argparse.Namespace, cfg: Any, env: Mappin
     """``python -m torch.distributed.run [...] -m components <stage> <same arguments>`` for this node.
 
     One node: ``--standalone``. Several (``nnodes > 1``): ``MASTER_ADDR``, ``MASTER_PORT`` (default 29500) and
-    ``NODE_RANK`` must be set on every node (a one-line error otherwise).
+    ``NODE_RANK`` must be set on every node (a one-line error otherwise). Only node 0 runs the stage through DVC
+    (its ranks write the outputs DVC records); on another node a DVC-launched stage (``DVC_STAGE`` set) is refused
+    with the stage command to run there instead: DVC on that node would look for outputs it never gets, or contend
+    for node 0's lock in a shared checkout.
     """
     env = os.environ if env is None else env
     nproc, nnodes = int(getattr(cfg, "nproc_per_node", 1)), int(getattr(cfg, "nnodes", 1) or 1)
@@ -143,6 +146,10 @@ def launch_command(stage: Stage, args: argparse.Namespace, cfg: Any, env: Mappin
         if not addr or "NODE_RANK" not in env:
             raise UserError(f"params: {stage.section}.nnodes={nnodes} needs MASTER_ADDR (node 0's address), "
                             "MASTER_PORT (default 29500) and NODE_RANK (0..nnodes-1) set on every node")
+        if env["NODE_RANK"].strip() not in ("", "0") and env.get("DVC_STAGE"):
+            own = " ".join(["slotcon", stage.name, *stage.argv(args)])
+            raise UserError(f"NODE_RANK={env['NODE_RANK']}: only node 0 runs `dvc repro {env['DVC_STAGE']}`; on this "
+                            f"node run the stage command itself, with the same environment: {own}")
         cmd += [f"--nnodes={nnodes}", f"--node_rank={env['NODE_RANK']}", f"--master_addr={addr}",
                 f"--master_port={env.get('MASTER_PORT', '29500')}"]
     return cmd + ["-m", "components", stage.name, *stage.argv(args)]

@@ -29,6 +29,14 @@ def test_launch_command_reproduces_the_arguments():
         launch_command(st, args, two_nodes, env={})
     cmd = launch_command(st, args, two_nodes, env={"MASTER_ADDR": "n0", "NODE_RANK": "1"})
     assert "--nnodes=2" in cmd and "--node_rank=1" in cmd and "--master_port=29500" in cmd
+    # node 0 under DVC is the normal recipe; another node under DVC is told the command to run instead
+    assert "--node_rank=0" in launch_command(st, args, two_nodes, env={"MASTER_ADDR": "n0", "NODE_RANK": "0",
+                                                                        "DVC_STAGE": "toy"})
+    with pytest.raises(UserError) as err:
+        launch_command(st, args, two_nodes, env={"MASTER_ADDR": "n0", "NODE_RANK": "1", "DVC_STAGE": "toy"})
+    msg = str(err.value)
+    assert "\n" not in msg and "only node 0 runs `dvc repro toy`" in msg
+    assert msg.endswith("slotcon toy --params p.yaml --out x y --fast --metrics m.json")
 
 
 def test_under_torchrun_never_launches_twice():
