@@ -27,7 +27,9 @@ from components.io import save_torch_atomic, sha1_file
 from components.stage import Arg, Stage
 from components.transfer.detect.coco_eval import evaluate, make_coco, predictions_to_results
 from components.transfer.detect.maskrcnn import build_model, lr_at, model_kwargs_of, param_groups
-from components.transfer.detect.targets import category_maps, coco_to_target, has_valid_annotation, hflip
+from components.transfer.detect.targets import (
+    category_maps, coco_to_target, has_valid_annotation, hflip, usable_annotations,
+)
 from components.transfer.draw import draw_predictions
 from components.transfer.export import load_backbone
 
@@ -49,12 +51,13 @@ def prepare_train_sample(sample: dict, *, cat_to_label: Mapping[int, int], seed:
     try:
         image = sample["image"]
         meta = sample["meta"] or {}
-        anns = meta.get("annotations") or []
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        anns, invalid = usable_annotations(meta.get("annotations") or [], h, w)  # never rasterise a crafted one
         if not has_valid_annotation(anns):  # reference: _coco_remove_images_without_annotations
             return {"key": key, "skip": "no_valid_annotation"}
-        h, w = int(image.shape[-2]), int(image.shape[-1])
         image_id = int((meta.get("image") or {}).get("id", -1))
         target, counts = coco_to_target(anns, height=h, width=w, cat_to_label=cat_to_label, image_id=image_id)
+        counts["invalid"] += invalid
     except (KeyError, TypeError, ValueError) as exc:  # a corrupt annotation: skip and count, with the key and URL
         print(f"detect: skipping {key} ({sample.get('url', '?')}): bad annotation ({type(exc).__name__}: {exc})",
               file=sys.stderr)
@@ -195,6 +198,7 @@ def evaluate_detector(
     old_size = model.transform.min_size
     model.transform.min_size = (test_size,)
     images, anns, results, vis = [], [], [], []
+    invalid = 0
     try:
         for batch in _chunks(samples, batch_size):
             for s in batch:
@@ -203,7 +207,9 @@ def evaluate_detector(
                 rec.setdefault("id", len(images) + 1)
                 rec["height"], rec["width"] = int(s["image"].shape[-2]), int(s["image"].shape[-1])
                 images.append(rec)
-                anns += [dict(a, image_id=rec["id"]) for a in meta.get("annotations") or []]
+                kept, bad = usable_annotations(meta.get("annotations") or [], rec["height"], rec["width"])
+                invalid += bad
+                anns += [dict(a, image_id=rec["id"]) for a in kept]
             with autocast(device, amp):
                 outputs = model([_to_float(s["image"], device) for s in batch])
             for s, rec, out in zip(batch, images[-len(batch):], outputs):
@@ -219,6 +225,7 @@ def evaluate_detector(
     metrics = evaluate(make_coco(images, anns, categories), results, summary=summary)
     metrics["num_val_images"] = len(images)
     metrics["num_detections"] = len(results)
+    metrics["val_annotations_invalid"] = invalid
     return metrics, vis, "".join(summary)
 
 
