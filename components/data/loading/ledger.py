@@ -125,7 +125,8 @@ class SplitLoss:
     def expected(self) -> dict[str, int]:
         return self.ledger.expected
 
-    def _note(self, reason: str, where: str, lost: int) -> None:
+    def note(self, reason: str, where: str, lost: int) -> None:
+        """``lost`` samples of ``reason`` at ``where`` (a shard URL, or URL#key), counted once (a maximum)."""
         seen = self.reasons.setdefault(reason, {})
         seen[where] = max(seen.get(where, 0), lost)
 
@@ -135,13 +136,13 @@ class SplitLoss:
         for rec in records:
             if rec.get("url") in self.ledger.expected and rec.get("lost"):
                 per_sample = rec["reason"] in SAMPLE_REASONS and rec.get("key")
-                self._note(rec["reason"], f"{rec['url']}#{rec['key']}" if per_sample else rec["url"], int(rec["lost"]))
+                self.note(rec["reason"], f"{rec['url']}#{rec['key']}" if per_sample else rec["url"], int(rec["lost"]))
 
     def drop(self, url: str, key: str, reason: str) -> None:
         """A sample read from the shard that the stage cannot use (e.g. a labelled sample without its map)."""
         if url in self.ledger.expected:
             self.ledger.add_dropped([(url, key)])
-            self._note(reason, f"{url}#{key}", 1)
+            self.note(reason, f"{url}#{key}", 1)
 
     def check(self, max_fraction: float, what: str, *, merge: bool = False) -> None:
         """One-line UserError naming the worst shards when more than ``max_fraction`` of the split is lost.

@@ -190,7 +190,7 @@ class DetectMethod(Method):
             self.loss.ledger.load_state_dict(lost["ledger"])
             for reason, seen in lost.get("reasons", {}).items():
                 for where, n in seen.items():
-                    self.loss._note(reason, where, int(n))
+                    self.loss.note(reason, where, int(n))
 
 
 # --------------------------------------------------------------------------------------------------------------------
