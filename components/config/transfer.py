@@ -19,6 +19,13 @@ def _check_init(value: str) -> None:
         raise ValueError(f"init={value!r} must be 'random', 'pretrained' or a path to a backbone .pt file")
 
 
+def _lost_knob():
+    """``max_lost_fraction`` of a stage that reads shards: pretraining's rule (same default) for its own splits."""
+    return knob(0.001, "stop (one line naming the shard) when more than this share of a split's samples is lost "
+                       "(damaged tar, corrupt JPEG ...; counted against index.json); 0 = any loss stops; below it "
+                       "the details say how many were used", ge=0.0, le=1.0)
+
+
 def _check_divisible(batch_size: int, nproc_per_node: int) -> None:
     if batch_size % nproc_per_node:
         raise ValueError(f"batch_size={batch_size} is not divisible by nproc_per_node={nproc_per_node}")
@@ -63,6 +70,7 @@ class DetectConfig(Section):
     save_every: int = knob(20, "resumable checkpoint cadence (iterations), with --checkpoints", ge=1, resume_safe=True)
     num_vis: int = knob(4, "val images drawn with predictions", ge=0, resume_safe=True)
     log_model: bool = knob(True, "log the fine-tuned detector to MLflow (not registered)", resume_safe=True)
+    max_lost_fraction: float = _lost_knob()
 
     @model_validator(mode="after")
     def _check(self) -> "DetectConfig":
@@ -152,6 +160,7 @@ class SegmentConfig(Section):
     save_every: int = knob(20, "resumable checkpoint cadence (iterations), with --checkpoints", ge=1, resume_safe=True)
     num_vis: int = knob(4, "val images in plots/segment/predictions.png (image | truth | each model)", ge=0,
                         resume_safe=True)
+    max_lost_fraction: float = _lost_knob()
     semisup: SemiSupParams = Field(default_factory=SemiSupParams)
     reco: ReCoParams = Field(default_factory=ReCoParams)
 
@@ -204,6 +213,7 @@ class ProbeConfig(Section):
     probe_batch: int = knob(64, "images per dense-probe step", ge=1)
     batch_size: int = knob(16, "images per feature-extraction batch", ge=1)
     seed: int = knob(0, "classifier init and sampling (and the random trunk's init)")
+    max_lost_fraction: float = _lost_knob()
 
     @model_validator(mode="after")
     def _check(self) -> "ProbeConfig":
@@ -229,6 +239,7 @@ class UnsupConfig(Section):
     assign: Literal["auto", "kmeans"] = knob(
         "auto", "auto: the method's prototypes if it has them (SlotCon), else k-means with K = classes on its dense "
                 "features (MoCo, SIM) | kmeans: k-means for every method (compares the features, not the prototypes)")
+    max_lost_fraction: float = _lost_knob()
 
 
 class VizConfig(Section):
@@ -241,3 +252,4 @@ class VizConfig(Section):
     num_clusters: int = knob(0, "k-means K for methods without prototypes (MoCo); 0 = the shards' semantic classes",
                              ge=0)
     seed: int = knob(0, "k-means seed")
+    max_lost_fraction: float = _lost_knob()

@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 
 from components.backbone import build_resnet, build_vit, is_vit, load_trunk, vit_feature_map, vit_image_size
 from components.constants import normalize_uint8
-from components.data.loading.loader import iterate_samples
+from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_shards
 from components.data.shards.index import read_index
 from components.errors import UserError
@@ -132,9 +132,7 @@ def labelled_samples(src):
     """The samples of a :class:`~components.data.segmentation.sources.ShardSource` split with their COCO record kept:
     ``{"key", "image", "label" (class ids, 255 ignore), "meta"}`` in a fixed order."""
     lut = torch.from_numpy(src.lut)
-    for s in iterate_samples(src.urls, decode="rgb", with_seg=True):
-        if s.get("seg") is None:
-            raise UserError(f"{s.get('url')}: sample {s.get('key')} has no seg.png semantic map")
+    for s in src.samples():  # lost ones (and any without its map) counted in src.loss; stops above the threshold
         yield {"key": s["key"], "image": s["image"], "label": lut[s["seg"].long()], "meta": s.get("meta") or {}}
 
 
@@ -273,7 +271,8 @@ def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, de
     """
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train_src, val_src = open_shards(shards, "train"), open_shards(shards, "val")
+    lost = dict(max_lost_fraction=cfg.max_lost_fraction, what="probe")
+    train_src, val_src = open_shards(shards, "train", **lost), open_shards(shards, "val", **lost)
     cats = [int(c["id"]) for c in read_index(shards).get("categories") or []]
     cat_index = {c: i for i, c in enumerate(cats)}
     if cfg.init == "random":
@@ -292,6 +291,7 @@ def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, de
         for k in ("dense_mIoU", "object_acc"):
             if k in metrics and f"random/{k}" in metrics:
                 metrics[f"gain/{k}"] = metrics[k] - metrics[f"random/{k}"]
+    metrics.update(loss_details([train_src.loss, val_src.loss]))
     tracker.log_metrics(metrics)
     return metrics
 

@@ -1,6 +1,6 @@
 """How much of a dataset a training run never received, per shard, over shard visits, epochs, ranks and resumes:
 ``lost_fraction`` (the share of ``index.json``'s samples the run cannot see), counted once however often a shard is
-visited.
+visited; :class:`SplitLoss` keeps the same account for one split a downstream stage reads.
 """
 from __future__ import annotations
 
@@ -109,3 +109,62 @@ class DataLossLedger:
         for u, n in state.get("merged", {}).items():
             if u in self.expected:
                 self.merged[u] = max(self.merged.get(u, 0), int(n))
+
+
+class SplitLoss:
+    """What a downstream stage (detect, segment, probe, unsup_seg, viz) lost of one split, on the same
+    :class:`DataLossLedger` pretraining uses: loader records in (:meth:`add`), samples the stage itself could not use
+    in (:meth:`drop`), the same stop rule out (:meth:`check`), and the figures its details report (:meth:`figures`:
+    ``lost_samples``, ``lost_fraction`` as pretraining's, plus ``expected_samples`` and ``lost_by_reason``)."""
+
+    def __init__(self, expected: Mapping[str, int], split: str):
+        self.ledger, self.split = DataLossLedger(expected), split
+        self.reasons: dict[str, dict[str, int]] = {}  # reason -> {shard url, or url + key of a sample: lost}
+
+    @property
+    def expected(self) -> dict[str, int]:
+        return self.ledger.expected
+
+    def note(self, reason: str, where: str, lost: int) -> None:
+        """``lost`` samples of ``reason`` at ``where`` (a shard URL, or URL#key), counted once (a maximum)."""
+        seen = self.reasons.setdefault(reason, {})
+        seen[where] = max(seen.get(where, 0), lost)
+
+    def add(self, records: Iterable[Mapping[str, Any]]) -> None:
+        records = list(records)
+        self.ledger.add_records(records)
+        for rec in records:
+            if rec.get("url") in self.ledger.expected and rec.get("lost"):
+                per_sample = rec["reason"] in SAMPLE_REASONS and rec.get("key")
+                self.note(rec["reason"], f"{rec['url']}#{rec['key']}" if per_sample else rec["url"], int(rec["lost"]))
+
+    def drop(self, url: str, key: str, reason: str) -> None:
+        """A sample read from the shard that the stage cannot use (e.g. a labelled sample without its map)."""
+        if url in self.ledger.expected:
+            self.ledger.add_dropped([(url, key)])
+            self.note(reason, f"{url}#{key}", 1)
+
+    def check(self, max_fraction: float, what: str, *, merge: bool = False) -> None:
+        """One-line UserError naming the worst shards when more than ``max_fraction`` of the split is lost.
+        ``merge``: join every rank's counts first (a collective: every rank at the same point)."""
+        if merge:
+            dev: Any = "cpu"
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                    torch.distributed.get_backend() == "nccl":
+                dev = torch.device("cuda", torch.cuda.current_device())
+            self.ledger.merge(dev)
+        self.ledger.check(max_fraction, f"{what}: {self.split}")
+
+    def figures(self) -> dict[str, Any]:
+        return {"lost_samples": self.ledger.lost, "lost_fraction": self.ledger.fraction,
+                "expected_samples": self.ledger.total,
+                "lost_by_reason": {r: sum(v.values()) for r, v in sorted(self.reasons.items())},
+                "lost_by_shard": {u.rsplit("/", 1)[-1]: n for u, n in self.ledger.per_shard().items()}}
+
+
+def loss_details(losses: Iterable[SplitLoss]) -> dict[str, Any]:
+    """A stage's details from the splits it read: ``lost_samples`` / ``lost_fraction`` over all of them (pretraining's
+    keys) and ``lost_by_split`` (each split's :meth:`SplitLoss.figures`)."""
+    per = {s.split: s.figures() for s in losses}
+    lost, total = sum(f["lost_samples"] for f in per.values()), sum(f["expected_samples"] for f in per.values())
+    return {"lost_samples": lost, "lost_fraction": lost / total if total else 0.0, "lost_by_split": per}

@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from components.data.prepare.annotations import filter_annotations, image_sizes
 from components.data.prepare.images import check_image_star, map_parallel
 from components.data.prepare.manifest import (
     MANIFEST_FIELDS, MAX_LISTED, add_totals, print_skips, root_ref, slotcon_schema,
@@ -106,6 +107,7 @@ class SplitPlan:
     notes: Counter = field(default_factory=Counter)  # not image-level: orphan annotations, unlisted files, missing seg
     categories: list[dict[str, Any]] | None = None
     annotations_sha1: str | None = None
+    annotations_skipped: dict[str, int] = field(default_factory=dict)  # {reason: annotations dropped}
 
 
 def _hint(source: str, what: str) -> str:
@@ -120,7 +122,11 @@ def image_key(file_name: str) -> str:
 
 
 def load_instances(path: Path, source: str) -> dict[str, Any]:
-    """Read and structurally check a COCO instances JSON; a bad file is a one-line UserError."""
+    """Read and structurally check a COCO instances JSON; a bad file is a one-line UserError.
+
+    Every annotation is checked against its image record's size (:mod:`components.data.prepare.annotations`): those
+    that fail are left out of ``annotations`` and counted in ``annotations_skipped`` (``{reason: n}``), so ``prepare``
+    reports them and ``shard`` (which reads the file through here) never writes them."""
     try:
         with open(path, "rb") as f:
             data = json.load(f)
@@ -132,6 +138,8 @@ def load_instances(path: Path, source: str) -> dict[str, Any]:
             f"{path}: not a COCO instances file (needs lists 'images' and 'annotations'); {_hint(source, 'annotations')}"
         )
     data.setdefault("categories", [])
+    data["annotations"], skipped = filter_annotations(data["annotations"], image_sizes(data["images"]))
+    data["annotations_skipped"] = dict(sorted(skipped.items()))
     return data
 
 
@@ -141,6 +149,7 @@ def _discover_labeled(plan: SplitPlan, root: Path, source: str, seg_dir: Path | 
     data = load_instances(plan.annotations_file, source)
     plan.annotations_sha1 = sha1_file(plan.annotations_file)
     plan.categories = data["categories"]
+    plan.annotations_skipped = data["annotations_skipped"]
     per_image: Counter = Counter()
     image_ids: set[int] = set()
     for rec in data["images"]:
@@ -349,6 +358,7 @@ def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bo
         "skipped": len(skipped),
         "skipped_by_reason": by_reason,
         "annotations": sum(r["num_annotations"] for r in rows),
+        "annotations_skipped": dict(plan.annotations_skipped),
         "with_seg": sum(r["seg_file"] is not None for r in rows),
         "bytes": sum(r["bytes"] for r in rows),
         **{k: notes.get(k, 0) for k in ("orphan_annotations", "unlisted_files", "missing_seg", "bad_seg",
@@ -360,6 +370,9 @@ def _prepare_split(cfg, plan: SplitPlan, root: Path, out_dir: Path, progress: bo
     }
     _write_manifest(out_dir / cfg.source / plan.name / "manifest.parquet", rows, meta)
     print_skips(plan.name, failures)
+    if plan.annotations_skipped:
+        print(f"prepare: {plan.name}: skipped {sum(plan.annotations_skipped.values())} annotations that cannot be "
+              f"rasterised safely {plan.annotations_skipped} (see components/data/prepare/annotations.py)")
     entry = {
         "labeled": plan.labeled,
         "manifest": f"{cfg.source}/{plan.name}/manifest.parquet",
@@ -405,6 +418,8 @@ def _prepare_root(cfg, scenes_root, out_dir, *, tracker, progress) -> dict[str, 
     write_json_atomic(out_dir / "index.json", index)
     seconds = time.perf_counter() - t0
     add_totals(metrics, seconds)
+    metrics["annotations_skipped"] = dict(sorted(sum((Counter(m["annotations_skipped"]) for m in
+                                                      metrics["splits"].values()), Counter()).items()))
     print(f"prepare: {cfg.source}: {metrics['images']} images ok, {metrics['skipped']} skipped, "
           f"{metrics['bytes'] / 1e6:.1f} MB checked in {seconds:.1f} s ({metrics['img_per_s']:.0f} img/s)")
     log_run(tracker, metrics, index, "prepare_index.json")

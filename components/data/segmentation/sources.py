@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.data.loading.ledger import SplitLoss
 from components.data.loading.loader import iterate_samples, make_loader
 from components.data.prepare.manifest import read_manifest
 from components.data.segmentation.layouts import find_split, semantic_lut
-from components.data.shards.index import read_index, split_urls
+from components.data.shards.index import expected_counts, read_index, split_urls
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ class _MappedFolder(torch.utils.data.Dataset):
 class _ShardMap:
     """Loader ``map_fn``: loader sample -> ``{"key","image","label"}`` with the class LUT applied, then ``inner``.
     With ``keep``, samples of other keys are dropped (None); with ``labels=False`` no ``label`` is produced (the
-    loader then runs with ``with_seg=False``: the maps are never decoded)."""
+    loader then runs with ``with_seg=False``: the maps are never decoded). A labelled sample without its map (a tar
+    cut inside the sample, or a map ``prepare`` dropped) becomes ``{"lost": "no_seg", "key", "url"}``, which
+    :class:`_CollateKept` leaves out of the batch and hands on to be counted."""
 
     def __init__(self, lut: np.ndarray, inner: Callable[[dict], dict] | None, keep: frozenset | None = None,
                  labels: bool = True):
@@ -184,9 +187,22 @@ class _ShardMap:
             out = {"key": sample["key"], "image": sample["image"]}
             return self.inner(out) if self.inner else out
         if sample.get("seg") is None:
-            raise UserError(f"{sample.get('url')}: sample {sample.get('key')} has no seg.png semantic map")
+            return {"lost": "no_seg", "key": sample.get("key"), "url": sample.get("url")}
         out = {"key": sample["key"], "image": sample["image"], "label": self.lut[sample["seg"].long()]}
         return self.inner(out) if self.inner else out
+
+
+class _CollateKept:
+    """Loader ``collate_fn``: ``(collate_fn(usable samples) or None when none is, [(url, key) of the lost ones])``."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list) -> tuple:
+        marked = [isinstance(s, dict) and "lost" in s for s in samples]
+        kept = [s for s, m in zip(samples, marked) if not m]
+        lost = [(s["url"], s["key"]) for s, m in zip(samples, marked) if m]
+        return (self.collate_fn(kept) if kept else None), lost
 
 
 #: the most encoded bytes (JPEG + PNG) of labelled shard samples held in memory (:meth:`ShardSource.subset`)
@@ -256,6 +272,9 @@ class ShardSource:
     skipped: int = 0  # corrupt samples the loader skipped (and counted) so far
     keep: frozenset | None = None  # a subset: only these keys
     with_labels: bool = True  # False: the maps are never decoded (the unlabelled part of a semi-supervised split)
+    loss: SplitLoss | None = None  # lost samples of the split, counted against index.json (shared by subsets)
+    max_lost_fraction: float = 1.0  # stop (one line naming the shard) when more of the split is lost
+    what: str = "segmentation"  # the stage named in that line
 
     @property
     def num_classes(self) -> int:
@@ -264,30 +283,59 @@ class ShardSource:
     def __len__(self) -> int:
         return self.num_samples
 
-    def iterate(self) -> Iterator[dict]:
-        fn = _ShardMap(self.lut, None, self.keep, self.with_labels)
-        it = iterate_samples(self.urls, decode="rgb", with_seg=self.with_labels)
+    def samples(self) -> Iterator[dict]:
+        """The loader's samples of the split in a fixed order (``meta`` kept; a labelled view yields only samples with
+        their map). Every sample lost on the way is counted in :attr:`loss`; at the end of the pass the stage stops
+        (one line naming the shard) when more than ``max_lost_fraction`` of the split is lost."""
+        it = iterate_samples(self.urls, decode="rgb", with_seg=self.with_labels,
+                             expected_counts=self.loss.expected if self.loss else None)
         for s in it:
-            s = fn(s)
-            if s is not None:
-                yield s
+            if self.with_labels and s.get("seg") is None:
+                if self.loss is not None:
+                    self.loss.drop(s["url"], s["key"], "no_seg")
+                continue
+            yield s
         self.skipped += it.stats["skipped"]
+        self._account(it.errors, merge=False)
+
+    def _account(self, records: list, *, merge: bool) -> None:
+        if self.loss is not None:
+            self.loss.add(records)
+            self.loss.check(self.max_lost_fraction, self.what, merge=merge)
+
+    def iterate(self) -> Iterator[dict]:
+        """``{"key", "image", "label"}`` of :meth:`samples` (class LUT applied; a subset's other keys left out)."""
+        mapped = map(_ShardMap(self.lut, None, self.keep, self.with_labels), self.samples())
+        return (s for s in mapped if s is not None)
 
     def epoch_batches(
         self, epoch: int, *, batch_size: int, map_fn: Callable[[dict], dict], collate_fn: Callable, seed: int,
         num_workers: int = 0, rank: int = 0, world_size: int = 1,
     ) -> Iterator:
-        """One pass with its own ``(seed, epoch)`` shuffle; under DDP resampled so ranks yield equally many batches."""
+        """One pass with its own ``(seed, epoch)`` shuffle; under DDP resampled so ranks yield equally many batches.
+        Lost samples are counted before each batch is handed on (all ranks merged under DDP) and the pass stops above
+        ``max_lost_fraction``, as pretraining does."""
         resampled = world_size > 1
         loader = make_loader(
             self.urls, batch_size=batch_size, decode="rgb", with_seg=self.with_labels,
             map_fn=_ShardMap(self.lut, map_fn, self.keep, self.with_labels),
-            collate_fn=collate_fn, shuffle=True, num_workers=num_workers, seed=seed, epoch=epoch, rank=rank,
-            world_size=world_size, resampled=resampled, samples_per_epoch=self.num_samples if resampled else None,
+            collate_fn=_CollateKept(collate_fn), shuffle=True, num_workers=num_workers, seed=seed, epoch=epoch,
+            rank=rank, world_size=world_size, resampled=resampled,
+            samples_per_epoch=self.num_samples if resampled else None,
             drop_last=self.num_samples >= batch_size * world_size,
+            expected_counts=self.loss.expected if self.loss else None,
         )
-        yield from loader
+        seen = 0
+        for batch, lost in loader:
+            for url, key in lost:
+                if self.loss is not None:
+                    self.loss.drop(url, key, "no_seg")
+            self._account(loader.errors[seen:], merge=world_size > 1)
+            seen = len(loader.errors)
+            if batch is not None:
+                yield batch
         self.skipped += loader.stats["skipped"]
+        self._account(loader.errors[seen:], merge=world_size > 1)
 
     def keys(self) -> list[str]:
         """Every sample key of the split, from its manifest (no shard is read)."""
@@ -325,8 +373,10 @@ class ShardSource:
         return MemorySource(self.kind, items, self.class_names, self.lut, str(self.shards_root / self.split))
 
 
-def open_shards(shards_root: str | Path, split: str = "val") -> ShardSource:
-    """The ``train``/``val`` split of the shards (as named in ``index.json``), with its semantic classes."""
+def open_shards(shards_root: str | Path, split: str = "val", *, max_lost_fraction: float = 1.0,
+                what: str = "segmentation") -> ShardSource:
+    """The ``train``/``val`` split of the shards (as named in ``index.json``), with its semantic classes; its lost
+    samples are counted against ``index.json`` and ``what`` stops above ``max_lost_fraction`` of them."""
     root = Path(shards_root)
     index = read_index(root)
     name = index.get(split, split) if split in ("train", "val") else split
@@ -339,7 +389,9 @@ def open_shards(shards_root: str | Path, split: str = "val") -> ShardSource:
             "set data_root to a labelled dataset folder (COCO-Stuff, VOC, Cityscapes, ADE20K) or use the scenes source"
         )
     names, lut = semantic_lut(index["semantic_classes"], f"{root / 'index.json'} (semantic_classes)")
-    return ShardSource(root, name, split_urls(root, name), names, lut, int(info.get("num_samples", 0)))
+    return ShardSource(root, name, split_urls(root, name), names, lut, int(info.get("num_samples", 0)),
+                       loss=SplitLoss(expected_counts(root, name), name), max_lost_fraction=max_lost_fraction,
+                       what=what)
 
 
 def open_folder(root: str | Path, kind: str = "auto", split: str = "val") -> FolderSource:
@@ -348,12 +400,14 @@ def open_folder(root: str | Path, kind: str = "auto", split: str = "val") -> Fol
     return FolderSource(found.kind, Path(root), split, found.items, found.class_names, found.lut)
 
 
-def open_source(data_root: str, shards_root: str | Path | None, kind: str = "auto", split: str = "val"):
-    """``data_root`` empty -> the shards' split (scenes); else the dataset folder at ``data_root``."""
+def open_source(data_root: str, shards_root: str | Path | None, kind: str = "auto", split: str = "val", *,
+                max_lost_fraction: float = 1.0, what: str = "segmentation"):
+    """``data_root`` empty -> the shards' split (scenes, lost samples counted: :func:`open_shards`); else the dataset
+    folder at ``data_root``."""
     if data_root:
         return open_folder(data_root, kind, split)
     if shards_root is None:
         raise UserError("segmentation: no data_root and no --shards; give one of them")
     if kind not in ("auto", "scenes"):
         raise UserError(f"params.yaml: dataset={kind!r} needs data_root (the dataset folder); empty means the shards")
-    return open_shards(shards_root, split)
+    return open_shards(shards_root, split, max_lost_fraction=max_lost_fraction, what=what)

@@ -19,15 +19,18 @@ from torch import nn
 
 from components import dist
 from components.backbone import is_vit
-from components.data.loading.loader import iterate_samples, make_loader
-from components.data.shards.index import read_index, split_urls
-from components.engine.loop import Method, RunSpec, autocast, fit, write_loss_plot
+from components.data.loading.ledger import SplitLoss, loss_details
+from components.data.loading.loader import make_loader
+from components.data.shards.index import expected_counts, read_index, split_urls
+from components.engine.loop import Method, RunSpec, fit, write_loss_plot
 from components.errors import UserError
 from components.io import save_torch_atomic, sha1_file
 from components.stage import Arg, Stage
-from components.transfer.detect.coco_eval import evaluate, make_coco, predictions_to_results
+from components.transfer.detect.evaluation import counted_val, evaluate_detector, to_float
 from components.transfer.detect.maskrcnn import build_model, lr_at, model_kwargs_of, param_groups
-from components.transfer.detect.targets import category_maps, coco_to_target, has_valid_annotation, hflip
+from components.transfer.detect.targets import (
+    category_maps, coco_to_target, has_valid_annotation, hflip, usable_annotations,
+)
 from components.transfer.draw import draw_predictions
 from components.transfer.export import load_backbone
 
@@ -49,12 +52,13 @@ def prepare_train_sample(sample: dict, *, cat_to_label: Mapping[int, int], seed:
     try:
         image = sample["image"]
         meta = sample["meta"] or {}
-        anns = meta.get("annotations") or []
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        anns, invalid = usable_annotations(meta.get("annotations") or [], h, w)  # never rasterise a crafted one
         if not has_valid_annotation(anns):  # reference: _coco_remove_images_without_annotations
             return {"key": key, "skip": "no_valid_annotation"}
-        h, w = int(image.shape[-2]), int(image.shape[-1])
         image_id = int((meta.get("image") or {}).get("id", -1))
         target, counts = coco_to_target(anns, height=h, width=w, cat_to_label=cat_to_label, image_id=image_id)
+        counts["invalid"] += invalid
     except (KeyError, TypeError, ValueError) as exc:  # a corrupt annotation: skip and count, with the key and URL
         print(f"detect: skipping {key} ({sample.get('url', '?')}): bad annotation ({type(exc).__name__}: {exc})",
               file=sys.stderr)
@@ -86,10 +90,6 @@ def refill(batches: Iterable[list[dict]], size: int) -> Iterator[list[dict]]:
         yield [dict(buf[0], skipped=skipped), *buf[1:]]
 
 
-def _to_float(image: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return image.to(device, non_blocking=True).float().div_(255.0)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the method the engine drives
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ class DetectMethod(Method):
     stat_keys = LOSS_KEYS
 
     def __init__(self, cfg, *, kwargs: dict[str, Any], trunk_state: dict | None, trunk_source: str,
-                 train_urls: Sequence[str], cat_to_label: Mapping[int, int], num_train_samples: int | None):
+                 train_urls: Sequence[str], cat_to_label: Mapping[int, int], num_train_samples: int | None,
+                 loss: SplitLoss | None = None):
         self.cfg, self.kwargs, self.trunk_state, self.trunk_source = cfg, kwargs, trunk_state, trunk_source
         self.train_urls, self.cat_to_label = list(train_urls), dict(cat_to_label)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -116,6 +117,7 @@ class DetectMethod(Method):
         self.skipped: dict[str, str] = {}  # image key -> why it was left out (per image, not per epoch)
         self.per_image: dict[str, Counter] = {}  # image key -> target counts (kept / crowd / zero-area ...)
         self.corrupt = 0
+        self.loss = loss  # the train split's lost samples, counted against index.json (None: not counted)
 
     def build(self, device: torch.device) -> nn.Module:
         torch.manual_seed(self.cfg.seed)  # the same head init for every init: only the trunk differs
@@ -144,16 +146,29 @@ class DetectMethod(Method):
                                      epoch=epoch),
             shuffle=True, resampled=resampled, samples_per_epoch=per_epoch, num_workers=cfg.num_workers,
             seed=cfg.seed, epoch=epoch, rank=self.rank, world_size=self.world,
+            expected_counts=self.loss.expected if self.loss else None,
         )
-        yield from refill(loader, self.rank_batch)
+        seen = 0
+        for batch in refill(loader, self.rank_batch):  # the step index is the same on every rank: merges line up
+            seen = self.count_lost(loader.errors, seen)
+            yield batch
         self.corrupt += int(loader.stats.get("skipped", 0))
+        self.count_lost(loader.errors, seen)
+
+    def count_lost(self, errors: list, seen: int = 0) -> int:
+        """Fold the loader's new records into :attr:`loss` and stop (every rank, one line naming the shard) above
+        ``detect.max_lost_fraction``; returns how many records are folded in."""
+        if self.loss is not None:
+            self.loss.add(errors[seen:])
+            self.loss.check(self.cfg.max_lost_fraction, "detect", merge=self.world > 1)
+        return len(errors)
 
     def prepare(self, batch: list[dict], device: torch.device) -> dict:
         for key, why in batch[0].get("skipped", ()):
             self.skipped[key] = why
         for s in batch:
             self.per_image[s["key"]] = s["counts"]
-        return {"images": [_to_float(s["image"], device) for s in batch],
+        return {"images": [to_float(s["image"], device) for s in batch],
                 "targets": [{k: v.to(device, non_blocking=True) for k, v in s["target"].items()} for s in batch]}
 
     def forward(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -162,75 +177,20 @@ class DetectMethod(Method):
         return {"loss": loss, **{k: loss_dict[k].detach().float() for k in LOSS_KEYS[1:]}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": dict(self.skipped), "per_image": dict(self.per_image), "corrupt": self.corrupt}
+        lost = {"ledger": self.loss.ledger.state_dict(), "reasons": self.loss.reasons} if self.loss else {}
+        return {"skipped": dict(self.skipped), "per_image": dict(self.per_image), "corrupt": self.corrupt,
+                "lost": lost}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.skipped = dict(state.get("skipped", {}))
         self.per_image = dict(state.get("per_image", {}))
         self.corrupt = int(state.get("corrupt", 0))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# evaluation
-# --------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_detector(
-    model: nn.Module,
-    samples: Iterable[dict],
-    *,
-    categories: Sequence[Mapping[str, Any]],
-    label_to_cat_id: Mapping[int, int],
-    device: torch.device,
-    test_size: int,
-    amp: bool = True,
-    batch_size: int = 4,
-    num_vis: int = 0,
-) -> tuple[dict[str, float], list[tuple[torch.Tensor, dict]], str]:
-    """COCOeval (bbox, segm) of ``model`` on ``samples`` (the val split in fixed order).
-
-    Returns ``(metrics, vis, summary)``: the 24 named COCO numbers, the first ``num_vis`` ``(uint8 image (3, H, W),
-    output on CPU)`` pairs for the picture, and COCO's printed summary tables.
-    """
-    model.eval()
-    old_size = model.transform.min_size
-    model.transform.min_size = (test_size,)
-    images, anns, results, vis = [], [], [], []
-    try:
-        for batch in _chunks(samples, batch_size):
-            for s in batch:
-                meta = s["meta"] or {}
-                rec = dict(meta.get("image") or {})
-                rec.setdefault("id", len(images) + 1)
-                rec["height"], rec["width"] = int(s["image"].shape[-2]), int(s["image"].shape[-1])
-                images.append(rec)
-                anns += [dict(a, image_id=rec["id"]) for a in meta.get("annotations") or []]
-            with autocast(device, amp):
-                outputs = model([_to_float(s["image"], device) for s in batch])
-            for s, rec, out in zip(batch, images[-len(batch):], outputs):
-                out = {k: v.float().cpu() for k, v in out.items()}
-                results += predictions_to_results(rec["id"], out, label_to_cat_id)
-                if len(vis) < num_vis:
-                    vis.append((s["image"].cpu(), out))
-    finally:
-        model.transform.min_size = old_size
-    if not images:
-        raise UserError("the val split yielded no samples; check the shards (slotcon shard --verify)")
-    summary: list[str] = []
-    metrics = evaluate(make_coco(images, anns, categories), results, summary=summary)
-    metrics["num_val_images"] = len(images)
-    metrics["num_detections"] = len(results)
-    return metrics, vis, "".join(summary)
-
-
-def _chunks(it: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for s in it:
-        batch.append(s)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        lost = state.get("lost") or {}
+        if self.loss is not None and lost:
+            self.loss.ledger.load_state_dict(lost["ledger"])
+            for reason, seen in lost.get("reasons", {}).items():
+                for where, n in seen.items():
+                    self.loss.note(reason, where, int(n))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,6 +221,8 @@ def _check_data(shards, cfg, world: int) -> dict[str, Any]:
     cat_to_label, label_to_cat = category_maps(categories)
     return {"categories": categories, "train_urls": split_urls(shards, train_split),
             "val_urls": split_urls(shards, val_split), "cat_to_label": cat_to_label, "label_to_cat": label_to_cat,
+            "train_counts": expected_counts(shards, train_split), "train_split": train_split,
+            "val_loss": SplitLoss(expected_counts(shards, val_split), val_split),
             "num_train": int(index["splits"][train_split].get("num_samples") or 0) or None,
             "index_sha1": _sha1(Path(shards) / "index.json")}
 
@@ -286,7 +248,8 @@ def train_one(cfg, label: str, arch: str, sd: dict | None, src: str, data: dict,
     """Fine-tune one init through the engine; returns ``(method, FitResult)``."""
     kwargs = model_kwargs_of(cfg, arch=arch, num_classes=len(data["categories"]))
     method = DetectMethod(cfg, kwargs=kwargs, trunk_state=sd, trunk_source=src, train_urls=data["train_urls"],
-                          cat_to_label=data["cat_to_label"], num_train_samples=data["num_train"])
+                          cat_to_label=data["cat_to_label"], num_train_samples=data["num_train"],
+                          loss=SplitLoss(data["train_counts"], data["train_split"]))
     if dist.get_rank() == 0:
         neck = "simple pyramid" if is_vit(arch) else "FPN"
         print(f"detect[{label}]: Mask R-CNN {arch} + {neck}, {len(data['categories'])} classes, trunk from {src}, "
@@ -294,10 +257,13 @@ def train_one(cfg, label: str, arch: str, sd: dict | None, src: str, data: dict,
               flush=True)
     spec = RunSpec(total_steps=cfg.iters, steps_per_epoch=None, log_every=1, save_every=cfg.save_every,
                    amp=cfg.amp, label=f"detect[{label}]", metric_prefix=f"{label}/", keep_checkpoints=1)
-    fp = {**cfg.model_dump(), "label": label, "arch": arch, "index": data["index_sha1"],
+    # max_lost_fraction changes no step: raising it after a stop resumes the same run
+    fp = {**cfg.model_dump(exclude={"max_lost_fraction"}), "label": label, "arch": arch, "index": data["index_sha1"],
           "trunk": _sha1(src) if sd is not None else "random"}
     result = fit(method, spec, ckpt_dir=Path(checkpoints) / label if checkpoints else None, fingerprint=fp,
                  tracker=tracker, on_step=on_step, stop_after_step=stop_after_step)
+    if not result.stopped:
+        method.count_lost([])  # every rank: the final merged count (and the stop, if the last batches passed it)
     return method, result
 
 
@@ -347,11 +313,13 @@ def run_detect(cfg, shards, backbone, out_dir, plots_dir, *, checkpoints=None, t
         bare = result.extra["model"]
         if rank == 0:
             m, vis, summary = evaluate_detector(
-                bare, iterate_samples(data["val_urls"], decode="rgb"), categories=data["categories"],
+                bare, counted_val(data, cfg.max_lost_fraction), categories=data["categories"],
                 label_to_cat_id=data["label_to_cat"], device=result.extra["device"], test_size=cfg.test_size,
                 amp=cfg.amp, batch_size=cfg.batch_size, num_vis=cfg.num_vis)
             print(f"detect[{label}]: COCOeval on {m['num_val_images']} val images\n{summary}", flush=True)
             metrics.update(_init_metrics(label, m, result, method, cfg, first=n == 0))
+            if n == 0:
+                metrics.update(loss_details([method.loss, data["val_loss"]]))
             vis_rows.append((f"{label} init: AP^b {m['bbox_AP']:.3f}, AP^m {m['segm_AP']:.3f}", vis))
             save_torch_atomic({"model": bare.state_dict(), "model_kwargs": method.kwargs, "test_size": cfg.test_size,
                                "init": label, "trunk": src, "categories": data["categories"],

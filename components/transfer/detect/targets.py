@@ -1,6 +1,7 @@
 """COCO annotations of one image -> the target dict torchvision's Mask R-CNN trains on, following torchvision's
 reference training (``references/detection/coco_utils.py``); masks decoded with pycocotools from any of COCO's three
-segmentation encodings; :func:`category_maps` maps COCO's non-contiguous category ids to labels ``1..C`` and back.
+segmentation encodings, each checked first against the image's size (a NaN polygon crashes pycocotools' rasteriser,
+an RLE claiming a larger size allocates that size: :mod:`components.data.prepare.annotations`); :func:`category_maps` maps COCO's non-contiguous category ids to labels ``1..C`` and back.
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from components.data.prepare.annotations import check_annotation
+
 # counters every conversion reports (summed over a split by the caller)
-COUNT_KEYS = ("annotations", "kept", "crowd", "zero_area", "unknown_category", "no_segmentation")
+COUNT_KEYS = ("annotations", "kept", "crowd", "zero_area", "unknown_category", "no_segmentation", "invalid")
 
 
 def category_maps(categories: Sequence[Mapping[str, Any]]) -> tuple[dict[int, int], dict[int, int]]:
@@ -28,8 +31,13 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> dict:
     """One annotation's ``segmentation`` (polygon list, uncompressed RLE as crowds use, or compressed RLE) ->
     compressed RLE.
 
-    Same branches as ``pycocotools.coco.COCO.annToRLE``.
+    Same branches as ``pycocotools.coco.COCO.annToRLE``, after :func:`check_annotation` on this image's size (a
+    ValueError names what is wrong): pycocotools never sees a segmentation it could crash on or that claims more
+    pixels than the image has.
     """
+    reason = check_annotation({"category_id": 0, "bbox": [0, 0, 1, 1], "segmentation": segm}, height, width)
+    if reason is not None:
+        raise ValueError(f"segmentation refused ({reason}) for a {height}x{width} image")
     if isinstance(segm, list):  # polygons: one object may have several parts -> merge
         rles = mask_utils.frPyObjects(segm, height, width)
         return mask_utils.merge(rles)
@@ -43,6 +51,14 @@ def segmentation_to_rle(segm: Any, height: int, width: int) -> dict:
 def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
     """``(H, W)`` uint8 {0, 1} mask of one annotation's segmentation."""
     return mask_utils.decode(segmentation_to_rle(segm, height, width))
+
+
+def usable_annotations(annotations: Iterable[Any], height: int, width: int) -> tuple[list[Any], int]:
+    """``(the annotations that pass check_annotation on a height x width image, how many did not)``: a reader's
+    guard for shards written before ``prepare`` checked annotations, or by another writer."""
+    anns = list(annotations)
+    kept = [a for a in anns if check_annotation(a, height, width) is None]
+    return kept, len(anns) - len(kept)
 
 
 def has_valid_annotation(annotations: Iterable[Mapping[str, Any]]) -> bool:

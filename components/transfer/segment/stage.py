@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from components import dist
+from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_source
 from components.engine.loop import RunSpec, fit, write_loss_plot
 from components.errors import UserError
@@ -39,7 +40,8 @@ def _flat(m: dict, prefix: str = "") -> dict:
 
 
 #: what changes no training step (left out of the checkpoint fingerprint, so changing it keeps the checkpoints)
-_NOT_TRAINING = ("compare_random", "compare_supervised", "num_vis", "test_mode", "save_every", "num_workers")
+_NOT_TRAINING = ("compare_random", "compare_supervised", "num_vis", "test_mode", "save_every", "num_workers",
+                 "max_lost_fraction")
 
 
 def train_one(cfg, *, init: str, arch: str, state_dict: dict | None, where: str, train_src, checkpoints, tracker,
@@ -144,8 +146,9 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
     """
     tracker = tracker or Tracker()
     device = torch.device(device) if device else None
-    train_src = open_source(cfg.data_root, shards, cfg.dataset, "train")  # cheap checks first: layout, backbone
-    val_src = open_source(cfg.data_root, shards, cfg.dataset, "val")
+    lost = dict(max_lost_fraction=cfg.max_lost_fraction, what="segment")
+    train_src = open_source(cfg.data_root, shards, cfg.dataset, "train", **lost)  # cheap checks: layout, backbone
+    val_src = open_source(cfg.data_root, shards, cfg.dataset, "val", **lost)
     if train_src.class_names != val_src.class_names:
         raise UserError(f"{cfg.data_root or shards}: train and val splits list different classes")
     bb_path = Path(cfg.init) if cfg.init.endswith(".pt") else Path(backbone)
@@ -189,6 +192,9 @@ def run_segment(cfg, shards: str | Path | None, backbone: str | Path, out_dir: s
     if plots_dir is not None:
         _plots(cfg, runs, curves, models, val_src, Path(plots_dir), tracker)
     metrics["skipped_samples"] = sum(s.skipped for s in (labeled_src, unlabeled_src, val_src) if s is not None)
+    losses = [s.loss for s in (train_src, val_src) if getattr(s, "loss", None) is not None]
+    if losses:  # shards: what was lost of each split (a dataset folder counts its unreadable files in skipped)
+        metrics.update(loss_details(losses))
     return metrics
 
 

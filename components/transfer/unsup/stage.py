@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from components.data.segmentation.layouts import CURATED_LIST, detect_layout
+from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_source
 from components.errors import UserError
 from components.pretrain.registry import open_pretrained
@@ -144,7 +145,7 @@ def _source(cfg, shards):
     if cfg.data_root and kind == "auto" and detect_layout(cfg.data_root) == "cocostuff":
         if (Path(cfg.data_root) / "curated" / "val2017" / CURATED_LIST).is_file():
             kind = "cocostuff27"  # the paper's protocol whenever the curated lists are there
-    return open_source(cfg.data_root, shards, kind, "val")
+    return open_source(cfg.data_root, shards, kind, "val", max_lost_fraction=cfg.max_lost_fraction, what="unsup_seg")
 
 
 def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tracker=None,
@@ -206,6 +207,8 @@ def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tra
         metrics.update(score_clusters(rconf, src.class_names, "random/"))
         metrics["gain/mIoU"] = metrics["mIoU"] - metrics["random/mIoU"]
     metrics["skipped_samples"] = getattr(src, "skipped", 0)
+    if getattr(src, "loss", None) is not None:  # shards: what was lost of the val split, counted against index.json
+        metrics.update(loss_details([src.loss]))
     tracker.log_metrics(metrics)
     tracker.log_dict({"confusion": conf.tolist(), "class_names": src.class_names}, "unsup_seg_confusion.json")
     return metrics

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from components.data.loading.loader import iterate_samples
-from components.data.shards.index import read_index, split_urls
+from components.data.loading.ledger import SplitLoss, loss_details
+from components.data.shards.index import expected_counts, read_index, split_urls
 from components.errors import UserError
 from components.io import write_bytes_atomic
 from components.pretrain.registry import open_pretrained
@@ -243,13 +244,18 @@ def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path
     tracker = tracker or Tracker()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = read_index(shards)
-    urls = split_urls(shards, index.get("val", "val2017"))
+    split = index.get("val", "val2017")
+    urls = split_urls(shards, split)
+    loss = SplitLoss(expected_counts(shards, split), split)
     _, method, model = open_pretrained(checkpoint)
     model = model.to(device).eval()
 
-    def samples():
-        for s in iterate_samples(urls, decode="rgb"):
+    def samples():  # every pass counts its lost samples; a complete one stops above viz.max_lost_fraction
+        it = iterate_samples(urls, decode="rgb", expected_counts=loss.expected)
+        for s in it:
             yield {"key": s["key"], "image": s["image"]}
+        loss.add(it.errors)
+        loss.check(cfg.max_lost_fraction, "viz")
 
     head = ClusterHead(model, method, viz_num_clusters(cfg, shards), seed=cfg.seed)
     try:
@@ -258,6 +264,7 @@ def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path
         raise UserError(f"{shards}: viz: {exc}") from None
     summary = render_slots(head, samples, out_dir, num_images=cfg.num_images, top_prototypes=cfg.top_prototypes,
                            num_neighbors=cfg.num_neighbors, resolution=cfg.resolution, batch_size=cfg.batch_size)
+    summary.update(loss_details([loss]))
     tracker.log_metrics(summary)
     tracker.log_artifact(out_dir, "slots")
     return summary
