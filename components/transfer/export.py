@@ -18,7 +18,7 @@ import torchvision
 
 from components.backbone import ARCHS, build_resnet, build_vit, clean_keys, is_vit, vit_image_size
 from components.errors import UserError
-from components.io import save_torch_atomic, torch_file_damage
+from components.io import PickledObjectsError, load_torch_plain, save_torch_atomic, torch_file_damage
 from components.pretrain.artifact import PretrainArtifact
 from components.stage import Arg, Stage
 from components.tracking.lineage import file_md5
@@ -103,7 +103,9 @@ def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]
     if damage:
         raise UserError(f"{path}: not a readable backbone file ({damage}); re-run `slotcon export`")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_plain(path)
+    except PickledObjectsError as exc:
+        raise UserError(f"{path}: {exc}; re-run `slotcon export`") from None
     except Exception as exc:
         raise UserError(f"{path}: not a readable backbone file ({type(exc).__name__}); re-run `slotcon export`")
     if not isinstance(obj, dict) or obj.get("arch") not in ARCHS or not isinstance(obj.get("state_dict"), dict):
