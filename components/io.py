@@ -188,3 +188,17 @@ def sha1_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_torch_file(path: str | os.PathLike, kind: str, fix: str, map_location: Any = "cpu") -> Any:
+    """:func:`load_torch_plain` of a file this project wrote, every failure one line naming ``path``: damaged bytes,
+    pickled objects, not a torch file (``kind``: e.g. "backbone file"; ``fix``: what to run)."""
+    damage = torch_file_damage(path)
+    if damage:
+        raise UserError(f"{path}: not a readable {kind} ({damage}); {fix}")
+    try:
+        return load_torch_plain(path, map_location)
+    except PickledObjectsError as exc:
+        raise UserError(f"{path}: {exc}; {fix}") from None
+    except Exception as exc:  # truncated, not a torch file
+        raise UserError(f"{path}: not a readable {kind} ({type(exc).__name__}); {fix}") from None
