@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from components.config.schema import Section, knob
+from components.config.schema import MAX_WORKERS, SEED_MAX, Section, knob
 
 
 class TrackingConfig(Section):
@@ -23,7 +23,7 @@ class ScenesConfig(Section):
     """``scenes``: the generated scene-centric dataset in COCO format (data/scenes)."""
 
     seed: int = knob(0, "image i is drawn from default_rng([seed, id]): same seed -> byte-identical images, JSON and "
-                        "PNGs", ge=0)
+                        "PNGs", ge=0, le=SEED_MAX)
     num_train: int = knob(192, "demo size: small enough for CPU epochs in seconds, large enough for the losses to "
                                "move; val ids start at 10_000_001 (no collision)", ge=1, le=10_000_000)
     num_val: int = knob(48, ge=1, le=10_000_000)
@@ -48,7 +48,7 @@ class ScenesConfig(Section):
                              "0.08/0.6, clutter_shapes 8, object_spread 0.5. More classes, e.g.: num_thing_classes 24, "
                              "num_stuff_classes 16. The defaults above leave the demo's bytes unchanged.")
     workers: int = knob(1, "processes drawing images; same bytes for any value; the demo takes ~2 s on one (1 is "
-                           "fastest)", ge=1)
+                           "fastest)", ge=1, le=MAX_WORKERS)
 
     @model_validator(mode="after")
     def _check(self) -> "ScenesConfig":
@@ -91,7 +91,7 @@ class DataConfig(Section):
     duplicates: Literal["skip", "keep"] = knob(
         "skip", "same bytes as an earlier image of the split: skip (counted, reason duplicate) | keep; either way "
                 "every pair is listed in the manifest metadata")
-    workers: int = knob(2, "processes that hash/decode-check images in `prepare`", ge=1)
+    workers: int = knob(2, "processes that hash/decode-check images in `prepare`", ge=1, le=MAX_WORKERS)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -111,6 +111,6 @@ class DataConfig(Section):
 class ShardConfig(Section):
     max_count: int = knob(64, "samples per shard (COCO: 1000, ~160 MB shards)", ge=1)
     max_bytes: int = knob(64_000_000, "shard byte budget; a shard closes at whichever limit comes first", ge=1_000)
-    seed: int = knob(0, "write-time shuffle")
-    workers: int = knob(2, "parallel shard writers (and --verify readers)", ge=1)
+    seed: int = knob(0, "write-time shuffle", ge=0, le=SEED_MAX)
+    workers: int = knob(2, "parallel shard writers (and --verify readers)", ge=1, le=MAX_WORKERS)
     verify: bool = knob(True, "re-read every shard after writing and check it against the manifest (one extra read)")

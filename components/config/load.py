@@ -47,11 +47,21 @@ def _format_error(path: Path, section: str, raw: dict[str, Any], err: Validation
     if not loc:  # a whole-section (combination) check
         return f"{path}: {section}.{msg}"
     value: Any = raw
-    for part in e["loc"]:
-        value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+    shown: list[str] = []
+    for part in e["loc"]:  # the value given; the parts past it name a union member ("int", "float"), not a key
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            break
+        shown.append(str(part))
+    if not shown:
+        return f"{path}: {section}.{loc} is invalid: {msg}"
+    key = ".".join(shown)
     if isinstance(value, dict):  # a combination check inside a subsection
-        return f"{path}: {section}.{loc}.{msg}"
-    return f"{path}: {section}.{loc}={value!r} is invalid: {msg}"
+        return f"{path}: {section}.{key}.{msg}"
+    return f"{path}: {section}.{key}={value!r} is invalid: {msg}"
 
 
 class _ParamsLoader(yaml.SafeLoader):
@@ -101,16 +111,27 @@ def read_params(path: str | os.PathLike = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the repository root, or pass --params)")
-    data = parse_yaml(path.read_text(), path)
+    data = parse_yaml(read_utf8(path), path)
     if data is None:
         raise ConfigError(f"{path}: the file is empty; it needs the sections {', '.join(SECTIONS)} "
-                          "(restore it with `git checkout -- params.yaml`)")
+                          f"(restore it with `git checkout -- {path}`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown} (allowed: {', '.join(SECTIONS)})")
     return data
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a params file; one line naming the file when its bytes are not UTF-8 (YAML's encoding)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}; "
+                          "e.g. saved as Latin-1); save the file as UTF-8") from None
 
 
 def _missing(path: Path, names: list[str]) -> ConfigError:

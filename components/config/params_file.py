@@ -105,7 +105,7 @@ def _float(value: float) -> str:
 def stale(path: str | Path, sections: Mapping[str, type[Section]] | None = None) -> str | None:
     """The one-line problem when ``path`` is not what the schema generates, else None."""
     path = Path(path)
-    if path.is_file() and path.read_text() == render(sections):
+    if path.is_file() and path.read_bytes() == render(sections).encode():
         return None
     what = "differs from" if path.is_file() else "is missing: it is"
     return f"{path}: {what} what the schema in components/config/ generates; run `slotcon params --write`"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.config.schema import Section, knob
+from components.config.schema import MAX_BATCH, MAX_EPOCHS, MAX_PIXELS, MAX_QUEUE, MAX_WORKERS, SEED_MAX, Section, knob
 from components.constants import RESNET_ARCHS, VIT_ARCHS, VIT_SPECS
 
 
@@ -47,7 +47,7 @@ class SimParams(Section):
                                   "1e-3)", gt=0)
     min_lr: float = knob(1e-6, "cosine floor; paper: 0", ge=0)
     warmup_epochs: int = knob(1, "linear warm-up per iteration from 0 (released code: util/lr_sched.py); paper: 40, "
-                                 "of 1600 epochs", ge=0)
+                                 "of 1600 epochs", ge=0, le=MAX_EPOCHS)
     weight_decay: float = knob(0.05, "paper: 0.05; released code: none on 1-D tensors and biases, class/mask tokens "
                                      "decayed", ge=0)
     beta2: float = knob(0.95, "AdamW beta2; paper: 0.95", gt=0, lt=1)
@@ -88,13 +88,14 @@ class MocoV2Params(Section):
     base_lr: float = knob(0.24, "lr = base_lr * batch_size / 256 (0.03 at batch 32), cosine to min_lr; paper: 0.03",
                           gt=0)
     min_lr: float = knob(0.0, "cosine floor; paper: 0", ge=0)
-    warmup_epochs: int = knob(0, "paper and released code: 0; cosine from the first step", ge=0)
+    warmup_epochs: int = knob(0, "paper and released code: 0; cosine from the first step", ge=0,
+                              le=MAX_EPOCHS)
     weight_decay: float = knob(1e-4, "paper: 1e-4; released code: on every parameter, BN and biases included", ge=0)
     dim_hidden: int = knob(512, "hidden width of the 2-layer MLP head (Linear-ReLU-Linear); paper: 2048 (= the R50 "
                                 "trunk's channels)", ge=8)
     dim: int = knob(128, "embedding size; paper: 128", ge=8)
     queue_size: int = knob(128, "negatives: a multiple of batch_size, fewer than the images per epoch (else an image "
-                                "meets its own older keys as negatives); paper: 65536", ge=2)
+                                "meets its own older keys as negatives); paper: 65536", ge=2, le=MAX_QUEUE)
     temperature: float = knob(0.2, "InfoNCE tau; paper: 0.2", gt=0)
     key_momentum: float = knob(0.99, "constant momentum of the key encoder; paper: 0.999 (a 1000-step time constant: "
                                      "too slow for a demo of tens of steps)", ge=0, le=1)
@@ -105,6 +106,19 @@ class MocoV2Params(Section):
     def _check(self) -> "MocoV2Params":
         _check_min_lr(self.min_lr, self.base_lr)
         return self
+
+
+def mocov2_batch_problem(p: MocoV2Params, global_batch: int, rank_batch: int) -> str | None:
+    """What is wrong with MoCo v2's queue and BatchNorm groups for this batch (None: nothing), as
+    ``mocov2.<key>=<value> ...``: the one rule both ``slotcon check`` (:class:`PretrainConfig`'s validator, with the
+    configured world size) and the pretrain stage (with the world it runs in) apply."""
+    if p.queue_size % global_batch:
+        return (f"mocov2.queue_size={p.queue_size} must be a multiple of batch_size={global_batch} (a batch of keys "
+                "never wraps the queue)")
+    if rank_batch % p.bn_splits:
+        return (f"mocov2.bn_splits={p.bn_splits} must divide the per-process batch {rank_batch} (batch_size / world "
+                "size)")
+    return None
 
 
 def _check_min_lr(min_lr: float, base_lr: float) -> None:
@@ -120,14 +134,15 @@ class PretrainConfig(Section):
         "slotcon", "slotcon (semantic grouping, ResNet) | sim (Siamese Image Modeling, ViT) | mocov2 (image-level "
                    "baseline); each has its subsection below")
     image_size: int = knob(96, "paper: 224; small demo crops for CPU speed: 96 px gives a 3x3 teacher map (~1.8 kept "
-                               "slots per image), 64 px only ~0.7", ge=32)
-    batch_size: int = knob(32, "global batch over all ranks; paper: 512 on COCO", ge=2)
-    epochs: int = knob(3, "paper: 800 (COCO / COCO+)", ge=1)
-    seed: int = knob(0)
+                               "slots per image), 64 px only ~0.7", ge=32, le=MAX_PIXELS)
+    batch_size: int = knob(32, "global batch over all ranks; paper: 512 on COCO", ge=2, le=MAX_BATCH)
+    epochs: int = knob(3, "paper: 800 (COCO / COCO+)", ge=1, le=MAX_EPOCHS)
+    seed: int = knob(0, ge=0, le=SEED_MAX)
     num_workers: int = knob(1, "loader workers per rank: read shards, draw crop boxes (+ JPEG decode on CPU); GPUs: 8",
-                            ge=0, resume_safe=True)
-    nproc_per_node: int = knob(1, ">1: the stage launches torch.distributed.run itself", ge=1, resume_safe=True)
-    nnodes: int = knob(1, ge=1, resume_safe=True)
+                            ge=0, resume_safe=True, le=MAX_WORKERS)
+    nproc_per_node: int = knob(1, ">1: the stage launches torch.distributed.run itself",
+                               ge=1, resume_safe=True, le=MAX_WORKERS)
+    nnodes: int = knob(1, ge=1, resume_safe=True, le=MAX_WORKERS)
     amp: bool = knob(True, "bf16 autocast on CUDA (fp32 on CPU)")
     channels_last: bool = knob(True)
     compile: bool = knob(False, "torch.compile the encoders (GPU)", resume_safe=True)
@@ -160,6 +175,10 @@ class PretrainConfig(Section):
         if self.method == "sim" and self.image_size % VIT_SPECS[self.sim.arch]["patch_size"]:
             raise ValueError(f"image_size={self.image_size} is not a multiple of {self.sim.arch}'s patch size "
                              f"{VIT_SPECS[self.sim.arch]['patch_size']} (method sim)")
+        if self.method == "mocov2":
+            problem = mocov2_batch_problem(self.mocov2, self.batch_size, self.batch_size // world)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property

@@ -64,3 +64,14 @@ def section_doc(cls: type[Section]) -> str:
 def resume_safe_fields(cls: type[Section]) -> list[str]:
     """The keys of ``cls`` (top level only: a checkpoint fingerprint filters by top-level key) marked resume_safe."""
     return [name for name, info in cls.model_fields.items() if meta(info, "resume_safe")]
+
+
+# Upper bounds of values that can only be mistakes (a typo, an exponent): refused in one line before any work, not
+# a 51 GB allocation or a seed that overflows the generators.
+SEED_MAX = 2**32 - 1  # what NumPy's and Python's generators take
+MAX_PIXELS = 4096  # image sides (crops, resolutions, resize targets)
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000  # iterations / optimiser steps
+MAX_BATCH = 65_536
+MAX_WORKERS = 1024  # processes: loader workers, writers, ranks per node, nodes
+MAX_QUEUE = 1 << 24

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.config.schema import Section, knob
+from components.config.schema import MAX_BATCH, MAX_PIXELS, MAX_WORKERS, SEED_MAX, MAX_STEPS, Section, knob
 from components.constants import RESNET_ARCHS
 
 InitKind = str  # "random" | "pretrained" | a path to a backbone .pt
@@ -45,17 +45,17 @@ class DetectConfig(Section):
     box_head: Literal["2fc", "4conv1fc"] = knob("2fc", "2fc (torchvision v1, fast) | 4conv1fc (normalised heads of "
                                                        "the SSL transfer configs)")
     iters: int = knob(40, "~1.4 s each on one CPU core, x2 inits: the demo stays near two minutes; COCO 1x: 90000 at "
-                          "batch 16", ge=1)
-    batch_size: int = knob(4, "global, over all ranks; COCO 1x: 16", ge=1)
+                          "batch 16", ge=1, le=MAX_STEPS)
+    batch_size: int = knob(4, "global, over all ranks; COCO 1x: 16", ge=1, le=MAX_BATCH)
     lr: float = knob(0.02, "COCO 1x: 0.02 at batch 16", gt=0)
     momentum: float = knob(0.9, "COCO 1x: 0.9", ge=0, lt=1)
     weight_decay: float = knob(1e-4, "COCO 1x: 1e-4; none on norm parameters (detectron2 WEIGHT_DECAY_NORM=0)", ge=0)
-    warmup_iters: int = knob(10, "linear from lr/1000; COCO 1x: 1000", ge=0)
+    warmup_iters: int = knob(10, "linear from lr/1000; COCO 1x: 1000", ge=0, le=MAX_STEPS)
     steps: list[int] = knob([27, 36], "lr x0.1 at 2/3 and 8/9 of iters (as 1x); COCO 1x: [60000, 80000]")
     min_size: list[int] = knob([96, 112, 128], "train short side drawn per image; COCO 1x: [640, 672, 704, 736, 768, "
                                                "800]", min_length=1)
-    max_size: int = knob(256, "longest side cap; COCO: 1333", ge=32)
-    test_size: int = knob(128, "COCO: 800", ge=32)
+    max_size: int = knob(256, "longest side cap; COCO: 1333", ge=32, le=MAX_PIXELS)
+    test_size: int = knob(128, "COCO: 800", ge=32, le=MAX_PIXELS)
     rpn_batch_size: int = knob(64, "anchors sampled per image for the RPN loss; COCO: 256", ge=2)
     roi_batch_size: int = knob(64, "proposals sampled per image for the ROI heads; COCO: 512", ge=2)
     proposals_train: int = knob(500, "RPN proposals kept after NMS in training; COCO: 2000", ge=1)
@@ -63,9 +63,10 @@ class DetectConfig(Section):
     mask_head: list[int] = knob([128, 128], "widths of the mask head's 3x3 convs (the CPU step's biggest cost); COCO: "
                                             "[256, 256, 256, 256]", min_length=1)
     detections_per_img: int = knob(50, "kept per val image; COCO: 100", ge=1)
-    num_workers: int = knob(0, "loader workers per rank", ge=0, resume_safe=True)
-    nproc_per_node: int = knob(1, ">1: the stage launches torch.distributed.run itself", ge=1, resume_safe=True)
-    seed: int = knob(0)
+    num_workers: int = knob(0, "loader workers per rank", ge=0, resume_safe=True, le=MAX_WORKERS)
+    nproc_per_node: int = knob(1, ">1: the stage launches torch.distributed.run itself",
+                               ge=1, resume_safe=True, le=MAX_WORKERS)
+    seed: int = knob(0, ge=0, le=SEED_MAX)
     amp: bool = knob(True, "bf16 autocast on CUDA (fp32 on CPU)")
     save_every: int = knob(20, "resumable checkpoint cadence (iterations), with --checkpoints", ge=1, resume_safe=True)
     num_vis: int = knob(4, "val images drawn with predictions", ge=0, resume_safe=True)
@@ -88,7 +89,8 @@ class SemiSupParams(Section):
 
     mix: Literal["classmix", "cutmix"] = knob("classmix", "classmix | cutmix: one mask per image pair for images, "
                                                           "pseudo-labels, confidences")
-    unlabeled_batch_size: int = knob(0, "unlabelled images per step (global); 0 = batch_size; ReCo VOC: 10 + 10", ge=0)
+    unlabeled_batch_size: int = knob(0, "unlabelled images per step (global); 0 = batch_size; ReCo VOC: 10 + 10",
+                                     ge=0, le=MAX_BATCH)
     strong_threshold: float = knob(0.97, "unsup CE weight = share of pixels with teacher confidence >= this; ReCo: "
                                          "0.97", gt=0, le=1)
     ema_max: float = knob(0.99, "teacher momentum min(1 - 1/(t+1), ema_max); ReCo: 0.99", ge=0, lt=1)
@@ -129,21 +131,22 @@ class SegmentConfig(Section):
                                      "decimal point = a fraction (0.05); 1.0 = all; the rest of the train split is "
                                      "used without labels")
     split_seed: int = knob(0, "which images keep their labels (a uniform draw: the labels are never read; written to "
-                              "models/segment/labeled.txt)")
+                              "models/segment/labeled.txt)", ge=0, le=SEED_MAX)
     head: Literal["auto", "fcn", "deeplabv3plus"] = knob(
         "auto", "auto (fcn for supervised, SlotCon's protocol; deeplabv3plus otherwise, ReCo's) | fcn | deeplabv3plus; "
                 "the supervised baseline of a semi-supervised run always gets the run's head")
     compare_supervised: bool = knob(True, "semi-supervised methods also train supervised on the same labels (the "
                                           "gain, the picture)")
     output_stride: Literal[8, 16] = knob(16, "8 as mmseg's fcn_r50-d8; ReCo's DeepLabv3+: 16")
-    iters: int = knob(60, "mmseg VOC: 20000/40000 at batch 16; ReCo: 40000", ge=1)
-    batch_size: int = knob(8, "labelled images per step (global); mmseg: 16; ReCo: 10 (+ 10 unlabelled)", ge=1)
+    iters: int = knob(60, "mmseg VOC: 20000/40000 at batch 16; ReCo: 40000", ge=1, le=MAX_STEPS)
+    batch_size: int = knob(8, "labelled images per step (global); mmseg: 16; ReCo: 10 (+ 10 unlabelled)",
+                           ge=1, le=MAX_BATCH)
     lr: float = knob(0.01, "mmseg: 0.01, poly power 0.9; ReCo: 2.5e-3", gt=0)
     power: float = knob(0.9, gt=0)
     momentum: float = knob(0.9, ge=0, lt=1)
     nesterov: bool = knob(False, "ReCo: true")
     weight_decay: float = knob(5e-4, ge=0)
-    crop_size: int = knob(96, "mmseg VOC: 512; ReCo VOC: 321", ge=32)
+    crop_size: int = knob(96, "mmseg VOC: 512; ReCo VOC: 321", ge=32, le=MAX_PIXELS)
     scale_range: list[float] = knob([0.5, 2.0], "random rescale ratio; mmseg: [0.5, 2.0]; ReCo VOC: [0.5, 1.5]")
     head_channels: int = knob(128, "FCN head width (mmseg R50: 512); DeepLabv3+'s ASPP and decoder width (ReCo: 256)",
                               ge=8)
@@ -152,10 +155,10 @@ class SegmentConfig(Section):
     aux_weight: float = knob(0.4, "auxiliary FCN head on layer3; mmseg: 0.4 (0 = no aux head)", ge=0)
     test_mode: Literal["whole", "slide"] = knob("whole", "whole | slide (crop_size windows, 2/3 overlap; mmseg "
                                                          "Cityscapes)")
-    num_workers: int = knob(0, ge=0, resume_safe=True)
+    num_workers: int = knob(0, ge=0, resume_safe=True, le=MAX_WORKERS)
     nproc_per_node: int = knob(1, ">1: the stage launches torch.distributed.run itself (DDP, SyncBN on GPUs)", ge=1,
-                               resume_safe=True)
-    seed: int = knob(0)
+                               resume_safe=True, le=MAX_WORKERS)
+    seed: int = knob(0, ge=0, le=SEED_MAX)
     amp: bool = knob(True, "bf16 autocast on CUDA (fp32 on CPU)")
     save_every: int = knob(20, "resumable checkpoint cadence (iterations), with --checkpoints", ge=1, resume_safe=True)
     num_vis: int = knob(4, "val images in plots/segment/predictions.png (image | truth | each model)", ge=0,
@@ -205,14 +208,15 @@ class ProbeConfig(Section):
     compare_random: bool = knob(True, "also probe a randomly initialised trunk (seed), so the gain is visible")
     layers: list[Literal["layer2", "layer3", "layer4"]] = knob(
         ["layer3", "layer4"], "frozen trunk stages, concatenated on the finest grid", min_length=1)
-    resolution: int = knob(256, "short side resize + centre crop (as unsup: 2x the 128 px scenes)", ge=32)
-    label_size: int = knob(64, "the dense probe trains on logits upsampled to this size", ge=8)
-    steps: int = knob(300, "AdamW steps per linear classifier (cosine decay)", ge=1)
+    resolution: int = knob(256, "short side resize + centre crop (as unsup: 2x the 128 px scenes)",
+                           ge=32, le=MAX_PIXELS)
+    label_size: int = knob(64, "the dense probe trains on logits upsampled to this size", ge=8, le=MAX_PIXELS)
+    steps: int = knob(300, "AdamW steps per linear classifier (cosine decay)", ge=1, le=MAX_STEPS)
     lr: float = knob(0.01, gt=0)
     weight_decay: float = knob(1e-4, ge=0)
-    probe_batch: int = knob(64, "images per dense-probe step", ge=1)
-    batch_size: int = knob(16, "images per feature-extraction batch", ge=1)
-    seed: int = knob(0, "classifier init and sampling (and the random trunk's init)")
+    probe_batch: int = knob(64, "images per dense-probe step", ge=1, le=MAX_BATCH)
+    batch_size: int = knob(16, "images per feature-extraction batch", ge=1, le=MAX_BATCH)
+    seed: int = knob(0, "classifier init and sampling (and the random trunk's init)", ge=0, le=SEED_MAX)
     max_lost_fraction: float = _lost_knob()
 
     @model_validator(mode="after")
@@ -232,10 +236,10 @@ class UnsupConfig(Section):
                               "(PiCIE protocol)")
     resolution: int = knob(256, "short side resize + centre crop; PiCIE on COCO-Stuff-27: 320. The demo upsamples its "
                                 "128 px scenes 2x so the stride-32 teacher sees an 8x8 grid and objects near their "
-                                "pretraining scale (64 px crops of 128 px images)", ge=32)
+                                "pretraining scale (64 px crops of 128 px images)", ge=32, le=MAX_PIXELS)
     compare_random: bool = knob(True, "baseline: the same method's model randomly initialised, through the same path")
-    seed: int = knob(0, "init seed of that baseline and of k-means")
-    batch_size: int = knob(16, ge=1)
+    seed: int = knob(0, "init seed of that baseline and of k-means", ge=0, le=SEED_MAX)
+    batch_size: int = knob(16, ge=1, le=MAX_BATCH)
     assign: Literal["auto", "kmeans"] = knob(
         "auto", "auto: the method's prototypes if it has them (SlotCon), else k-means with K = classes on its dense "
                 "features (MoCo, SIM) | kmeans: k-means for every method (compares the features, not the prototypes)")
@@ -247,9 +251,9 @@ class VizConfig(Section):
                            ge=1)
     top_prototypes: int = knob(6, "most used prototypes (clusters) in the concept figure", ge=1)
     num_neighbors: int = knob(5, "nearest segments per prototype; paper's concept figure: 5", ge=1)
-    resolution: int = knob(256, "short side resize + centre crop of the val images (as unsup)", ge=32)
-    batch_size: int = knob(16, ge=1)
+    resolution: int = knob(256, "short side resize + centre crop of the val images (as unsup)", ge=32, le=MAX_PIXELS)
+    batch_size: int = knob(16, ge=1, le=MAX_BATCH)
     num_clusters: int = knob(0, "k-means K for methods without prototypes (MoCo); 0 = the shards' semantic classes",
                              ge=0)
-    seed: int = knob(0, "k-means seed")
+    seed: int = knob(0, "k-means seed", ge=0, le=SEED_MAX)
     max_lost_fraction: float = _lost_knob()

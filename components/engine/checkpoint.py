@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import re
 import warnings
@@ -22,9 +21,10 @@ import torch
 from components.backbone import clean_keys
 from components.config import resume_safe_keys
 from components.errors import UserError
-from components.io import save_torch_atomic, torch_file_damage
+from components.io import PickledObjectsError, load_torch_plain, save_torch_atomic, torch_file_damage
 
-FORMAT_VERSION = 1
+#: 2: only tensors and plain values (RNG states as tensors and lists), read with ``weights_only=True``
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
 # Params that do not change what a step computes (marked ``resume_safe`` in the schema of components.config): they
@@ -67,28 +67,26 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
-    if weights_only:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError:
-            pass  # holds more than tensors and plain containers (a step checkpoint's RNG states): the full unpickler
-    return torch.load(path, map_location=map_location, weights_only=False)
+class UnsafeCheckpointError(UserError):
+    """A checkpoint that holds pickled Python objects: refused, never loaded with the full unpickler."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    weights_only: bool = False) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (or ``last.pt``); UserError naming the file if it is not
-    one. ``weights_only``: read with torch's restricted unpickler when the file holds only tensors and plain
-    containers, else with the full one."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or ``last.pt``) with torch's restricted unpickler
+    (``weights_only=True``: no code in the file runs). One-line UserError naming the file if it is not one;
+    :class:`UnsafeCheckpointError` if it holds pickled objects (an older format or a crafted file)."""
     path = Path(path)
     damage = torch_file_damage(path) if path.is_file() else None
     if damage:
         raise UserError(f"{path}: not a readable checkpoint ({damage}); delete it to start over")
     try:
-        state = _torch_load(path, map_location, weights_only)
+        state = load_torch_plain(path, map_location)
+    except PickledObjectsError as exc:
+        raise UnsafeCheckpointError(f"{path}: {exc}; delete it and re-run the stage that writes it (a checkpoint "
+                                    "of an older version cannot be resumed or read)") from None
     except Exception as exc:  # truncated / not a torch file
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); delete it to start over")
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); delete it to start over")
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a SlotCon checkpoint (no 'model' entry); point to a pretrain checkpoint")
     return state
@@ -99,10 +97,14 @@ def find_latest(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | Non
 
     A file that fails to load or whose bytes fail their CRC-32 (cannot happen with atomic saves, but a disk can still
     lie) is skipped in favour of the previous one, with a warning.
+    A file with pickled objects is refused (:class:`UnsafeCheckpointError`), not skipped: it was not written by this
+    version of the engine, so the folder is not what it claims to be.
     """
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
         except UserError as exc:
             warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=2)
     return None
@@ -149,11 +151,32 @@ def _as_list(generators) -> list[torch.Generator]:
     return [generators] if isinstance(generators, torch.Generator) else list(generators)
 
 
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _set_python_state(saved: Sequence[Any]) -> None:
+    version, internal, gauss = saved
+    random.setstate((int(version), tuple(int(v) for v in torch.as_tensor(internal).tolist()), gauss))
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_state(saved: Mapping[str, Any]) -> None:
+    keys = torch.as_tensor(saved["keys"]).numpy().astype(np.uint32)
+    np.random.set_state((saved["name"], keys, int(saved["pos"]), int(saved["has_gauss"]), float(saved["gauss"])))
+
+
 def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = None) -> dict[str, Any]:
     """This rank's RNG states: torch CPU, CUDA (current device), Python's and NumPy's global generators, and the
-    given generators (e.g. the augmentation generator)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": np.random.get_state()}
+    given generators (e.g. the augmentation generator); only tensors, numbers, strings and lists (Python's state as
+    ``[version, int64 tensor, gauss]``, NumPy's as a dict with its keys as an int64 tensor)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _python_state(), "numpy": _numpy_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     gens = _as_list(generators)
@@ -166,9 +189,9 @@ def rng_state(generators: torch.Generator | Sequence[torch.Generator] | None = N
 def set_rng_state(state: Mapping[str, Any], generators: torch.Generator | Sequence[torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
     if "python" in state:
-        random.setstate(state["python"])
+        _set_python_state(state["python"])
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        _set_numpy_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     saved = state.get("generators") or ([state["generator"]] if "generator" in state else [])

@@ -60,13 +60,15 @@ class FitResult:
     curve: list[dict[str, float]]  # one row per logging window: {"step", <stat>: mean over the window, "lr"}
     step: int
     steps_this_run: int
-    train_time_s: float
-    img_per_s: float
+    train_time_s: float  # training time of the whole run: every resumed segment's (stored in the checkpoints)
+    img_per_s: float  # throughput of this segment
+
     resumed_from: str | None
     last_stats: dict[str, float]
     stopped: bool = False  # stopped by ``stop_after_step`` (tests): no final outputs are written
     run_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    segment_time_s: float = 0.0  # training time of this call only (per-step timings: divide by steps_this_run)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -201,6 +203,8 @@ class _Loop:
         self.epoch_steps = 0
         self.resumed_from: str | None = None
         self.pending_rng = None
+        self.time_before = 0.0  # training seconds of the segments before this one (from the checkpoint)
+        self.t_start: float | None = None
         # this run
         self.steps_run = self.steps_window = 0
         self.last_stats: dict[str, float] = {}
@@ -220,6 +224,7 @@ class _Loop:
             self.history, self.curve = list(state.get("history", [])), list(state.get("curve", []))
             self.epoch_sums = torch.as_tensor(state.get("epoch_sums", self.epoch_sums), dtype=torch.float32)
             self.epoch_steps = int(state.get("epoch_steps", 0))
+            self.time_before = float(state.get("train_time_s", 0.0))
             rank_states = state.get("rank_states") or []
             self.pending_rng = rank_states[self.rank] if len(rank_states) == self.world else None
             self.resumed_from = str(path)
@@ -251,8 +256,13 @@ class _Loop:
                 "batch_in_epoch": batch_now, "history": self.history, "curve": self.curve,
                 "epoch_sums": self.epoch_sums.tolist(), "epoch_steps": self.epoch_steps, "rank_states": rank_states,
                 "world_size": self.world, "fingerprint": self.fp, "fingerprint_hash": self.fp_hash,
+                "train_time_s": self.train_time(),
             }, self.run_dir, self.step, keep=self.spec.keep_checkpoints)
         dist.barrier()
+
+    def train_time(self) -> float:
+        """Training seconds so far over every segment of the run (this one's since :meth:`run` began)."""
+        return self.time_before + (time.perf_counter() - self.t_start if self.t_start is not None else 0.0)
 
     # ---- host looks ---------------------------------------------------------------------------------------------
     def look(self) -> dict[str, float] | None:
@@ -363,7 +373,7 @@ class _Loop:
                         mininterval=1.0, file=sys.stderr)
         self.trainer.wrapped.train()
         self.window = _Window(len(self.keys) + 1, self.device)
-        t_start = self.t_window = time.perf_counter()
+        t_start = self.t_start = self.t_window = time.perf_counter()
         stopped = False
         while self.step < spec.total_steps:
             i, stopped = self.run_epoch()
@@ -377,7 +387,7 @@ class _Loop:
         train_time = time.perf_counter() - t_start
         return FitResult(
             history=self.history, curve=self.curve, step=self.step, steps_this_run=self.steps_run,
-            train_time_s=train_time,
+            train_time_s=self.time_before + train_time, segment_time_s=train_time,
             img_per_s=self.steps_run * self.method.global_batch / train_time if self.steps_run and train_time > 0
             else 0.0,
             resumed_from=self.resumed_from, last_stats=self.last_stats, stopped=stopped, run_dir=self.run_dir,

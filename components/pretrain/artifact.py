@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from components.engine.checkpoint import load_checkpoint
-from components.io import save_torch_atomic
+from components.io import load_torch_plain, save_torch_atomic
 
 #: the method of a file written before ``last.pt`` named its method
 LEGACY_METHOD = "slotcon"
@@ -51,16 +51,16 @@ class PretrainArtifact:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PretrainArtifact":
-        """Read ``path`` (torch's restricted unpickler when its contents allow); UserError naming the file when it is
-        not a readable pretrain checkpoint."""
-        return cls.from_dict(load_checkpoint(path, weights_only=True))
+        """Read ``path`` with torch's restricted unpickler (no code in the file runs); UserError naming the file when
+        it is not a readable pretrain checkpoint or holds pickled objects."""
+        return cls.from_dict(load_checkpoint(path))
 
     @classmethod
     def method_of(cls, path: str | os.PathLike) -> str:
         """The method that wrote ``path``, without reading a tensor (memory-mapped); SlotCon's for a file that names
         none or cannot be read (whoever then reads it reports what is wrong)."""
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            state = load_torch_plain(path, "cpu", mmap=True)
         except Exception:
             return LEGACY_METHOD
         return str(cls.from_dict(state).method) if isinstance(state, dict) else LEGACY_METHOD

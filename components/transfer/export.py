@@ -18,7 +18,7 @@ import torchvision
 
 from components.backbone import ARCHS, build_resnet, build_vit, clean_keys, is_vit, vit_image_size
 from components.errors import UserError
-from components.io import save_torch_atomic, torch_file_damage
+from components.io import read_torch_file, save_torch_atomic
 from components.pretrain.artifact import PretrainArtifact
 from components.stage import Arg, Stage
 from components.tracking.lineage import file_md5
@@ -99,13 +99,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: backbone not found; run `dvc repro export` (slotcon export) first")
-    damage = torch_file_damage(path)
-    if damage:
-        raise UserError(f"{path}: not a readable backbone file ({damage}); re-run `slotcon export`")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable backbone file ({type(exc).__name__}); re-run `slotcon export`")
+    obj = read_torch_file(path, "backbone file", "re-run `slotcon export`")
     if not isinstance(obj, dict) or obj.get("arch") not in ARCHS or not isinstance(obj.get("state_dict"), dict):
         raise UserError(f"{path}: expected {{'arch': one of {ARCHS}, 'state_dict': {{...}}}}; re-run `slotcon export`")
     return obj["arch"], obj["state_dict"]

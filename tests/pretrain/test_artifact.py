@@ -159,7 +159,7 @@ def test_ema_helper_matches_ema_update_bitwise_for_every_method():
     """Each method's pairs (MoCo v2: the key encoder follows the query encoder) through the shared helper are the
     exact arithmetic of components.engine.ema.ema_update_."""
     cfgs = {"slotcon": PretrainConfig(image_size=64, slotcon=SLOTCON_KWARGS),
-            "mocov2": PretrainConfig(method="mocov2", image_size=64,
+            "mocov2": PretrainConfig(method="mocov2", image_size=64, batch_size=4,  # the plan's batch
                                      mocov2=dict(arch="resnet18", dim_hidden=16, dim=8, queue_size=4, bn_splits=1)),
             "sim": PretrainConfig(method="sim", image_size=64, sim=dict(arch="vit_demo_16", decoder_dim=32,
                                                                         decoder_heads=2))}

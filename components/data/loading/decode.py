@@ -4,7 +4,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -24,16 +28,72 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 DeviceDecode = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
+#: libjpeg warnings that mean the scan data is damaged (the pixels decoded are not the image's); others (an unknown
+#: JFIF revision, an Adobe transform code) are harmless
+_CORRUPT = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters", "bad Huffman code")
+
+
+class CorruptJPEGError(ValueError):
+    """libjpeg decoded the image but warned that its data is damaged: the sample is not used."""
+
+
+class _Stderr:
+    """What libjpeg prints to file descriptor 2 while one decode runs: torchvision's decoder reports damaged scan
+    data only as a libjpeg warning on stderr (the call succeeds). One reusable temp file per process; a lock keeps
+    two threads of one process from capturing at once; anything captured that is not libjpeg's goes back out."""
+
+    def __init__(self):
+        self.lock, self.file, self.pid = threading.Lock(), None, None
+
+    @contextlib.contextmanager
+    def capture(self):
+        with self.lock:
+            if self.file is None or self.pid != os.getpid():  # forked worker: a file of its own
+                self.file, self.pid = tempfile.TemporaryFile(), os.getpid()
+            fd = self.file.fileno()
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            try:
+                saved = os.dup(2)
+            except OSError:  # no stderr at all: nothing to capture
+                yield lambda: ""
+                return
+            out: list[str] = []
+            try:
+                os.dup2(fd, 2)
+                yield lambda: "".join(out)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                os.lseek(fd, 0, os.SEEK_SET)
+                text = os.read(fd, 1 << 16).decode("utf-8", "replace")
+                mine = [ln for ln in text.splitlines() if any(c in ln for c in _CORRUPT)]
+                out.extend(mine)
+                rest = "".join(ln + "\n" for ln in text.splitlines() if ln not in mine)
+                if rest:
+                    os.write(2, rest.encode())
+
+
+_STDERR = _Stderr()
+
+
 def decode_rgb(data: bytes) -> torch.Tensor:
     """JPEG bytes -> uint8 (3, H, W) RGB. libjpeg-turbo via torchvision (grey and CMYK become RGB); PIL for the rest.
 
-    Raises (ValueError, OSError, RuntimeError, ...) on data neither decoder accepts."""
-    try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    Raises (ValueError, OSError, RuntimeError, ...) on data neither decoder accepts, and :class:`CorruptJPEGError`
+    when libjpeg decoded it but warned that the scan data is damaged (flipped or missing bytes)."""
+    with _STDERR.capture() as warned:
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            image = None
+    if warned():
+        raise CorruptJPEGError(f"libjpeg: {warned()[:200]}")
+    if image is not None:
+        return image
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_seg(data: bytes) -> torch.Tensor:

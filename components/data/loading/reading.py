@@ -4,6 +4,8 @@ every sample a visit should have delivered but did not) and raw samples -> decod
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import tarfile
 from typing import Any, Mapping
@@ -13,12 +15,13 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from components.data.loading.decode import check_image_header, decode_rgb, decode_seg
+from components.data.shards.index import shard_identity, shard_members
 from components.errors import UserError
 
 #: reasons of per-sample records (each cost one sample, named by ``key``)
 SAMPLE_REASONS = ("incomplete_sample", "bad_json", "bad_image", "bad_seg")
 #: reasons of per-visit records (a shard delivered fewer samples than it holds, or none)
-SHARD_REASONS = ("unreadable_shard", "truncated_tar", "damaged_tar", "short_shard")
+SHARD_REASONS = ("unreadable_shard", "truncated_tar", "damaged_tar", "short_shard", "sha256_mismatch")
 _ZERO_TAIL = 1024  # a complete tar ends with two 512-byte zero blocks
 
 
@@ -142,12 +145,19 @@ def _reason(exn: Exception) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # shard visits
 # --------------------------------------------------------------------------------------------------------------------
+#: per process: url -> whether the shard's bytes matched the sha256 of its index.json (hashed at the first visit only)
+_VERDICTS: dict[str, bool] = {}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 class _Visit:
     """One reading of one shard: the first tar-level problem WebDataset's stages reported (through :meth:`handler`)
     and the member being read at the time."""
 
     def __init__(self, url: str):
         self.url, self.problem, self.member = url, None, None
+        self.expected: int | None = None  # samples index.json lists (when the reader was given no count)
+        self.mismatch = False  # the shard's sha256 is not the one index.json records
 
     def handler(self, exn: Exception) -> bool:
         if self.problem is None:  # a truncated member makes tarfile raise twice (its data, then the next header)
@@ -193,16 +203,19 @@ class ReadShards:
     def visit(self, url: str):
         visit = _Visit(url)
         try:
-            stream = TarStream(open_url(url))
+            stream, members = self._open_checked(url, visit)
         except Exception as exn:  # noqa: BLE001 - any failure to open is this shard's problem, recorded below
             visit.problem = ("unreadable_shard", _short(exn))
             self._finish(visit, 0, None, None)
             return
         n, last = 0, None
+        seen: set[str] = set()
         try:
             files = tar_file_expander([{"url": url, "stream": stream}], handler=visit.handler,
                                       rename_files=visit.note_member)
             for raw in group_by_keys(files, handler=visit.handler):
+                if members is not None and not _as_written(raw, members, seen):
+                    continue  # not a sample written into this shard (foreign, renamed, altered, repeated): lost
                 n, last = n + 1, raw["__key__"]
                 yield raw
             # how the tar ended, unless tarfile already said (a duplicated member does not end the archive)
@@ -214,9 +227,39 @@ class ReadShards:
                 visit.problem = visit.problem or ("unreadable_shard", _short(exn))
         self._finish(visit, n, last, ended or None)
 
+    def _open_checked(self, url: str, visit: _Visit) -> tuple[TarStream, dict[str, dict[str, str]] | None]:
+        """The shard's stream, and None or (when its bytes are not the ones written) the samples it should hold.
+
+        At the first visit in this process of a shard whose sha256 ``index.json`` records, its bytes are read and
+        hashed before any sample is yielded (then parsed from memory); the verdict is kept for the process, so later
+        visits do not hash. A shard that differs (swapped, rewritten, damaged, appended to) yields only the samples
+        whose every member has the sha1 its manifest records; everything else counts as lost (``sha256_mismatch``)."""
+        identity = shard_identity(url)
+        if identity is None:
+            return TarStream(open_url(url)), None
+        visit.expected = identity[1]
+        verdict = _VERDICTS.get(url)
+        if verdict is None:
+            f = open_url(url)
+            try:
+                data = f.read()
+            finally:
+                f.close()
+            verdict = _VERDICTS[url] = hashlib.sha256(data).hexdigest() == identity[0]
+            stream = TarStream(io.BytesIO(data))
+        else:
+            stream = TarStream(open_url(url))
+        if verdict:
+            return stream, None
+        visit.mismatch = True
+        return stream, shard_members(url)
+
     def _finish(self, visit: _Visit, n: int, last: str | None, ended: tuple[str, str] | None) -> None:
-        expected = self.expected.get(visit.url)
+        expected = self.expected.get(visit.url, visit.expected)
         problem = visit.problem or ended
+        if visit.mismatch and (problem is None or problem[0] == "duplicate_member"):
+            problem = ("sha256_mismatch", "the shard's bytes are not those index.json records (replaced, rewritten "
+                                          "or appended to); only its samples as written were used")
         if problem is not None and problem[0] == "duplicate_member":  # a member repeated: nothing went missing
             self.errors.add("duplicate_member", visit.url, None, problem[1], lost=0, after=last)
             problem = ended
@@ -228,6 +271,18 @@ class ReadShards:
         elif problem is not None:  # damage that cost no whole sample (expected known) or an unknown number
             self.errors.add(problem[0], visit.url, None, f"read {n} samples, then: {problem[1]}",
                             lost=None if expected is None else 0, after=last, read=n)
+
+
+def _as_written(raw: dict[str, Any], members: Mapping[str, Mapping[str, str]], seen: set[str]) -> bool:
+    """Whether a raw sample is one the shard was written with: a listed key, seen first here, with exactly the
+    listed members and each member's sha1."""
+    key = raw.get("__key__")
+    want = members.get(key)
+    if want is None or key in seen:
+        return False
+    seen.add(key)
+    have = {k: v for k, v in raw.items() if not k.startswith("__")}
+    return set(have) == set(want) and all(hashlib.sha1(have[e]).hexdigest() == sha for e, sha in want.items())
 
 
 # --------------------------------------------------------------------------------------------------------------------

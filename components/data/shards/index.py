@@ -20,12 +20,55 @@ INDEX_NAME = "index.json"
 
 
 def read_index(shards_root: str | os.PathLike) -> dict[str, Any]:
-    """``<shards_root>/index.json`` (written last by ``shard``: the mark of a complete run); a missing one is a
-    one-line UserError."""
+    """``<shards_root>/index.json`` (written last by ``shard``: the mark of a complete run). Missing, not JSON, keys
+    missing or of the wrong type, a shard path outside ``shards_root``: one-line UserError naming the file."""
     path = Path(shards_root) / INDEX_NAME
     if not path.is_file():
         raise UserError(f"{path}: not found: the shard stage has not completed; run `slotcon shard` (or `dvc repro shard`)")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]}); re-run `slotcon shard`") from None
+    problem = _index_problem(index)
+    if problem:
+        raise UserError(f"{path}: {problem}; re-run `slotcon shard`")
+    return index
+
+
+_SHA256_LEN = 64
+
+
+def _index_problem(index: Any) -> str | None:
+    """What makes ``index`` unusable (None: nothing): the keys and types readers rely on, and every shard path a
+    plain relative path below the shards root (no absolute path, no ``..``)."""
+    if not isinstance(index, dict):
+        return f"top level must be an object, got {type(index).__name__}"
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        return "no 'splits' object"
+    listed = index.get("pretrain", [])
+    if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
+        return "'pretrain' must be a list of split names"
+    for name, info in splits.items():
+        if not isinstance(info, dict):
+            return f"splits.{name} must be an object"
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(u, str) for u in shards):
+            return f"splits.{name}.shards must be a list of paths"
+        if not isinstance(info.get("num_samples"), int) or isinstance(info.get("num_samples"), bool):
+            return f"splits.{name}.num_samples must be an integer"
+        for key, ok in (("shard_samples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                        ("shard_sha256", lambda v: isinstance(v, str) and len(v) == _SHA256_LEN)):
+            values = info.get(key)
+            if values is not None and (not isinstance(values, list) or len(values) != len(shards)
+                                       or not all(ok(v) for v in values)):
+                return f"splits.{name}.{key} must list one {'count' if key == 'shard_samples' else 'sha256'} per shard"
+        for u in shards:
+            parts = Path(u).parts
+            if not u or Path(u).is_absolute() or ".." in parts or "\\" in u or ":" in u:
+                return (f"splits.{name}.shards lists {u!r}: shard paths must stay inside the shards root "
+                        "(relative, no '..')")
+    return None
 
 
 def split_urls(shards_root: str | os.PathLike, split: str) -> list[str]:
@@ -48,6 +91,55 @@ def expected_counts(shards_root: str | os.PathLike, split: str) -> dict[str, int
         raise UserError(f"{Path(shards_root) / INDEX_NAME}: no per-shard sample counts (written by an older "
                         "`slotcon shard`); re-run `slotcon shard`")
     return {str(Path(shards_root) / s): int(n) for s, n in zip(info["shards"], counts)}
+
+
+_IDENTITY_CACHE: dict[str, tuple[tuple[int, int], dict[str, tuple[str, int | None]]]] = {}
+
+
+def shard_identity(url: str) -> tuple[str, int | None] | None:
+    """``(sha256, samples)`` that the ``index.json`` of a local shard's shards root (the shard folder's parent)
+    records for it; None for a URL that is not such a shard (remote, or no index / no digest recorded for it).
+
+    Read once per process and index file (cached by its size and mtime), so visits cost a dict lookup."""
+    if "://" in url or url.startswith(("pipe:", "file:")):
+        return None
+    shard = Path(os.path.normpath(os.path.abspath(url)))
+    root = shard.parent.parent
+    path = root / INDEX_NAME
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    stamp = (st.st_size, st.st_mtime_ns)
+    cached = _IDENTITY_CACHE.get(str(path))
+    if cached is None or cached[0] != stamp:
+        table: dict[str, tuple[str, int | None]] = {}
+        for info in read_index(root)["splits"].values():
+            digests, counts = info.get("shard_sha256"), info.get("shard_samples")
+            if digests is None:
+                continue
+            for i, rel in enumerate(info["shards"]):
+                table[os.path.normpath(str(root / rel))] = (digests[i], counts[i] if counts is not None else None)
+        cached = _IDENTITY_CACHE[str(path)] = (stamp, table)
+    return cached[1].get(str(shard))
+
+
+def shard_members(url: str) -> dict[str, dict[str, str]]:
+    """``{key: {member extension: sha1}}`` of a local shard as its split's ``manifest.parquet`` lists it (what was
+    written into it); empty when there is no manifest. Read only for a shard whose sha256 differs, to keep its
+    intact samples and drop the rest."""
+    shard = Path(os.path.normpath(os.path.abspath(url)))
+    mpath = shard.parent / "manifest.parquet"
+    if not mpath.is_file():
+        return {}
+    cols = ["key", "shard", "sha1", "json_sha1", "seg_sha1"]
+    rows = pq.read_table(mpath, columns=cols, filters=[("shard", "==", shard.name)]).to_pylist()
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        out[r["key"]] = {"jpg": r["sha1"], "json": r["json_sha1"]}
+        if r["seg_sha1"] is not None:
+            out[r["key"]]["seg.png"] = r["seg_sha1"]
+    return out
 
 
 def _verify_one(args: tuple[str, dict[str, Any], list[dict[str, Any]]]) -> tuple[str | None, int, int]:

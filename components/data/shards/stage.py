@@ -263,6 +263,7 @@ def _finalize(plans: list[SplitPlan], summaries: dict, work: Path, out_dir: Path
             "num_samples": n,
             "shards": [f"{plan.split}/{s['name']}" for s in shards],
             "shard_samples": [s["num_samples"] for s in shards],  # what a reader must find in each shard
+            "shard_sha256": [s["sha256"] for s in shards],  # each shard's identity: the loader checks it
             "labeled": plan.labeled,
             "with_seg": plan.table.num_rows - plan.table["seg_file"].null_count,
             "bytes": nbytes,

@@ -4,6 +4,7 @@ done-record that lets a killed run skip the shards it finished. Every byte is a 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 from components.data.prepare.images import transcode
 from components.errors import UserError
-from components.io import write_bytes_atomic
+from components.io import DiskFullError, is_enospc, write_bytes_atomic
 
 FIXED_MTIME = 946684800  # 2000-01-01T00:00:00Z: any constant works; the current time would change every shard's bytes
 TAR_USER = "slotcon"
@@ -45,13 +46,15 @@ def dump_meta(obj: Any) -> bytes:
 
 
 class _HashingFile:
-    """Write-through file wrapper that hashes and counts what the tar writer emits (no second read of the shard)."""
+    """Write-through file wrapper that hashes (sha1 for the manifest, sha256 for index.json: the identity the loader
+    checks) and counts what the tar writer emits (no second read of the shard)."""
 
     def __init__(self, f):
-        self.f, self.sha1, self.size = f, hashlib.sha1(), 0
+        self.f, self.sha1, self.sha256, self.size = f, hashlib.sha1(), hashlib.sha256(), 0
 
     def write(self, b) -> int:
         self.sha1.update(b)
+        self.sha256.update(b)
         self.size += len(b)
         return self.f.write(b)
 
@@ -77,17 +80,32 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
     tmp = path.parent / tmp_name(path.name)
     try:
         hf, records = _write_tar(tmp, task["samples"], path.name, on_sample, task.get("quality", 95))
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)  # a Python-level failure cleans up; a SIGKILL leaves a .tmp that --verify rejects
+        if is_enospc(exc):
+            raise DiskFullError.of(path, _shard_bytes(task["samples"])) from None
         raise
     os.replace(tmp, path)
     summary = {"name": path.name, "split": task.get("split"), "index": task.get("index"), "num_samples": len(records),
-               "bytes": hf.size, "sha1": hf.sha1.hexdigest(), "transcoded": sum(r["transcoded"] for r in records)}
+               "bytes": hf.size, "sha1": hf.sha1.hexdigest(), "sha256": hf.sha256.hexdigest(),
+               "transcoded": sum(r["transcoded"] for r in records)}
     if task.get("done"):  # compact JSON: the C encoder (an indented dump of 1000 records is ~10x slower)
         done = {**summary, "fingerprint": task["fingerprint"], "mtime_ns": path.stat().st_mtime_ns, "records": records}
         write_bytes_atomic(task["done"], json.dumps(done, separators=(",", ":")).encode())
         return summary
     return {**summary, "records": records}
+
+
+def _shard_bytes(samples: list[dict[str, Any]]) -> int:
+    """About the size of a shard of ``samples`` (their files' sizes in tar blocks): what a full disk was asked for."""
+    total = 2 * BLOCK
+    for s in samples:
+        for f in (s.get("image"), s.get("seg")):
+            if f:
+                with contextlib.suppress(OSError):
+                    total += member_span(os.stat(f).st_size)
+        total += member_span(len(s.get("meta") or b""))
+    return total
 
 
 def _image_member(s: dict[str, Any], quality: int) -> bytes:
@@ -158,6 +176,9 @@ def find_finished(done: Path, fingerprint: str, places: list[Path]) -> dict[str,
             continue
         if st.st_size == rec["bytes"] and st.st_mtime_ns == rec["mtime_ns"]:
             out = {k: rec[k] for k in ("name", "split", "index", "num_samples", "bytes", "sha1", "transcoded")}
+            if "sha256" not in rec:  # a done-record of an older writer: the shard is written again
+                return None
+            out["sha256"] = rec["sha256"]
             return {**out, "path": str(p)}
     return None
 

@@ -19,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from components.backbone import ARCHS, build_resnet, check_arch, is_vit, load_trunk
 from components.errors import UserError
+from components.io import read_torch_file
 from components.transfer.detect.vit_pyramid import build_vit_pyramid
 
 NORM_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -159,7 +160,7 @@ def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: detector not found; run `dvc repro detect` first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch_file(path, "detector file", "re-run `dvc repro detect`")
     model = build_model(**state["model_kwargs"])
     model.load_state_dict(state["model"], strict=True)
     model.transform.min_size = (state.get("test_size", model.transform.min_size[-1]),)

@@ -270,7 +270,7 @@ def train_one(cfg, label: str, arch: str, sd: dict | None, src: str, data: dict,
 def _init_metrics(label: str, m: dict, result, method: DetectMethod, cfg, first: bool) -> dict[str, Any]:
     out = {f"{label}/{k}": v for k, v in m.items()}
     if result.steps_this_run:
-        sec = result.train_time_s / result.steps_this_run
+        sec = result.segment_time_s / result.steps_this_run
         out[f"{label}/sec_per_iter"] = sec
         out[f"{label}/images_per_sec"] = cfg.batch_size / sec
     losses = [r["loss"] for r in result.curve]

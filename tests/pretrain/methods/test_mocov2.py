@@ -352,10 +352,13 @@ def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
 def test_bad_queue_and_splits_are_user_errors(shards, tmp_path, run_pretrain_in):
     from components.errors import UserError
 
+    from components.config import parse_section
+
     base = dict(TINY, epochs=1, samples_per_epoch=48)
-    with pytest.raises(UserError, match="queue_size=24 must be a multiple of pretrain.batch_size=16"):
-        run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=24))), shards, tmp_path)
+    # the batch rules are the params validator's (what `slotcon check` runs too); the data-dependent one the stage's
+    with pytest.raises(UserError, match="pretrain.mocov2.queue_size=24 must be a multiple of batch_size=16"):
+        parse_section("pretrain", dict(base, mocov2=dict(TINY["mocov2"], queue_size=24)))
     with pytest.raises(UserError, match="exceeds the 48 samples per epoch"):
         run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], queue_size=64))), shards, tmp_path)
-    with pytest.raises(UserError, match="bn_splits=3 must divide"):
-        run_pretrain_in(PretrainConfig(**dict(base, mocov2=dict(TINY["mocov2"], bn_splits=3))), shards, tmp_path)
+    with pytest.raises(UserError, match="pretrain.mocov2.bn_splits=3 must divide"):
+        parse_section("pretrain", dict(base, mocov2=dict(TINY["mocov2"], bn_splits=3)))

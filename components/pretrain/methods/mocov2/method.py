@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from components import dist
+from components.config.pretrain import mocov2_batch_problem
 from components.engine.optim import build_optimizer
 from components.errors import UserError
 from components.pretrain.augment import TwoViewAugment
@@ -50,15 +51,12 @@ class MocoV2Method(PretrainMethod):
     def __init__(self, cfg, plan, device: torch.device):
         super().__init__(cfg, plan, device)
         p = self.params
-        if p.queue_size % plan.global_batch:
-            raise UserError(f"params: pretrain.mocov2.queue_size={p.queue_size} must be a multiple of "
-                            f"pretrain.batch_size={plan.global_batch} (a batch of keys never wraps the queue)")
+        problem = mocov2_batch_problem(p, plan.global_batch, plan.rank_batch)  # what `slotcon check` also checks
+        if problem:
+            raise UserError(f"params: pretrain.{problem}")
         if p.queue_size > plan.samples_per_epoch:
             raise UserError(f"params: pretrain.mocov2.queue_size={p.queue_size} exceeds the {plan.samples_per_epoch} "
                             "samples per epoch: images would meet their own older keys as negatives; lower it")
-        if plan.rank_batch % p.bn_splits:
-            raise UserError(f"params: pretrain.mocov2.bn_splits={p.bn_splits} must divide the per-rank batch "
-                            f"{plan.rank_batch} (batch_size / world size)")
         self.augment = TwoViewAugment(image_size=cfg.image_size, **MOCOV2_AUGMENT).to(device)
 
     # -- the model ----------------------------------------------------------------------------------------------------
