@@ -249,7 +249,7 @@ def generate_scenes(cfg: ScenesConfig, out_dir: str | os.PathLike, tracker: Any 
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; remove it or pass another --out")
     if cfg.num_thing_classes > len(THING_CATALOGUE) or cfg.num_stuff_classes > len(STUFF_CATALOGUE):
-        raise UserError(f"params.yaml: scenes has at most {len(THING_CATALOGUE)} thing / {len(STUFF_CATALOGUE)} stuff "
+        raise UserError(f"params: scenes has at most {len(THING_CATALOGUE)} thing / {len(STUFF_CATALOGUE)} stuff "
                         "classes; lower num_thing_classes / num_stuff_classes")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(out_dir)

@@ -409,5 +409,5 @@ def open_source(data_root: str, shards_root: str | Path | None, kind: str = "aut
     if shards_root is None:
         raise UserError("segmentation: no data_root and no --shards; give one of them")
     if kind not in ("auto", "scenes"):
-        raise UserError(f"params.yaml: dataset={kind!r} needs data_root (the dataset folder); empty means the shards")
+        raise UserError(f"params: dataset={kind!r} needs data_root (the dataset folder); empty means the shards")
     return open_shards(shards_root, split, max_lost_fraction=max_lost_fraction, what=what)

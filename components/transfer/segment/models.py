@@ -205,7 +205,7 @@ def build_segmenter(cfg, *, arch: str, num_classes: int, method: str | None = No
     method = method or cfg.method
     if is_vit(arch):
         if cfg.resolved_head == "deeplabv3plus":
-            raise UserError(f"params.yaml segment.head: deeplabv3plus needs a ResNet trunk (a stride-4 map) and {arch} "
+            raise UserError(f"params: segment.head: deeplabv3plus needs a ResNet trunk (a stride-4 map) and {arch} "
                             "is a ViT; set segment.head: fcn")
         return ViTFCN(arch=arch, num_classes=num_classes, image_size=cfg.crop_size, head_channels=cfg.head_channels,
                       num_convs=cfg.num_convs, concat_input=cfg.concat_input, dropout=0.1, aux=cfg.aux_weight > 0)
