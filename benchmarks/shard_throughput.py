@@ -252,14 +252,22 @@ def write_plan_input(work: Path, rows: int) -> None:
                           "bytes": [110_000] * rows, "sha1": [hashlib.sha1(k.encode()).hexdigest() for k in keys]})
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not carried over from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def plan_rss(work: str) -> None:
     """Run in a fresh process: peak RSS after the imports, then after planning the split in ``work``."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _peak_rss_mb()
     t = time.perf_counter()
     index = json.loads((Path(work) / "index.json").read_text())
     plan = plan_split(ShardConfig(max_count=PER_SHARD, max_bytes=10**10), Path(work), index, Path(work), "train")
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(f"\nplan of {plan.table.num_rows} entries: {len(plan.cuts)} shards in {dt:.1f} s; peak RSS {peak:.0f} MB "
           f"(imports alone: {before:.0f} MB; planning added {peak - before:.0f} MB)")
 
