@@ -214,6 +214,11 @@ def _write_all(cfg, plans: list[SplitPlan], work: Path, out_dir: Path, progress:
                     record(finishing.pop(0).result())
             for f in finishing:
                 record(f.result())
+    except BaseException:  # shards written but never finished (and half ones) leave no temporary file behind
+        for plan in plans:
+            for p in (work / plan.split).glob(f".{plan.split}-*.tar.tmp"):
+                p.unlink(missing_ok=True)
+        raise
     finally:
         meter.close()
     stats["seconds"] = time.perf_counter() - t
