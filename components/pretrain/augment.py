@@ -195,39 +195,45 @@ class _Packer:
 
 
 def _plan_jitter(packer: _Packer, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> list:
-    """CPU plan of :func:`color_jitter`: per position, brightness/contrast/saturation factors for the whole batch
-    (1 = identity where a sample does something else there) and the samples that rotate their hue there."""
+    """CPU plan of :func:`color_jitter`: per position and operation, the samples that do it there and their factors
+    (``None`` for the indices when every sample does: the op then runs on the whole batch)."""
     steps = []
+    n = factors.shape[0]
     for pos in range(4):
-        for op_id in range(3):
+        for op_id in range(4):
             use = apply & (order[:, pos] == op_id)
-            if bool(use.any()):
-                steps.append((op_id, packer.add(torch.where(use, factors[:, op_id], torch.ones(()))), None))
-        use = apply & (order[:, pos] == 3)
-        if bool(use.any()):
-            idx = use.nonzero().squeeze(1)
-            steps.append((3, packer.add(factors[idx, 3]), packer.add(idx)))
+            count = int(use.sum())
+            if count == n:
+                steps.append((op_id, packer.add(factors[:, op_id]), None))
+            elif count:
+                idx = use.nonzero().squeeze(1)
+                steps.append((op_id, packer.add(factors[idx, op_id]), packer.add(idx)))
     return steps
 
 
-_COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation)
+_COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _run_jitter(x: torch.Tensor, packer: _Packer, steps: list) -> torch.Tensor:
+def _run_jitter(x: torch.Tensor, packer: _Packer, steps: list, owned: bool = False) -> torch.Tensor:
+    """Each step on its samples only (the others' pixels are left as they are: what an identity factor gives),
+    written back in place: into ``x`` itself when the caller hands it over (``owned``), else into one copy."""
+    if not owned and any(idx is not None for _, _, idx in steps):
+        x = x.clone()
     for op_id, fac, idx in steps:
-        if op_id < 3:
-            x = _COLOR_OPS[op_id](x, packer.get(fac))
+        op = _COLOR_OPS[op_id]
+        if idx is None:
+            x = op(x, packer.get(fac))
         else:
             idx = packer.get(idx)
-            x = x.index_copy(0, idx, adjust_hue(x.index_select(0, idx), packer.get(fac)))
+            x.index_copy_(0, idx, op(x.index_select(0, idx), packer.get(fac)))
     return x
 
 
 def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
     """torchvision ColorJitter with its own parameters and order per sample.
 
-    Brightness/contrast/saturation run on the whole batch with identity factors (exact no-ops) where a sample does
-    something else at that position; the HSV round trip of hue runs only on the samples that use it there.
+    Each operation at each position runs only on the samples that do it there (gathered, then put back), the
+    whole batch when all do.
 
     Args:
         x: (N, 3, H, W) float in [0, 1].
@@ -293,8 +299,7 @@ class TwoViewAugment(nn.Module):
       Padding replicates each image's last row/column, so crops touching the border match torchvision's edge clamping.
       Batches of very uneven sizes (padding > 4x the pixels, e.g. one huge ImageNet image) are cropped image by image.
     * **colour jitter**: torchvision's formulas (``adjust_brightness/contrast/saturation/hue`` on float images) with a
-      random order per sample; brightness/contrast/saturation run on the whole batch with identity factors where a
-      sample does something else at that position (exact no-ops), hue runs only on the samples that use it there.
+      random order per sample; each operation at each position runs only on the samples that do it there.
     * **grayscale**, **solarize** (threshold 128/255, as PIL's 128 on uint8): per-sample masks.
     * **Gaussian blur**: separable depthwise convolution, one kernel per sample, reflect padding, kernel size
       ``max(odd(0.1·S), 13)``: 23 at 224 px as BYOL/torchvision, but never under ±3σ_max at small demo sizes.
@@ -369,8 +374,9 @@ class TwoViewAugment(nn.Module):
         flat = {k: v.reshape(2 * bsz, *v.shape[2:]) for k, v in r.items()}  # view-major (2B, ...)
         packer = _Packer()
         jitter = _plan_jitter(packer, flat["factors"], flat["order"], flat["jitter"])
-        gray = packer.add(flat["gray"].float())
-        sol = packer.add(flat["solarize"].float())
+        gray_idx, sol_idx = flat["gray"].nonzero().squeeze(1), flat["solarize"].nonzero().squeeze(1)
+        gray = packer.add(gray_idx) if gray_idx.numel() else None
+        sol = packer.add(sol_idx) if sol_idx.numel() else None
         blur_idx = flat["blur"].nonzero().squeeze(1)
         blur = (packer.add(blur_idx), packer.add(flat["sigma"][blur_idx])) if blur_idx.numel() else None
         packer.send(device)
@@ -378,13 +384,17 @@ class TwoViewAugment(nn.Module):
         x = crop_resize(images, boxes, self.image_size, self.sampling_ratio) / 255.0  # (2B, 3, S, S)
         flips = params["flips"].to(device=device, dtype=torch.bool).transpose(0, 1).reshape(-1)
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        x = _run_jitter(x, packer, jitter)
-        x = torch.where(packer.get(gray).view(-1, 1, 1, 1) > 0.5, rgb_to_gray(x).expand_as(x), x)
+        x = _run_jitter(x, packer, jitter, owned=True)  # x is this call's own tensor (made by torch.where above)
+        if gray is not None:  # only the samples that take the branch (the others' pixels are not touched)
+            idx = packer.get(gray)
+            x.index_copy_(0, idx, rgb_to_gray(x.index_select(0, idx)).expand(-1, x.shape[1], -1, -1))
         if blur is not None:
             idx = packer.get(blur[0])
-            x = x.index_copy(0, idx, gaussian_blur(x.index_select(0, idx), packer.get(blur[1]), self.blur_kernel))
-        x = torch.where(packer.get(sol).view(-1, 1, 1, 1) > 0.5, solarize(x, self.solarize_threshold), x)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+            x.index_copy_(0, idx, gaussian_blur(x.index_select(0, idx), packer.get(blur[1]), self.blur_kernel))
+        if sol is not None:
+            idx = packer.get(sol)
+            x.index_copy_(0, idx, solarize(x.index_select(0, idx), self.solarize_threshold))
+        x = x.sub_(self.mean.to(device)).div_(self.std.to(device))
 
         coords = params["coords"].to(device=device, dtype=torch.float32)
         pflips = params["flips"].to(device=device, dtype=torch.bool)

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,7 @@ from components.data.shards.index import (  # noqa: F401  (re-exported: the read
     INDEX_NAME, expected_counts, read_index, split_urls, verify_shards,
 )
 from components.data.shards.write import (
-    done_name, dump_meta, find_finished, member_span, read_records, shard_name, write_shard,
+    done_name, dump_meta, find_finished, finish_shard, member_span, read_records, shard_name, write_shard,
 )
 from components.data.workers import NO_PROGRESS, Meter, hold_output, log_run, run_bounded, stage_run, worker_pool
 from components.errors import UserError
@@ -161,7 +162,8 @@ def _fingerprint(name: str, quality: int, samples: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # writing (parallel, resumable) and putting in place
 # --------------------------------------------------------------------------------------------------------------------
-def _tasks(plans: list[SplitPlan], work: Path, out_dir: Path, summaries: dict, meter: Meter) -> Iterator[dict]:
+def _tasks(plans: list[SplitPlan], work: Path, out_dir: Path, summaries: dict, meter: Meter,
+           defer_sync: bool) -> Iterator[dict]:
     """One write task per shard still to write, built when the pool asks for it; finished ones are only recorded."""
     for plan in plans:
         (work / plan.split).mkdir(parents=True, exist_ok=True)
@@ -176,25 +178,47 @@ def _tasks(plans: list[SplitPlan], work: Path, out_dir: Path, summaries: dict, m
                 meter.update(found["num_samples"], found["bytes"])
                 continue
             yield {"path": str(work / plan.split / name), "samples": samples, "quality": plan.quality,
-                   "fingerprint": fp, "done": str(done), "split": plan.split, "index": i}
+                   "fingerprint": fp, "done": str(done), "split": plan.split, "index": i,
+                   "defer_sync": defer_sync}
 
 
 def _write_all(cfg, plans: list[SplitPlan], work: Path, out_dir: Path, progress: bool,
                on_sample: Callable[[int], None] | None) -> tuple[dict, dict[str, float]]:
+    """Every shard still to write: the writer processes write and close them, this process's threads fsync, rename
+    and record each (:func:`finish_shard`) while the next ones are written. With the ``on_sample`` test hook, all in
+    this process and in order."""
     total = sum(p.table.num_rows for p in plans)
     meter = Meter("shard", total, progress=progress)
     summaries: dict[tuple[str, int], dict[str, Any]] = {}
     fn = partial(write_shard, on_sample=on_sample) if on_sample is not None else write_shard
     stats = {"samples": 0, "bytes": 0, "seconds": 0.0}
+
+    def record(s: dict[str, Any]) -> None:
+        summaries[(s["split"], s["index"])] = {**s, "path": str(work / s["split"] / s["name"]), "reused": False}
+        meter.update(s["num_samples"], s["bytes"])
+        stats["samples"] += s["num_samples"]
+        stats["bytes"] += s["bytes"]
+
     t = time.perf_counter()
+    tasks = _tasks(plans, work, out_dir, summaries, meter, defer_sync=on_sample is None)
     try:
-        with worker_pool(1 if on_sample is not None else cfg.workers) as pool:
-            for s in run_bounded(pool, fn, _tasks(plans, work, out_dir, summaries, meter), 2 * cfg.workers):
-                summaries[(s["split"], s["index"])] = {**s, "path": str(work / s["split"] / s["name"]),
-                                                       "reused": False}
-                meter.update(s["num_samples"], s["bytes"])
-                stats["samples"] += s["num_samples"]
-                stats["bytes"] += s["bytes"]
+        with worker_pool(1 if on_sample is not None else cfg.workers) as pool, \
+                ThreadPoolExecutor(max(2, cfg.workers), thread_name_prefix="shard-sync") as syncer:
+            finishing: list[Future] = []
+            for w in run_bounded(pool, fn, tasks, 2 * cfg.workers):
+                if on_sample is not None:
+                    record(w)
+                    continue
+                finishing.append(syncer.submit(finish_shard, w))
+                while finishing and (finishing[0].done() or len(finishing) > 2 * cfg.workers):
+                    record(finishing.pop(0).result())
+            for f in finishing:
+                record(f.result())
+    except BaseException:  # shards written but never finished (and half ones) leave no temporary file behind
+        for plan in plans:
+            for p in (work / plan.split).glob(f".{plan.split}-*.tar.tmp"):
+                p.unlink(missing_ok=True)
+        raise
     finally:
         meter.close()
     stats["seconds"] = time.perf_counter() - t

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -64,12 +63,14 @@ class _HashingFile:
 
 def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Write one shard: ``task = {"path", "samples": [{"key", "id", "image", "sha1", "meta", "seg", "transcode",
-    ...}], "quality", "fingerprint", "done", "split", "index"}``.
+    ...}], "quality", "fingerprint", "done", "split", "index", "defer_sync"}``.
 
     The image file's bytes are checked against the sha1 ``prepare`` recorded. Written to ``.<name>.tmp``, fsynced,
     renamed; then the done-record (``task["done"]``, when given) is written atomically. Returns the shard's summary
     (name, split, index, num_samples, bytes, sha1, transcoded) and, without a done-record, its manifest records.
-    ``on_sample(i)`` is a test hook called before sample ``i``.
+    With ``defer_sync`` the temporary file is only written and closed: the result then goes to :func:`finish_shard`
+    (fsync, rename, done-record, in that order), which the caller runs beside the next shard's writing so the disk
+    flush overlaps it. ``on_sample(i)`` is a test hook called before sample ``i``.
 
     A sample is ``<key>.jpg`` (the image file's own bytes, or a plain upright JPEG made from them for the images
     ``prepare`` marked ``transcode``), ``<key>.json`` (canonical JSON) and ``<key>.seg.png`` when a semantic map
@@ -85,15 +86,95 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
         if is_enospc(exc):
             raise DiskFullError.of(path, _shard_bytes(task["samples"])) from None
         raise
-    os.replace(tmp, path)
     summary = {"name": path.name, "split": task.get("split"), "index": task.get("index"), "num_samples": len(records),
                "bytes": hf.size, "sha1": hf.sha1.hexdigest(), "sha256": hf.sha256.hexdigest(),
                "transcoded": sum(r["transcoded"] for r in records)}
-    if task.get("done"):  # compact JSON: the C encoder (an indented dump of 1000 records is ~10x slower)
-        done = {**summary, "fingerprint": task["fingerprint"], "mtime_ns": path.stat().st_mtime_ns, "records": records}
-        write_bytes_atomic(task["done"], json.dumps(done, separators=(",", ":")).encode())
-        return summary
-    return {**summary, "records": records}
+    written = {"summary": summary, "tmp": str(tmp), "path": str(path), "done": task.get("done"), "records": None}
+    if task.get("done"):  # compact JSON: the C encoder (an indented dump of 1000 records is ~10x slower); the mtime
+        # is the temporary file's: a rename keeps it
+        done = {**summary, "fingerprint": task["fingerprint"], "mtime_ns": tmp.stat().st_mtime_ns, "records": records}
+        written["done_bytes"] = json.dumps(done, separators=(",", ":")).encode()
+    else:
+        written["records"] = records
+    return written if task.get("defer_sync") else finish_shard(written)
+
+
+def finish_shard(written: dict[str, Any]) -> dict[str, Any]:
+    """Make a shard :func:`write_shard` wrote final: fsync its temporary file, rename it into place, then write its
+    done-record atomically (a crash before the record leaves a ``.tmp`` that the next run rewrites). Returns the
+    summary (plus the manifest records when there is no done-record)."""
+    fd = os.open(written["tmp"], os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(written["tmp"], written["path"])
+    if written["done"]:
+        write_bytes_atomic(written["done"], written["done_bytes"])
+        return written["summary"]
+    return {**written["summary"], "records": written["records"]}
+
+
+_NUL = bytes(BLOCK)
+_RECORD = 20 * BLOCK  # tarfile's RECORDSIZE: the archive's length is padded to a multiple of it
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, FIXED_MTIME, TAR_MODE
+    ti.uname = ti.gname = TAR_USER
+    return ti
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The header(s) ``tarfile`` writes for a member (PAX format: an extended header first when the name is long or
+    not ASCII)."""
+    return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+_TEMPLATE = _tarfile_header("", 0)  # every field but name, size and checksum is the same for all members
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The member header ``tarfile`` would write, made from a template: a plain USTAR header with the name, size and
+    checksum filled in; names that need a PAX record (over 100 bytes, not ASCII) and huge sizes go to tarfile."""
+    raw = name.encode("ascii") if name.isascii() else None
+    if raw is None or len(raw) > 100 or size >= 8**11:
+        return _tarfile_header(name, size)
+    hdr = bytearray(_TEMPLATE)
+    hdr[: len(raw)] = raw
+    hdr[124:136] = b"%011o\0" % size
+    hdr[148:156] = b"        "
+    hdr[148:155] = b"%06o\0" % sum(hdr)
+    return bytes(hdr)
+
+
+def _add_member(out, name: str, data: bytes) -> int:
+    """One member as ``tarfile`` adds it (header, data, NUL padding to the block size): what
+    ``webdataset.TarWriter.write`` emits (members in sorted order; fixed mtime, owner, mode), without importing
+    webdataset (and torch) into every writer process; a test checks the bytes are the same as TarWriter's. Returns
+    the bytes written."""
+    hdr = tar_header(name, len(data))
+    out.write(hdr)
+    out.write(data)
+    pad = -len(data) % BLOCK
+    if pad:
+        out.write(_NUL[:pad])
+    return len(hdr) + len(data) + pad
+
+
+def _end_archive(out, offset: int) -> None:
+    """tarfile's end of archive: two NUL blocks, then NULs up to a whole record."""
+    offset += 2 * BLOCK
+    out.write(bytes(2 * BLOCK + (-offset % _RECORD)))
+
+
+def _read_image(s: dict[str, Any]) -> bytes:
+    try:
+        with open(s["image"], "rb", buffering=0) as f:
+            return f.readall()
+    except OSError as exc:
+        raise UserError(f"{s['image']}: cannot be read since `slotcon prepare` ({exc.strerror}); re-run prepare") from None
 
 
 def _shard_bytes(samples: list[dict[str, Any]]) -> int:
@@ -109,10 +190,7 @@ def _shard_bytes(samples: list[dict[str, Any]]) -> int:
 
 
 def _image_member(s: dict[str, Any], quality: int) -> bytes:
-    try:
-        data = Path(s["image"]).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{s['image']}: cannot be read since `slotcon prepare` ({exc.strerror}); re-run prepare") from None
+    data = _read_image(s)
     if hashlib.sha1(data).hexdigest() != s["sha1"]:
         raise UserError(f"{s['image']}: content changed since `slotcon prepare` (sha1 differs); re-run prepare")
     if s.get("transcode"):
@@ -120,43 +198,40 @@ def _image_member(s: dict[str, Any], quality: int) -> bytes:
     return data
 
 
-def _add_sample(tf, key: str, members: dict[str, bytes]) -> None:
-    """What ``webdataset.TarWriter.write`` does (members in sorted order; fixed mtime, owner, mode), without importing
-    webdataset (and torch) into every writer process; a test checks the bytes are the same as TarWriter's."""
-    for ext in sorted(members):
-        ti = tarfile.TarInfo(f"{key}.{ext}")
-        ti.size, ti.mtime, ti.mode = len(members[ext]), FIXED_MTIME, TAR_MODE
-        ti.uname = ti.gname = TAR_USER
-        tf.addfile(ti, io.BytesIO(members[ext]))
+def _record(s: dict[str, Any], name: str, i: int, offset: int, jpg: bytes, seg: bytes | None) -> dict[str, Any]:
+    return {
+        "key": s["key"], "id": s["id"], "shard": name, "index": i, "offset": offset,
+        "bytes": len(jpg), "sha1": hashlib.sha1(jpg).hexdigest() if s.get("transcode") else s["sha1"],
+        "source_sha1": s["sha1"], "transcoded": bool(s.get("transcode")),
+        "json_bytes": len(s["meta"]), "json_sha1": hashlib.sha1(s["meta"]).hexdigest(),
+        "seg_bytes": len(seg) if seg is not None else None,
+        "seg_sha1": hashlib.sha1(seg).hexdigest() if seg is not None else None,
+        "num_annotations": s["num_annotations"], "width": s["width"], "height": s["height"],
+    }
+
+
+WRITE_BUFFER = 1 << 20  # small members are gathered into 1 MiB writes; a member larger than that goes straight through
 
 
 def _write_tar(tmp: Path, samples: list[dict[str, Any]], name: str, on_sample, quality: int):
+    """Stream the members through one hashing writer (each byte hashed once, nothing seeked or read back)."""
     records: list[dict[str, Any]] = []
     offset = 0
-    with open(tmp, "wb") as raw:
+    with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
         hf = _HashingFile(raw)
-        with tarfile.open(fileobj=hf, mode="w|") as tf:  # a stream: nothing is seeked or read back
-            for i, s in enumerate(samples):
-                if on_sample is not None:
-                    on_sample(i)
-                jpg = _image_member(s, quality)
-                members = {"jpg": jpg, "json": s["meta"]}
-                seg = Path(s["seg"]).read_bytes() if s.get("seg") else None
-                if seg is not None:
-                    members["seg.png"] = seg
-                _add_sample(tf, s["key"], members)
-                records.append({
-                    "key": s["key"], "id": s["id"], "shard": name, "index": i, "offset": offset,
-                    "bytes": len(jpg), "sha1": hashlib.sha1(jpg).hexdigest() if s.get("transcode") else s["sha1"],
-                    "source_sha1": s["sha1"], "transcoded": bool(s.get("transcode")),
-                    "json_bytes": len(s["meta"]), "json_sha1": hashlib.sha1(s["meta"]).hexdigest(),
-                    "seg_bytes": len(seg) if seg is not None else None,
-                    "seg_sha1": hashlib.sha1(seg).hexdigest() if seg is not None else None,
-                    "num_annotations": s["num_annotations"], "width": s["width"], "height": s["height"],
-                })
-                offset += sum(member_span(len(v)) for v in members.values())
-        raw.flush()
-        os.fsync(raw.fileno())
+        for i, s in enumerate(samples):
+            if on_sample is not None:
+                on_sample(i)
+            jpg = _image_member(s, quality)
+            members = {"jpg": jpg, "json": s["meta"]}
+            seg = None
+            if s.get("seg"):
+                with open(s["seg"], "rb") as f:
+                    seg = members["seg.png"] = f.read()
+            records.append(_record(s, name, i, offset, jpg, seg))
+            for ext in sorted(members):
+                offset += _add_member(hf, f"{s['key']}.{ext}", members[ext])
+        _end_archive(hf, offset)
     return hf, records
 
 
