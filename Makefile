@@ -14,7 +14,8 @@ export PREFECT_UI_ENABLED ?= false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast bench gpu-check clean-outputs baseline compare promote
+# `make stack` / `make stack-down`: the team stack (see README "Team setup"), then `source .slotcon/stack.env`.
+.PHONY: setup stack stack-down stack-status demo test test-fast bench gpu-check clean-outputs baseline compare promote
 
 setup: $(STAMP)
 
@@ -23,8 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first and pinned: pip takes the wheels from this machine's disk (a CUDA build).
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,stack]'
 	touch $(STAMP)
+
+stack: setup
+	$(BIN)/python -m components stack up
+
+stack-down:
+	$(BIN)/python -m components stack down
+
+stack-status:
+	$(BIN)/python -m components stack status
 
 # The main job on the embedded default: generated scenes -> shards -> SlotCon -> downstream, through the Prefect flow
 # (which runs each DVC stage in order and records everything in MLflow).
