@@ -179,7 +179,8 @@ def _pool_setup(s: StackSettings) -> None:
 
 
 def _worker(s: StackSettings) -> tuple[list[str], dict[str, str]]:
-    env = {**s.client_env(), **_prefect_env(s), "PREFECT_HOME": str(s.dir / "prefect-worker")}
+    env = {**s.client_env(), **_prefect_env(s), "PREFECT_HOME": str(s.dir / "prefect-worker"),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flow runs call dvc and slotcon
     return [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
             "--name", f"slotcon-{s.advertise}"], env
 
