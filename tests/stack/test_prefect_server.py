@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def _settings(stack) -> StackSettings:
 def deployed(stack) -> dict[str, dict]:
     env = {**os.environ, **stack.env, "PREFECT_HOME": str(stack.root / "prefect-cli"), "SLOTCON_GIT_URL": str(REPO),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    out = subprocess.run(["prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
+    prefect = str(Path(sys.executable).parent / "prefect")
+    out = subprocess.run([prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     status, deps = api(_settings(stack), "POST", "/deployments/filter", {})
