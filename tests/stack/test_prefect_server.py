@@ -49,3 +49,25 @@ def test_deployments_register_in_the_pool_and_pull_code(stack, deployed):
         assert str(REPO) not in str(dep["pull_steps"][1:]), "a pinned absolute working directory"
         status, scheds = api(s, "GET", f"/deployments/{dep['id']}/schedules")
         assert status == 200 and [x["schedule"]["cron"] for x in scheds] == [x["cron"] for x in d["schedules"]]
+
+
+@pytest.mark.slow
+def test_the_stacks_worker_runs_a_deployment_in_a_fresh_clone(stack, deployed):
+    """A flow run of ``nightly`` (one stage): the worker clones the code, runs it, MLflow on the stack records it."""
+    from mlflow import MlflowClient
+
+    s = _settings(stack)
+    status, run = api(s, "POST", f"/deployments/{deployed['nightly']['id']}/create_flow_run",
+                      {"parameters": {"targets": ["scenes"], "force": False, "retries": 0}})
+    assert status in (200, 201), run
+    deadline, state = time.monotonic() + 420, None
+    while time.monotonic() < deadline:
+        state = api(s, "GET", f"/flow_runs/{run['id']}")[1]["state"]
+        if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(3)
+    assert state and state["type"] == "COMPLETED", state
+    client = MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("slotcon-pipeline")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{run['id']}'")
+    assert any(r.data.tags.get("slotcon.stage") == "scenes" for r in runs), [r.data.tags for r in runs]
