@@ -14,7 +14,8 @@ export PREFECT_UI_ENABLED ?= false
 export HF_HUB_OFFLINE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast bench gpu-check clean-outputs baseline compare promote
+# `make stack` / `make stack-down`: the team stack (see README "Team setup"), then `source .slotcon/stack.env`.
+.PHONY: setup stack stack-down stack-status demo test test-fast bench gpu-check clean-outputs baseline compare promote
 
 setup: $(STAMP)
 
@@ -23,15 +24,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first and pinned: pip takes the wheels from this machine's disk (a CUDA build).
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,stack]'
 	touch $(STAMP)
+
+stack: setup
+	$(BIN)/python -m components stack up
+
+stack-down:
+	$(BIN)/python -m components stack down
+
+stack-status:
+	$(BIN)/python -m components stack status
 
 # The main job on the embedded default: generated scenes -> shards -> SlotCon -> downstream, through the Prefect flow
 # (which runs each DVC stage in order and records everything in MLflow).
-# Ephemeral Prefect (no server, nothing scheduled): PREFECT_HOME in the repo, PREFECT_API_URL unset.
+# Ephemeral Prefect (no server, nothing scheduled): PREFECT_HOME in the repo, PREFECT_API_URL unset. With the team
+# stack's env sourced (PREFECT_API_URL, MLFLOW_TRACKING_URI set) the flow run goes to its servers instead.
 demo: setup
-	env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
-	  $(BIN)/python -m pipelines.flow
+	if [ -n "$$PREFECT_API_URL" ]; then $(BIN)/python -m pipelines.flow; else \
+	  env -u PREFECT_API_URL PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=180 \
+	  $(BIN)/python -m pipelines.flow; fi
 
 test: setup
 	$(BIN)/python -m pytest -q tests; rc=$$?; \
@@ -53,7 +65,8 @@ clean-outputs:
 	rm -rf data/scenes data/raw data/shards models metrics plots
 
 # Commit the current results as the baseline that `dvc metrics diff` and `dvc exp show` compare with (after `make
-# demo` or a `dvc repro`): dvc.lock, params.yaml and the git-tracked metrics and plots (cache: false outputs).
+# demo` or a `dvc repro`): dvc.lock, params.yaml and the git-tracked metrics and plots (cache: false outputs). With a
+# DVC remote (the team stack's), `dvc push` then lets a fresh clone `dvc pull` and find `dvc repro` a no-op.
 baseline:
 	git add dvc.lock params.yaml metrics plots
 	git commit -m "baseline: pipeline results of $$(git rev-parse --short HEAD)" -- dvc.lock params.yaml metrics plots

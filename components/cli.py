@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
 TOOLS: dict[str, tuple[str, str]] = {
     "deps": ("components.dvcdeps", "write (or --check) each dvc.yaml stage's code deps: its module's import closure"),
     "params": ("components.config.params_file", "write (or --check) params.yaml from the schema's defaults and comments"),
+    "stack": ("components.stack.cli", "the team stack here: up | down | status (PostgreSQL, S3, MLflow and Prefect servers)"),
 }
 
 

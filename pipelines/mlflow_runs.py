@@ -20,6 +20,7 @@ import mlflow
 from components.tracking import parent as pipeline_run
 from components import tracking
 from components.config import TrackingConfig
+from components.tracking.store import has_scheme
 
 
 def resolve_store(cfg: TrackingConfig, root: str | os.PathLike) -> TrackingConfig:
@@ -29,7 +30,7 @@ def resolve_store(cfg: TrackingConfig, root: str | os.PathLike) -> TrackingConfi
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{root / uri[len('sqlite:///'):]}"
     loc = cfg.artifact_location
-    if "://" not in loc and not Path(loc).is_absolute():
+    if not has_scheme(loc) and not Path(loc).is_absolute():
         loc = str(root / loc)
     return cfg.model_copy(update={"tracking_uri": uri, "artifact_location": loc})
 

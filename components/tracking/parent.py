@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from components.config import parse_yaml
 from components.tracking.lineage import dvc_lock_hash, git_commit
+from components.tracking.repair import OWNER_TAG, owner_key
 from components.tracking.store import create_run, tracking_uri
 from components.tracking.tracker import Tracker, flatten, numeric_items
 
@@ -100,6 +101,7 @@ def open_parent(client: Any, exp_id: str, root: str | os.PathLike, *, name: str,
         "mlflow.runName": name,
         "git.commit": git_commit(cwd=root),
         "dvc.lock.md5": dvc_lock_hash(root / "dvc.lock"),
+        OWNER_TAG: owner_key(),
     }
     varied = params_diff(root, params_file)
     if varied:
@@ -176,7 +178,8 @@ def dvc_parent(client: Any, exp_id: str, cfg: Any) -> str | None:
         return run_id
     root = Path(os.environ.get("DVC_ROOT") or os.getcwd())
     exp_name = os.environ.get(EXP_NAME_ENV) or None
-    tags = {"slotcon.dvc_invocation": key, "mlflow.source.name": desc, "slotcon.driver": "dvc"}
+    tags = {"slotcon.dvc_invocation": key, "mlflow.source.name": desc, "slotcon.driver": "dvc",
+            OWNER_TAG: key}  # the parent lives as long as the dvc process, not the stage that opened it
     if exp_name:
         tags["dvc.experiment"] = exp_name
     return open_parent(client, exp_id, root, name=run_name(root, exp_name=exp_name), tags=tags,

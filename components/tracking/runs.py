@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 from components.config import Section, TrackingConfig
 from components.tracking import parent as pipeline_run
 from components.tracking.lineage import dvc_lock_hash, git_commit
+from components.tracking.repair import OWNER_TAG, owner_key, repair
 from components.tracking.store import create_run, first_line, open_store, tracking_uri
 from components.tracking.tracker import Tracker
 
@@ -95,8 +96,9 @@ def stage_run(
         return
     uri = tracking_uri(cfg)
     client, exp_id = open_store(cfg)
+    repair(client, exp_id, cfg.registered_model)
     all_tags = {"slotcon.stage": stage, "mlflow.runName": stage, "git.commit": git_commit(),
-                "dvc.lock.md5": dvc_lock_hash()}
+                "dvc.lock.md5": dvc_lock_hash(), OWNER_TAG: owner_key()}
     parent = os.environ.get(PARENT_ENV) or None
     implicit = None if parent else pipeline_run.dvc_parent(client, exp_id, cfg)
     parent = parent or implicit

@@ -249,7 +249,7 @@ def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path, 
     assert all(d["entrypoint"] == "pipelines/flow.py:slotcon_pipeline" for d in spec["deployments"])
     pool = spec["deployments"][0]["work_pool"]["name"]
     env = {**venv_env(), "PREFECT_API_URL": prefect_server, "PWD": str(REPO_ROOT),
-           "PREFECT_HOME": os.environ["PREFECT_HOME"]}
+           "PREFECT_HOME": os.environ["PREFECT_HOME"], "SLOTCON_GIT_URL": str(REPO_ROOT)}
     for cmd in (["prefect", "work-pool", "create", pool, "--type", "process", "--overwrite"],
                 ["prefect", "--no-prompt", "deploy", "--all"]):
         out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -258,8 +258,10 @@ def test_prefect_yaml_deployments_and_schedules_apply(prefect_server, tmp_path, 
         for d in spec["deployments"]:
             dep = client.read_deployment_by_name(f"slotcon-pipeline/{d['name']}")
             assert dep.work_pool_name == pool and dep.entrypoint == d["entrypoint"]
-            assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
-                                       {"directory": str(REPO_ROOT)}}]
+            clone, workdir, _dvc_pull = dep.pull_steps  # code cloned per flow run, not a pinned checkout
+            assert clone["prefect.deployments.steps.git_clone"]["repository"] == str(REPO_ROOT)
+            assert workdir == {"prefect.deployments.steps.set_working_directory":
+                               {"directory": "{{ clone.directory }}"}}
             crons = [s.schedule.cron for s in client.read_deployment_schedules(dep.id)]
             assert crons == [s["cron"] for s in d["schedules"]]
             assert dep.parameters == d["parameters"]
