@@ -11,6 +11,12 @@ Fault kinds (one drawn per round, from ``--seed``):
   re-run: it must be skipped for the previous one, and the final weights must still equal the uninterrupted run's.
 - ``shard_damage``: random bytes overwritten, or a cut at a random offset, in a copy of one shard; then one pass of the
   loader with the expected counts: samples it reports lost or skipped vs samples it really did not deliver.
+- ``shard_swap``: one shard of a copy replaced by a copy of another, a member renamed, or a foreign sample appended;
+  then one pass of the loader: every sample it delivers must be a genuine one of its shard (never one twice), and the
+  samples it did not deliver must all be counted lost.
+- ``annotation_damage``: random faults (NaN coordinates, a short polygon, an RLE claiming a huge size, a negative box)
+  written into a copy of the scenes' COCO annotations, then ``prepare`` and ``shard``: prepare must count exactly the
+  damaged annotations in ``annotations_skipped`` and the shards must hold none of them.
 - ``store_lock``: a second process holds an exclusive lock on ``mlflow.db`` for a random 5-20 s during a pretraining
   run: the run must finish, write its metrics file, and its MLflow run must end with its final metrics.
 
@@ -20,6 +26,7 @@ Fault kinds (one drawn per round, from ``--seed``):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import random
@@ -37,7 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KINDS = ("shard_kill", "pretrain_kill", "checkpoint_damage", "shard_damage", "store_lock")
+KINDS = ("shard_kill", "pretrain_kill", "checkpoint_damage", "shard_damage", "shard_swap", "annotation_damage",
+         "store_lock")
 TINY = {
     "tracking": {"enabled": False},
     "scenes": {"num_train": 48, "num_val": 8, "image_size": 64, "workers": 1},
@@ -98,8 +106,29 @@ def _sha1s(folder: Path) -> dict[str, str]:
 def _weights_equal(a: Path, b: Path) -> float:
     import torch
 
-    sa, sb = torch.load(a, weights_only=False)["model"], torch.load(b, weights_only=False)["model"]
+    sa, sb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
     return max(float((sa[k].float() - sb[k].float()).abs().max()) if sa[k].numel() else 0.0 for k in sa)
+
+
+def _tar_keys(path: Path) -> set[str]:
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        return {ti.name.split(".", 1)[0] for ti in tf}
+
+
+def _annotation_ids(shards: Path) -> set[int]:
+    """Every annotation id the shards' sample metadata holds."""
+    import tarfile
+
+    ids: set[int] = set()
+    for tar in shards.rglob("*.tar"):
+        with tarfile.open(tar) as tf:
+            for ti in tf:
+                if ti.name.endswith(".json"):
+                    meta = json.loads(tf.extractfile(ti).read())
+                    ids.update(a["id"] for a in meta.get("annotations", []) if "id" in a)
+    return ids
 
 
 class Campaign:
@@ -196,6 +225,77 @@ class Campaign:
         return {"damage": f"{victim.name}: {how}", "lost_real": real, "lost_counted": counted,
                 "recovered": counted == real}
 
+    def shard_swap(self, n: int) -> dict:
+        import tarfile
+
+        from components.data.loading.loader import iterate_samples
+        from components.data.shards.stage import expected_counts, read_index, split_urls
+
+        out = self.work / f"swapped_{n}"
+        shutil.copytree(self.work / "shards", out)
+        split = read_index(out)["train"]
+        urls = split_urls(out, split)
+        expected = expected_counts(out, split)
+        genuine = {u: _tar_keys(Path(u)) for u in urls}
+        victim, other = self.rng.sample(urls, 2)
+        how = self.rng.choice(["copy_of_other", "rename_member", "append_foreign"])
+        if how == "copy_of_other":
+            shutil.copyfile(other, victim)
+        else:
+            with tarfile.open(victim) as tf:
+                members = [(ti, tf.extractfile(ti).read()) for ti in tf]
+            if how == "rename_member":
+                i = self.rng.randrange(len(members))
+                members[i][0].name = "../../" + members[i][0].name
+            else:
+                with tarfile.open(other) as tf:
+                    first = next(iter(tf))
+                    members.append((first, tf.extractfile(first).read()))
+            with tarfile.open(victim, "w") as tf:
+                for ti, data in members:
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+        it = iterate_samples(urls, decode="rgb", expected_counts=expected)
+        delivered = [(s["url"], s["key"]) for s in it]
+        foreign = [d for d in delivered if d[1] not in genuine.get(d[0], set())]
+        twice = len(delivered) - len(set(delivered))
+        real = sum(expected.values()) - (len(delivered) - len(foreign) - twice)
+        counted = int(it.stats["lost"])
+        return {"damage": f"{Path(victim).name}: {how}", "foreign_delivered": len(foreign), "delivered_twice": twice,
+                "lost_real": real, "lost_counted": counted, "recovered": not foreign and not twice and counted == real}
+
+    def annotation_damage(self, n: int) -> dict:
+        from components.config import DataConfig, ShardConfig
+        from components.data.prepare.stage import run_prepare
+        from components.data.shards.stage import run_shard
+
+        root = self.work / f"ann_{n}" / "scenes"
+        shutil.copytree(self.work / "scenes", root)
+        path = root / "annotations" / "instances_train2017.json"
+        coco = json.loads(path.read_text())
+        anns = [a for a in coco["annotations"] if isinstance(a.get("segmentation"), list)]
+        picked = self.rng.sample(anns, min(len(anns), self.rng.randint(1, 6)))
+        faults = Counter()
+        for ann in picked:
+            kind = self.rng.choice(["nan_polygon", "short_polygon", "huge_rle", "negative_box"])
+            faults[kind] += 1
+            if kind == "nan_polygon":
+                ann["segmentation"][0][self.rng.randrange(len(ann["segmentation"][0]))] = float("nan")
+            elif kind == "short_polygon":
+                ann["segmentation"] = [ann["segmentation"][0][:4]]
+            elif kind == "huge_rle":
+                ann["segmentation"] = {"size": [40000, 40000], "counts": [0, 40000 * 40000]}
+            else:
+                ann["bbox"][2] = -abs(ann["bbox"][2]) - 1
+        path.write_text(json.dumps(coco, allow_nan=True))
+        metrics = run_prepare(DataConfig(workers=1), root, root.parent / "raw", progress=False)
+        skipped = sum(metrics["annotations_skipped"].values())
+        run_shard(ShardConfig(max_count=8, workers=1), root.parent / "raw", root.parent / "shards", progress=False)
+        bad_ids = {a["id"] for a in picked}
+        in_shards = _annotation_ids(root.parent / "shards") & bad_ids
+        return {"damage": dict(faults), "annotations_skipped": skipped, "in_shards": len(in_shards),
+                "recovered": skipped == len(picked) and not in_shards}
+
     def store_lock(self, n: int) -> dict:
         out = self.work / f"lock_{n}"
         out.mkdir()
@@ -247,7 +347,7 @@ class Campaign:
 def summarize(results: list[dict]) -> dict:
     by_kind = Counter(r["kind"] for r in results)
     ok = Counter(r["kind"] for r in results if r["recovered"])
-    damage = [r for r in results if r["kind"] == "shard_damage" and "lost_real" in r]
+    damage = [r for r in results if r["kind"] in ("shard_damage", "shard_swap") and "lost_real" in r]
     return {
         "faults_injected": len(results),
         "runs_recovered": sum(ok.values()),
