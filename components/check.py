@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from components.config import SECTIONS, load_all, parse_yaml
+from components.errors import UserError
+from components.tracking.store import StoreError, artifact_uri
 
 
 def sections_used_by(dvc_yaml: Path, params_file: Path) -> set[str] | None:
@@ -48,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     path = Path(args.params)
     sections = load_all(path, required=required_sections(path))
+    tracking = sections.get("tracking")
+    if tracking is not None and tracking.enabled:
+        try:  # where artifacts would go (no store is opened): e.g. mlflow-artifacts: needs a server
+            artifact_uri(tracking)
+        except StoreError as exc:
+            raise UserError(f"{args.params}: tracking: {exc}") from None
     print(f"{args.params}: {len(sections)} sections valid ({', '.join(sections)})")
     out = getattr(args, "out", None)
     if out:  # the check stage's DVC output: constant content, so downstream stages never re-run because of it

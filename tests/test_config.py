@@ -138,3 +138,18 @@ def test_params_yaml_numbers_follow_yaml_1_2(tmp_path):
     data = parse_yaml("a: 1e-6\nb: -2E+3\nc: 10\nd: 1.5\ne: 1e5x\nf: '1e-6'\n", "p.yaml")
     assert data == {"a": 1e-6, "b": -2000.0, "c": 10, "d": 1.5, "e": "1e5x", "f": "1e-6"}
     assert isinstance(data["a"], float) and isinstance(data["c"], int)
+
+
+def test_check_refuses_a_server_artifact_location_with_a_local_store(tmp_path, capsys, monkeypatch):
+    """`mlflow-artifacts:` only means something on an MLflow server: with the SQLite default it is a one-line error at
+    `slotcon check` (before `dvc repro` deletes any output), and fine once the tracking URI is a server."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SLOTCON_ARTIFACT_LOCATION", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n")  # only tracking is required
+    p = tmp_path / "params.yaml"
+    p.write_text("tracking:\n  artifact_location: mlflow-artifacts:/team\n")
+    assert main(["check", "--params", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "mlflow-artifacts:/team needs an MLflow server" in err and str(p) in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert main(["check", "--params", str(p)]) == 0

@@ -13,9 +13,11 @@ class TrackingConfig(Section):
     enabled: bool = knob(True, "MLflow on; false makes every logging call a no-op (e.g. quick local debugging)")
     tracking_uri: str = knob("sqlite:///mlflow.db", "MLFLOW_TRACKING_URI overrides; SQLite: MLflow 3 deprecates file "
                                                      "stores")
-    artifact_location: str = knob("mlartifacts", "explicit local artifact root for the experiment (relative to the "
-                                                 "repo)")
-    experiment: str = knob("slotcon-pipeline", min_length=1)
+    artifact_location: str = knob("mlartifacts", "a local store's artifact folder (relative to the repo); with an "
+                                                 "MLflow server the server's proxied store is used unless this is a "
+                                                 "URI (s3://..., mlflow-artifacts:/x); SLOTCON_ARTIFACT_LOCATION "
+                                                 "overrides")
+    experiment: str = knob("slotcon-pipeline", "SLOTCON_EXPERIMENT overrides", min_length=1)
     registered_model: str = knob("slotcon-backbone", min_length=1)
 
 
