@@ -1,9 +1,12 @@
 """Shards in the stack's S3 bucket: the shard stage uploads them (``shard.url``), pretraining reads them and gets the
 loss of the same local shards bit for bit, a shard deleted or damaged in the bucket is counted lost against
-``index.json``, and per-rank splitting names the same shards as locally."""
+``index.json``, per-rank splitting names the same shards as locally, and the downstream stages' segmentation source
+reads its manifest and labelled samples from the bucket."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -12,9 +15,11 @@ import pytest
 import torch
 
 from components.config import DataConfig, PretrainConfig, ScenesConfig, ShardConfig
+from components.config.params_file import render
 from components.data.loading.loader import iterate_samples
 from components.data.prepare.stage import run_prepare
 from components.data.scenes.stage import generate_scenes
+from components.data.segmentation.sources import open_shards
 from components.data.shards.index import expected_counts, join_root, read_index, split_urls, url_fs
 from components.data.shards.stage import run_shard, upload_shards
 from components.errors import UserError
@@ -70,6 +75,20 @@ def test_pretraining_from_s3_equals_the_local_run(s3, tmp_path):
     assert a["loss"] == b["loss"] and a["first_epoch_loss"] == b["first_epoch_loss"]  # the same bytes, same order
 
 
+def test_cli_default_shards_read_shard_url(s3, tmp_path):
+    """``slotcon pretrain`` with the default ``--shards`` reads ``shard.url``: an empty prefix is the one-line error
+    naming the URL's index.json (not a local ``s3:/...`` path)."""
+    url = f"s3://slotcon/tests/{uuid.uuid4().hex[:8]}/empty"
+    params = tmp_path / "params.yaml"
+    params.write_text(render().replace("  enabled: true ", "  enabled: false", 1).replace('  url: ""', f"  url: {url}"))
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "components", "pretrain", "--params", str(params), "--out", "m",
+                          "--checkpoints", "ck", "--metrics", "m.json", "--plots", "p"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{url}/index.json: not found" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_ranks_split_the_s3_shards_as_the_local_ones(s3):
     local, url, _ = s3
     cfg = PretrainConfig(**TINY)
@@ -77,6 +96,14 @@ def test_ranks_split_the_s3_shards_as_the_local_ones(s3):
         p_local, p_s3 = make_plan(cfg, local, 2, rank), make_plan(cfg, url, 2, rank)
         assert p_s3.urls == tuple(join_root(url, os.path.relpath(u, local)) for u in p_local.urls)
         assert p_s3.shard_samples == p_local.shard_samples and p_s3.data_signature == p_local.data_signature
+
+
+def test_segmentation_source_reads_the_s3_root(s3):
+    local, url, _ = s3
+    a, b = open_shards(local, "val"), open_shards(url, "val")
+    assert a.keys() == b.keys() and len(b.urls) == len(a.urls) == 1 and b.urls[0].startswith(url)
+    keys = a.keys()[:3]
+    assert a.subset(keys).items == b.subset(keys).items  # labelled samples read into memory from the bucket
 
 
 def test_deleted_and_damaged_shards_in_the_bucket_are_counted_lost(s3, tmp_path):

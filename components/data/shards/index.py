@@ -72,7 +72,13 @@ def read_root_file(path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001 - every driver has its own errors; each is this file's problem
-        raise UserError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        raise UserError(f"{path}: cannot read ({exc_line(exc)})") from None
+
+
+def exc_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters of it): a driver's error inside a one-line error."""
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def read_index(shards_root: str | os.PathLike) -> dict[str, Any]:

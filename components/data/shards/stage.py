@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from components.data.prepare.coco import load_instances
 from components.data.prepare.manifest import resolve_root, slotcon_schema
 from components.data.shards.index import (  # noqa: F401  (re-exported: the readers' API)
-    INDEX_NAME, expected_counts, read_index, split_urls, url_fs, verify_shards,
+    INDEX_NAME, exc_line, expected_counts, read_index, split_urls, url_fs, verify_shards,
 )
 from components.data.shards.write import (
     done_name, dump_meta, find_finished, finish_shard, member_span, read_records, shard_name, write_shard,
@@ -323,8 +323,7 @@ def upload_shards(out_dir: str | os.PathLike, url: str, index: dict[str, Any]) -
             fs.put_file(str(out_dir / rel), dest)
             nbytes += (out_dir / rel).stat().st_size
     except Exception as exc:  # noqa: BLE001 - every fsspec driver has its own errors; each is a failed upload
-        raise UserError(f"{url}: upload of {out_dir} failed ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); the local shards are complete: "
+        raise UserError(f"{url}: upload of {out_dir} failed ({exc_line(exc)}); the local shards are complete: "
                         "re-run `slotcon shard` to upload again") from None
     seconds = time.perf_counter() - t0
     print(f"shard: uploaded {len(rels) + 1} files ({nbytes / 1e6:.1f} MB) to {url} in {seconds:.2f} s")

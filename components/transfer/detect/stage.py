@@ -374,7 +374,8 @@ def _log_model(tracker, model: nn.Module) -> None:
 
 def _run_stage(ctx) -> dict[str, Any]:
     a = ctx.args
-    return run_detect(ctx.cfg, shards_root(a.shards, a.params), a.backbone, a.out, a.plots, checkpoints=a.checkpoints, tracker=ctx.tracker)
+    return run_detect(ctx.cfg, shards_root(a.shards, a.params), a.backbone, a.out, a.plots, checkpoints=a.checkpoints,
+                      tracker=ctx.tracker)
 
 
 def _summary(m: Mapping[str, Any]) -> str:
