@@ -115,6 +115,10 @@ def test_shard_identity_of_an_url_shard(root):
     _put(f"{root}/index.json", json.dumps(index).encode())
     assert shard_identity(f"{root}/train/a.tar") == ("ab" * 32, 2)
     assert shard_identity(f"{root}/train/other.tar") is None
+    index["splits"]["train"]["shard_sha256"] = ["cd" * 32]  # re-sharded: a new index at the same root
+    index["splits"]["train"]["shard_samples"] = [3]
+    _put(f"{root}/index.json", json.dumps(index).encode())
+    assert shard_identity(f"{root}/train/a.tar") == ("cd" * 32, 3)
 
 
 def test_missing_driver_is_one_line_naming_the_install(monkeypatch):

@@ -176,18 +176,22 @@ def shard_identity(url: str) -> tuple[str, int | None] | None:
     """``(sha256, samples)`` that the ``index.json`` of a shard's shards root (the shard folder's parent) records for
     it; None for a URL that is not such a shard (``pipe:``, no index / no digest recorded for it).
 
-    Read once per process and index file (a local one cached by its size and mtime, a remote one for the process), so
-    visits cost a dict lookup."""
+    Read once per process and index file (cached by its size and mtime; a remote one by what its filesystem's ``info``
+    reports: size, ETag, modification time), so visits cost a dict lookup (and, for a remote index, one ``info``)."""
     if url.startswith("pipe:") or (url.startswith("file:") and not is_url(url)):
         return None
     if is_url(url):
-        root, key = url.rsplit("/", 2)[0], url
+        root = url.rsplit("/", 2)[0]
+        fs, ipath = url_fs(join_root(root, INDEX_NAME))
+        try:
+            info = fs.info(ipath)
+        except OSError:  # FileNotFoundError included: no index, nothing recorded
+            return None
+        stamp = tuple(str(info.get(k)) for k in ("size", "ETag", "LastModified", "mtime", "created"))
         cached = _IDENTITY_CACHE.get(root)
-        if cached is None:
-            if read_root_file(join_root(root, INDEX_NAME)) is None:
-                return None
-            cached = _IDENTITY_CACHE[root] = (None, _identity_table(root))
-        return cached[1].get(key)
+        if cached is None or cached[0] != stamp:
+            cached = _IDENTITY_CACHE[root] = (stamp, _identity_table(root))
+        return cached[1].get(url)
     shard = Path(os.path.normpath(os.path.abspath(url)))
     root_path = shard.parent.parent
     path = root_path / INDEX_NAME
