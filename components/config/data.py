@@ -116,3 +116,13 @@ class ShardConfig(Section):
     seed: int = knob(0, "write-time shuffle", ge=0, le=SEED_MAX)
     workers: int = knob(2, "parallel shard writers (and --verify readers)", ge=1, le=MAX_WORKERS)
     verify: bool = knob(True, "re-read every shard after writing and check it against the manifest (one extra read)")
+    url: str = knob("", "shard root in object storage (fsspec URL, e.g. s3://bucket/prefix; s3:// needs pip install "
+                        "-e '.[stack]'): shard writes data/shards as ever, then uploads it there (index.json last); "
+                        "stages given the default --shards data/shards read from it; \"\" = the local data/shards")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardConfig":
+        if self.url and ("://" not in self.url or self.url.split("://", 1)[1].strip("/") == ""):
+            raise ValueError(f"url={self.url!r} must be an fsspec URL with a bucket/folder (e.g. s3://bucket/shards), "
+                             "or \"\" for the local data/shards")
+        return self

@@ -6,9 +6,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from components.data.shards.index import expected_counts, read_index, split_urls
+from components.data.shards.index import INDEX_NAME, expected_counts, join_root, read_index, split_urls
 from components.errors import UserError
 
 
@@ -33,14 +32,14 @@ def make_plan(cfg, shards_root: str | os.PathLike, world_size: int, rank: int) -
     index = read_index(shards_root)
     splits = list(index.get("pretrain") or [])
     if not splits:
-        raise UserError(f"{Path(shards_root) / 'index.json'}: no 'pretrain' splits listed; re-run `slotcon shard`")
+        raise UserError(f"{join_root(shards_root, INDEX_NAME)}: no 'pretrain' splits listed; re-run `slotcon shard`")
     urls: list[str] = []
     shard_samples: list[int] = []
     num_images = 0
     for split in splits:
         info = index["splits"].get(split)
         if info is None:
-            raise UserError(f"{Path(shards_root) / 'index.json'}: pretrain split {split!r} is not in 'splits'; "
+            raise UserError(f"{join_root(shards_root, INDEX_NAME)}: pretrain split {split!r} is not in 'splits'; "
                             "re-run `slotcon shard`")
         split_shards = split_urls(shards_root, split)
         counts = expected_counts(shards_root, split)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from components import dist
+from components.data.shards.index import shards_root
 from components.engine.loop import RunSpec, fit, gpu_mem_gb, write_loss_plot
 from components.io import write_json_atomic
 from components.pretrain.artifact import PretrainArtifact
@@ -168,7 +169,7 @@ def _records(cfg, plan: Plan, method: PretrainMethod, result, out_dir, metrics_p
 
 def _run_stage(ctx) -> dict[str, Any]:
     a = ctx.args
-    return run_pretrain(ctx.cfg, a.shards, a.out, a.checkpoints, None, a.plots, tracker=ctx.tracker)
+    return run_pretrain(ctx.cfg, shards_root(a.shards, a.params), a.out, a.checkpoints, None, a.plots, tracker=ctx.tracker)
 
 
 STAGE = Stage(

@@ -21,7 +21,7 @@ from components.backbone import build_resnet, build_vit, is_vit, load_trunk, vit
 from components.constants import normalize_uint8
 from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_shards
-from components.data.shards.index import read_index
+from components.data.shards.index import read_index, shards_root
 from components.errors import UserError
 from components.stage import Arg, Stage, summary_line
 from components.tracking import Tracker
@@ -297,7 +297,7 @@ def run_probe(cfg, shards: str | Path, backbone: str | Path, *, tracker=None, de
 
 
 def _run_stage(ctx) -> dict:
-    return run_probe(ctx.cfg, ctx.args.shards, ctx.args.backbone, tracker=ctx.tracker)
+    return run_probe(ctx.cfg, shards_root(ctx.args.shards, ctx.args.params), ctx.args.backbone, tracker=ctx.tracker)
 
 
 def _summary(m: dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -21,7 +22,8 @@ from components.data.loading.ledger import SplitLoss
 from components.data.loading.loader import iterate_samples, make_loader
 from components.data.prepare.manifest import read_manifest
 from components.data.segmentation.layouts import find_split, semantic_lut
-from components.data.shards.index import expected_counts, read_index, split_urls
+from components.data.shards.index import (INDEX_NAME, expected_counts, is_url, join_root, read_index, read_root_file,
+                                          split_urls)
 from components.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -262,7 +264,7 @@ def _read_tar_members(url: str, wanted: set[str]) -> dict[str, dict[str, bytes]]
 class ShardSource:
     """The scenes (or any sharded) split with ``seg.png`` members, read through ``components.data.loading.loader``."""
 
-    shards_root: Path
+    shards_root: str | Path  # a folder or an fsspec URL
     split: str  # the split's name in index.json (e.g. "val2017")
     urls: list[str]
     class_names: list[str]
@@ -342,10 +344,11 @@ class ShardSource:
         return [r["key"] for r in self._manifest()]
 
     def _manifest(self) -> list[dict]:
-        path = self.shards_root / self.split / "manifest.parquet"
-        if not path.is_file():
+        path = join_root(self.shards_root, self.split, "manifest.parquet")
+        data = read_root_file(path) if is_url(path) else (path if Path(path).is_file() else None)
+        if data is None:
             raise UserError(f"{path}: missing; the labelled/unlabelled split needs the shard manifest (re-run shard)")
-        rows, _ = read_manifest(path)
+        rows, _ = read_manifest(pa.BufferReader(data) if isinstance(data, bytes) else data)
         return [r for r in rows if self.keep is None or r["key"] in self.keep]
 
     def subset(self, keys, *, labels: bool = True):
@@ -362,33 +365,35 @@ class ShardSource:
                             "give data_root (a dataset folder, read lazily) for large labelled sets, or fewer labels")
         found: dict[str, dict[str, bytes]] = {}
         for shard in sorted({r["shard"] for r in rows}):
-            found.update(_read_tar_members(str(self.shards_root / self.split / shard), set(keep)))
+            found.update(_read_tar_members(join_root(self.shards_root, self.split, shard), set(keep)))
         items = []
         for r in rows:
             m = found.get(r["key"], {})
             if "jpg" not in m or "seg.png" not in m:
-                raise UserError(f"{self.shards_root / self.split / r['shard']}: labelled sample {r['key']!r} lacks "
+                shard = join_root(self.shards_root, self.split, r["shard"])
+                raise UserError(f"{shard}: labelled sample {r['key']!r} lacks "
                                 f"its jpg/seg.png members (has {sorted(m)}); re-run `slotcon shard`")
             items.append((r["key"], m["jpg"], m["seg.png"]))
-        return MemorySource(self.kind, items, self.class_names, self.lut, str(self.shards_root / self.split))
+        return MemorySource(self.kind, items, self.class_names, self.lut, join_root(self.shards_root, self.split))
 
 
 def open_shards(shards_root: str | Path, split: str = "val", *, max_lost_fraction: float = 1.0,
                 what: str = "segmentation") -> ShardSource:
     """The ``train``/``val`` split of the shards (as named in ``index.json``), with its semantic classes; its lost
     samples are counted against ``index.json`` and ``what`` stops above ``max_lost_fraction`` of them."""
-    root = Path(shards_root)
+    root = shards_root if is_url(shards_root) else Path(shards_root)
     index = read_index(root)
     name = index.get(split, split) if split in ("train", "val") else split
     info = index.get("splits", {}).get(name)
     if info is None:
-        raise UserError(f"{root / 'index.json'}: no split {name!r} (have {sorted(index.get('splits', {}))}); re-run shard")
+        raise UserError(f"{join_root(root, INDEX_NAME)}: no split {name!r} (have {sorted(index.get('splits', {}))}); "
+                        "re-run shard")
     if not index.get("semantic_classes") or info.get("with_seg") == 0:
         raise UserError(
-            f"{root / 'index.json'}: the {name} shards (source {index.get('source')!r}) carry no semantic maps; "
+            f"{join_root(root, INDEX_NAME)}: the {name} shards (source {index.get('source')!r}) carry no semantic maps; "
             "set data_root to a labelled dataset folder (COCO-Stuff, VOC, Cityscapes, ADE20K) or use the scenes source"
         )
-    names, lut = semantic_lut(index["semantic_classes"], f"{root / 'index.json'} (semantic_classes)")
+    names, lut = semantic_lut(index["semantic_classes"], f"{join_root(root, INDEX_NAME)} (semantic_classes)")
     return ShardSource(root, name, split_urls(root, name), names, lut, int(info.get("num_samples", 0)),
                        loss=SplitLoss(expected_counts(root, name), name), max_lost_fraction=max_lost_fraction,
                        what=what)

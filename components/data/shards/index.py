@@ -1,5 +1,8 @@
 """Reading what ``shard`` wrote: ``index.json`` (the mark of a complete run), shard URLs, per-shard sample counts, and
 ``--verify`` (re-read every shard and compare it with its manifest).
+
+A shards root is a local folder or an fsspec URL (``s3://bucket/prefix``, ``file:///abs/path``, ``memory://x``):
+URLs are joined with ``/`` and read through fsspec; :func:`shards_root` picks the root a stage reads.
 """
 from __future__ import annotations
 
@@ -13,20 +16,80 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from components.config import parse_section, read_params
 from components.data.workers import Meter, run_bounded, worker_pool
 from components.errors import UserError
 
 INDEX_NAME = "index.json"
+LOCAL_ROOT = "data/shards"  # the shard stage's output folder (``--out``/``--shards`` default)
+
+
+def shards_root(given: str | os.PathLike, params: str | os.PathLike = "params.yaml") -> str:
+    """The shards root a stage reads: ``--shards`` as given, except that the default local root (``data/shards``)
+    reads from ``shard.url`` of ``params`` when that is set (the object-storage copy the shard stage uploaded)."""
+    if os.path.normpath(str(given)) != LOCAL_ROOT:
+        return str(given)
+    section = read_params(params).get("shard")
+    url = parse_section("shard", section, params).url if section is not None else ""
+    return url or str(given)
+
+
+def is_url(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is an fsspec URL (``scheme://...``) rather than a local path."""
+    return "://" in str(root)
+
+
+def join_root(root: str | os.PathLike, *parts: str) -> str:
+    """``root/part/...``: joined with ``/`` for a URL (no normalisation of the scheme's ``//``), as a path otherwise."""
+    if is_url(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
+def url_fs(url: str):
+    """``(fsspec filesystem, path)`` of ``url``; a protocol whose driver is missing (``s3://`` without s3fs) or that
+    fsspec does not know is a one-line UserError naming the URL and the fix."""
+    import fsspec  # lazy: fsspec (~0.1 s) only for shard roots in object storage
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise UserError(f"{url}: reading {url.split('://')[0]}:// URLs needs its fsspec driver ({exc}); "
+                        "pip install -e '.[stack]'") from None
+    except ValueError as exc:
+        raise UserError(f"{url}: not a URL fsspec can read ({exc})") from None
+
+
+def read_root_file(path: str) -> bytes | None:
+    """The bytes of a file under a shards root (local path or URL); None when it does not exist. Any other failure
+    to read (no connection, refused credentials) is a one-line UserError naming the file."""
+    if not is_url(path):
+        p = Path(path)
+        return p.read_bytes() if p.is_file() else None
+    fs, fpath = url_fs(path)
+    try:
+        with fs.open(fpath, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - every driver has its own errors; each is this file's problem
+        raise UserError(f"{path}: cannot read ({exc_line(exc)})") from None
+
+
+def exc_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters of it): a driver's error inside a one-line error."""
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def read_index(shards_root: str | os.PathLike) -> dict[str, Any]:
     """``<shards_root>/index.json`` (written last by ``shard``: the mark of a complete run). Missing, not JSON, keys
     missing or of the wrong type, a shard path outside ``shards_root``: one-line UserError naming the file."""
-    path = Path(shards_root) / INDEX_NAME
-    if not path.is_file():
+    path = join_root(shards_root, INDEX_NAME)
+    data = read_root_file(path)
+    if data is None:
         raise UserError(f"{path}: not found: the shard stage has not completed; run `slotcon shard` (or `dvc repro shard`)")
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"))
+        index = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({str(exc).splitlines()[0][:120]}); re-run `slotcon shard`") from None
     problem = _index_problem(index)
@@ -75,8 +138,8 @@ def split_urls(shards_root: str | os.PathLike, split: str) -> list[str]:
     """Paths of ``split``'s shards (local paths: the loader also takes brace patterns, ``pipe:`` and fsspec URLs)."""
     index = read_index(shards_root)
     if split not in index["splits"]:
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
-    return [str(Path(shards_root) / s) for s in index["splits"][split]["shards"]]
+        raise UserError(f"{join_root(shards_root, INDEX_NAME)}: no split {split!r} (have: {', '.join(index['splits'])})")
+    return [join_root(shards_root, s) for s in index["splits"][split]["shards"]]
 
 
 def expected_counts(shards_root: str | os.PathLike, split: str) -> dict[str, int]:
@@ -85,27 +148,53 @@ def expected_counts(shards_root: str | os.PathLike, split: str) -> dict[str, int
     index = read_index(shards_root)
     info = index["splits"].get(split)
     if info is None:
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no split {split!r} (have: {', '.join(index['splits'])})")
+        raise UserError(f"{join_root(shards_root, INDEX_NAME)}: no split {split!r} (have: {', '.join(index['splits'])})")
     counts = info.get("shard_samples")
     if counts is None or len(counts) != len(info["shards"]):
-        raise UserError(f"{Path(shards_root) / INDEX_NAME}: no per-shard sample counts (written by an older "
+        raise UserError(f"{join_root(shards_root, INDEX_NAME)}: no per-shard sample counts (written by an older "
                         "`slotcon shard`); re-run `slotcon shard`")
-    return {str(Path(shards_root) / s): int(n) for s, n in zip(info["shards"], counts)}
+    return {join_root(shards_root, s): int(n) for s, n in zip(info["shards"], counts)}
 
 
-_IDENTITY_CACHE: dict[str, tuple[tuple[int, int], dict[str, tuple[str, int | None]]]] = {}
+_IDENTITY_CACHE: dict[str, tuple[Any, dict[str, tuple[str, int | None]]]] = {}
+
+
+def _identity_table(root: str | os.PathLike) -> dict[str, tuple[str, int | None]]:
+    """``{shard path or URL: (sha256, samples)}`` of every shard whose digest ``root``'s index.json records."""
+    table: dict[str, tuple[str, int | None]] = {}
+    for info in read_index(root)["splits"].values():
+        digests, counts = info.get("shard_sha256"), info.get("shard_samples")
+        if digests is None:
+            continue
+        for i, rel in enumerate(info["shards"]):
+            key = join_root(root, rel) if is_url(root) else os.path.normpath(join_root(root, rel))
+            table[key] = (digests[i], counts[i] if counts is not None else None)
+    return table
 
 
 def shard_identity(url: str) -> tuple[str, int | None] | None:
-    """``(sha256, samples)`` that the ``index.json`` of a local shard's shards root (the shard folder's parent)
-    records for it; None for a URL that is not such a shard (remote, or no index / no digest recorded for it).
+    """``(sha256, samples)`` that the ``index.json`` of a shard's shards root (the shard folder's parent) records for
+    it; None for a URL that is not such a shard (``pipe:``, no index / no digest recorded for it).
 
-    Read once per process and index file (cached by its size and mtime), so visits cost a dict lookup."""
-    if "://" in url or url.startswith(("pipe:", "file:")):
+    Read once per process and index file (cached by its size and mtime; a remote one by what its filesystem's ``info``
+    reports: size, ETag, modification time), so visits cost a dict lookup (and, for a remote index, one ``info``)."""
+    if url.startswith("pipe:") or (url.startswith("file:") and not is_url(url)):
         return None
+    if is_url(url):
+        root = url.rsplit("/", 2)[0]
+        fs, ipath = url_fs(join_root(root, INDEX_NAME))
+        try:
+            info = fs.info(ipath)
+        except OSError:  # FileNotFoundError included: no index, nothing recorded
+            return None
+        stamp = tuple(str(info.get(k)) for k in ("size", "ETag", "LastModified", "mtime", "created"))
+        cached = _IDENTITY_CACHE.get(root)
+        if cached is None or cached[0] != stamp:
+            cached = _IDENTITY_CACHE[root] = (stamp, _identity_table(root))
+        return cached[1].get(url)
     shard = Path(os.path.normpath(os.path.abspath(url)))
-    root = shard.parent.parent
-    path = root / INDEX_NAME
+    root_path = shard.parent.parent
+    path = root_path / INDEX_NAME
     try:
         st = path.stat()
     except OSError:
@@ -113,29 +202,29 @@ def shard_identity(url: str) -> tuple[str, int | None] | None:
     stamp = (st.st_size, st.st_mtime_ns)
     cached = _IDENTITY_CACHE.get(str(path))
     if cached is None or cached[0] != stamp:
-        table: dict[str, tuple[str, int | None]] = {}
-        for info in read_index(root)["splits"].values():
-            digests, counts = info.get("shard_sha256"), info.get("shard_samples")
-            if digests is None:
-                continue
-            for i, rel in enumerate(info["shards"]):
-                table[os.path.normpath(str(root / rel))] = (digests[i], counts[i] if counts is not None else None)
-        cached = _IDENTITY_CACHE[str(path)] = (stamp, table)
+        cached = _IDENTITY_CACHE[str(path)] = (stamp, _identity_table(root_path))
     return cached[1].get(str(shard))
 
 
 def shard_members(url: str) -> dict[str, dict[str, str]]:
-    """``{key: {member extension: sha1}}`` of a local shard as its split's ``manifest.parquet`` lists it (what was
-    written into it); empty when there is no manifest. Read only for a shard whose sha256 differs, to keep its
+    """``{key: {member extension: sha1}}`` of a shard (local or URL) as its split's ``manifest.parquet`` lists it (what
+    was written into it); empty when there is no manifest. Read only for a shard whose sha256 differs, to keep its
     intact samples and drop the rest."""
-    shard = Path(os.path.normpath(os.path.abspath(url)))
-    mpath = shard.parent / "manifest.parquet"
-    if not mpath.is_file():
-        return {}
     cols = ["key", "shard", "sha1", "json_sha1", "seg_sha1"]
-    rows = pq.read_table(mpath, columns=cols, filters=[("shard", "==", shard.name)]).to_pylist()
+    if is_url(url):
+        folder, name = url.rsplit("/", 1)
+        fs, mpath = url_fs(join_root(folder, "manifest.parquet"))
+        if not fs.isfile(mpath):
+            return {}
+        table = pq.read_table(mpath, columns=cols, filters=[("shard", "==", name)], filesystem=fs)
+    else:
+        shard = Path(os.path.normpath(os.path.abspath(url)))
+        local = shard.parent / "manifest.parquet"
+        if not local.is_file():
+            return {}
+        table = pq.read_table(local, columns=cols, filters=[("shard", "==", shard.name)])
     out: dict[str, dict[str, str]] = {}
-    for r in rows:
+    for r in table.to_pylist():
         out[r["key"]] = {"jpg": r["sha1"], "json": r["json_sha1"]}
         if r["seg_sha1"] is not None:
             out[r["key"]]["seg.png"] = r["seg_sha1"]
@@ -224,6 +313,9 @@ def verify_shards(shards_root: str | os.PathLike, *, workers: int = 1, progress:
     shard's size and sha1, member keys, order, offsets, sizes and sha1s. Raises a one-line UserError on the first
     mismatch; returns counts when everything agrees.
     """
+    if is_url(shards_root):
+        raise UserError(f"{shards_root}: --verify re-reads a local shards folder; verify the folder the shard stage "
+                        "wrote (data/shards) before it is uploaded")
     root = Path(shards_root)
     index = read_index(root)
     total = sum(len(info["shards"]) for info in index["splits"].values())

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from components.data.prepare.coco import load_instances
 from components.data.prepare.manifest import resolve_root, slotcon_schema
 from components.data.shards.index import (  # noqa: F401  (re-exported: the readers' API)
-    INDEX_NAME, expected_counts, read_index, split_urls, verify_shards,
+    INDEX_NAME, exc_line, expected_counts, read_index, split_urls, url_fs, verify_shards,
 )
 from components.data.shards.write import (
     done_name, dump_meta, find_finished, finish_shard, member_span, read_records, shard_name, write_shard,
@@ -304,6 +304,32 @@ def _finalize(plans: list[SplitPlan], summaries: dict, work: Path, out_dir: Path
     return index, split_metrics
 
 
+def upload_shards(out_dir: str | os.PathLike, url: str, index: dict[str, Any]) -> dict[str, Any]:
+    """Copy the finished shards root ``out_dir`` to ``url`` (``shard.url``): the index there is removed first, then
+    every listed shard and each split's manifest are put, and ``index.json`` last, so a reader never sees an index for
+    shards not yet there (or a new index beside old shards). Returns ``{"files", "bytes", "seconds"}``."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    fs, base = url_fs(url)
+    base = base.rstrip("/")
+    rels = [rel for split, info in index["splits"].items() for rel in (*info["shards"], f"{split}/manifest.parquet")]
+    nbytes = 0
+    try:
+        if fs.exists(f"{base}/{INDEX_NAME}"):
+            fs.rm(f"{base}/{INDEX_NAME}")
+        for rel in [*rels, INDEX_NAME]:
+            dest = f"{base}/{rel}"
+            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(out_dir / rel), dest)
+            nbytes += (out_dir / rel).stat().st_size
+    except Exception as exc:  # noqa: BLE001 - every fsspec driver has its own errors; each is a failed upload
+        raise UserError(f"{url}: upload of {out_dir} failed ({exc_line(exc)}); the local shards are complete: "
+                        "re-run `slotcon shard` to upload again") from None
+    seconds = time.perf_counter() - t0
+    print(f"shard: uploaded {len(rels) + 1} files ({nbytes / 1e6:.1f} MB) to {url} in {seconds:.2f} s")
+    return {"files": len(rels) + 1, "bytes": nbytes, "seconds": round(seconds, 3)}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------------------------
@@ -325,6 +351,8 @@ def run_shard(
     done-record, so a run killed at any point (kill -9 included) resumes without rewriting finished shards, also under
     ``dvc repro`` (DVC deletes ``data/shards`` before a run, not the work folder).
 
+    With ``cfg.url`` set, the finished (and verified) root is then uploaded there (:func:`upload_shards`).
+
     ``cfg`` is the ``shard`` section. ``on_sample`` is a test hook (interruption tests) passed to :func:`write_shard`;
     with it set, shards are written in this process.
     """
@@ -335,6 +363,8 @@ def run_shard(
         raise UserError(f"{raw_index_path}: not found; run `slotcon prepare` (or `dvc repro prepare`) first")
     raw_index = json.loads(raw_index_path.read_text())
     root = resolve_root(raw_dir, raw_index)
+    if cfg.url:
+        url_fs(cfg.url)  # a missing driver (s3:// without s3fs) stops here, before any shard is written
     with hold_output(out_dir, "slotcon shard") as work:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / INDEX_NAME).unlink(missing_ok=True)  # nothing looks complete while this run works
@@ -359,6 +389,8 @@ def run_shard(
     if cfg.verify:
         v = verify_shards(out_dir, workers=cfg.workers, progress=progress)
         metrics["verified_samples"] = v["samples"]
+    if cfg.url:
+        metrics["upload"] = {"url": cfg.url, **upload_shards(out_dir, cfg.url, index)}
     log_run(tracker, metrics, index, "shards_index.json")
     return metrics
 

@@ -6,6 +6,7 @@ the training engine (:mod:`components.engine.loop`: exact resume, all-rank non-f
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import sys
@@ -21,7 +22,8 @@ from components import dist
 from components.backbone import is_vit
 from components.data.loading.ledger import SplitLoss, loss_details
 from components.data.loading.loader import make_loader
-from components.data.shards.index import expected_counts, read_index, split_urls
+from components.data.shards.index import (INDEX_NAME, expected_counts, join_root, read_index, read_root_file,
+                                          shards_root, split_urls)
 from components.engine.loop import Method, RunSpec, fit, write_loss_plot
 from components.errors import UserError
 from components.io import save_torch_atomic, sha1_file
@@ -224,7 +226,7 @@ def _check_data(shards, cfg, world: int) -> dict[str, Any]:
             "train_counts": expected_counts(shards, train_split), "train_split": train_split,
             "val_loss": SplitLoss(expected_counts(shards, val_split), val_split),
             "num_train": int(index["splits"][train_split].get("num_samples") or 0) or None,
-            "index_sha1": _sha1(Path(shards) / "index.json")}
+            "index_sha1": hashlib.sha1(read_root_file(join_root(shards, INDEX_NAME)) or b"").hexdigest()[:16]}
 
 
 def _sha1(path) -> str:
@@ -372,7 +374,8 @@ def _log_model(tracker, model: nn.Module) -> None:
 
 def _run_stage(ctx) -> dict[str, Any]:
     a = ctx.args
-    return run_detect(ctx.cfg, a.shards, a.backbone, a.out, a.plots, checkpoints=a.checkpoints, tracker=ctx.tracker)
+    return run_detect(ctx.cfg, shards_root(a.shards, a.params), a.backbone, a.out, a.plots, checkpoints=a.checkpoints,
+                      tracker=ctx.tracker)
 
 
 def _summary(m: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from components import dist
 from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_source
+from components.data.shards.index import shards_root
 from components.engine.loop import RunSpec, fit, write_loss_plot
 from components.errors import UserError
 from components.io import save_torch_atomic, sha1_file, write_text_atomic
@@ -227,7 +228,7 @@ def _draw(models, val_src, cfg, path: Path, tracker) -> None:
 
 def _run_stage(ctx) -> dict:
     a = ctx.args
-    return run_segment(ctx.cfg, a.shards, a.backbone, a.out, tracker=ctx.tracker, checkpoints=a.checkpoints,
+    return run_segment(ctx.cfg, shards_root(a.shards, a.params), a.backbone, a.out, tracker=ctx.tracker, checkpoints=a.checkpoints,
                        plots_dir=a.plots)
 
 

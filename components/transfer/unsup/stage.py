@@ -19,6 +19,7 @@ from tqdm import tqdm
 from components.data.segmentation.layouts import CURATED_LIST, detect_layout
 from components.data.loading.ledger import loss_details
 from components.data.segmentation.sources import open_source
+from components.data.shards.index import shards_root
 from components.errors import UserError
 from components.pretrain.registry import open_pretrained
 from components.stage import Arg, Stage
@@ -215,7 +216,7 @@ def run_unsup_seg(cfg, shards: str | Path | None, checkpoint: str | Path, *, tra
 
 
 def _run_stage(ctx) -> dict:
-    return run_unsup_seg(ctx.cfg, ctx.args.shards, ctx.args.checkpoint, tracker=ctx.tracker)
+    return run_unsup_seg(ctx.cfg, shards_root(ctx.args.shards, ctx.args.params), ctx.args.checkpoint, tracker=ctx.tracker)
 
 
 def _summary(metrics: dict) -> str:

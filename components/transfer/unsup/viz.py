@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from components.data.loading.loader import iterate_samples
 from components.data.loading.ledger import SplitLoss, loss_details
-from components.data.shards.index import expected_counts, read_index, split_urls
+from components.data.shards.index import expected_counts, read_index, shards_root, split_urls
 from components.errors import UserError
 from components.io import write_bytes_atomic
 from components.pretrain.registry import open_pretrained
@@ -271,7 +271,7 @@ def run_viz(cfg, shards: str | Path, checkpoint: str | Path, out_dir: str | Path
 
 
 def _run_stage(ctx) -> dict:
-    return run_viz(ctx.cfg, ctx.args.shards, ctx.args.checkpoint, ctx.args.out, tracker=ctx.tracker)
+    return run_viz(ctx.cfg, shards_root(ctx.args.shards, ctx.args.params), ctx.args.checkpoint, ctx.args.out, tracker=ctx.tracker)
 
 
 def _summary(summary: dict) -> str:
