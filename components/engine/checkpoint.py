@@ -46,6 +46,7 @@ def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
     """
     fp = {k: v for k, v in sorted(params.items()) if k not in RESUME_FREE_KEYS}
     fp.update({f"_{k}": v for k, v in sorted((extra or {}).items())})
+    fp["_format"] = FORMAT_VERSION  # checkpoints of an older file format sit in another folder: a fresh run, no refusal
     text = json.dumps(fp, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12], fp
 

@@ -98,6 +98,16 @@ def test_fingerprint_ignores_cadence_but_not_epochs_or_lr():
                                                                                    {"world_size": 1})[1])
 
 
+def test_a_new_checkpoint_format_is_a_new_run_folder(monkeypatch):
+    """Checkpoints of an older file format (which the weights-only reader refuses) sit under another fingerprint, so
+    an upgraded run starts fresh beside them instead of stopping on them."""
+    base = {"base_lr": 1.0, "epochs": 3, "seed": 0}
+    h_now, fp = ckpt.fingerprint(base)
+    assert fp["_format"] == ckpt.FORMAT_VERSION
+    monkeypatch.setattr(ckpt, "FORMAT_VERSION", ckpt.FORMAT_VERSION - 1)
+    assert ckpt.fingerprint(base)[0] != h_now
+
+
 def test_rng_state_roundtrip():
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(1)
