@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\nMLflow run tree (" + summary["tracking_uri"] + "):")
             print(mlflow_runs.run_tree(cfg, summary["parent_run_id"]))
             if summary.get("mlflow_url"):
-                print(f"(with `mlflow server` running: {summary['mlflow_url']})")
+                served = os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
+                print(f"(MLflow UI{'' if served else ', with `mlflow server` running'}: {summary['mlflow_url']})")
         elif summary.get("noop"):
             print("nothing to do: every stage up to date (no MLflow run kept)")
         return 0

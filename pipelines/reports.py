@@ -34,10 +34,13 @@ def artifact_key(text: str) -> str:
 
 
 def mlflow_run_url(tcfg: Any, run_id: str | None) -> str | None:
-    """The parent run's page in the MLflow UI (``$SLOTCON_MLFLOW_UI``, default http://127.0.0.1:5000)."""
+    """The parent run's page in the MLflow UI: ``$SLOTCON_MLFLOW_UI``, else the tracking server itself when the URI is
+    an http(s) server (it serves the UI), else http://127.0.0.1:5000 (`mlflow server` on the local store)."""
     if not run_id:
         return None
-    base = os.environ.get("SLOTCON_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or getattr(tcfg, "tracking_uri", "")
+    default = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = os.environ.get("SLOTCON_MLFLOW_UI", default).rstrip("/")
     try:
         exp_id = mlflow_runs.mlflow_client(tcfg).get_run(run_id).info.experiment_id
     except Exception:  # noqa: BLE001 - a link is a convenience
