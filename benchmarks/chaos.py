@@ -17,6 +17,9 @@ Fault kinds (one drawn per round, from ``--seed``):
 - ``annotation_damage``: random faults (NaN coordinates, a short polygon, an RLE claiming a huge size, a negative box)
   written into a copy of the scenes' COCO annotations, then ``prepare`` and ``shard``: prepare must count exactly the
   damaged annotations in ``annotations_skipped`` and the shards must hold none of them.
+- ``tracking_server_kill`` (needs ``.[stack]``): a pretraining run tracked through the stack's MLflow server (started
+  once per campaign on free ports), which is SIGKILLed at a random moment and started again 2-6 s later: the run must
+  finish and its MLflow run must end FINISHED with its final metrics.
 - ``store_lock``: a second process holds an exclusive lock on ``mlflow.db`` for a random 5-20 s during a pretraining
   run: the run must finish, write its metrics file, and its MLflow run must end with its final metrics.
 
@@ -43,9 +46,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import chaos_stack  # noqa: E402  (benchmarks/chaos_stack.py: the fault on a real MLflow server)
 
 KINDS = ("shard_kill", "pretrain_kill", "checkpoint_damage", "shard_damage", "shard_swap", "annotation_damage",
-         "store_lock")
+         "store_lock", "tracking_server_kill")
 TINY = {
     "tracking": {"enabled": False},
     "scenes": {"num_train": 48, "num_val": 8, "image_size": 64, "workers": 1},
@@ -65,7 +71,7 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _params(path: Path, tracking: bool = False) -> Path:
+def _params(path: Path, tracking: bool = False, server: bool = False) -> Path:
     import yaml
 
     from components.config import SECTIONS
@@ -73,7 +79,9 @@ def _params(path: Path, tracking: bool = False) -> Path:
     data = {name: {} for name in SECTIONS}
     for k, v in TINY.items():
         data[k] = v
-    if tracking:
+    if tracking and server:  # MLFLOW_TRACKING_URI (the stack's server) decides where runs and artifacts go
+        data["tracking"] = {"enabled": True}
+    elif tracking:
         data["tracking"] = {"enabled": True, "tracking_uri": f"sqlite:///{path.parent / 'mlflow.db'}",
                             "artifact_location": str(path.parent / "mlartifacts")}
     path.write_text(yaml.safe_dump(data))
@@ -156,6 +164,19 @@ class Campaign:
         t0 = time.perf_counter()
         _run(self._pretrain_cmd(w / "timing"), w)
         self.pretrain_s = time.perf_counter() - t0
+
+    # what benchmarks/chaos_stack.py's fault uses of a campaign
+    params_file, env = staticmethod(_params), staticmethod(_env)
+
+    def pretrain_cmd(self, out: Path, params: Path | None = None) -> list[str]:
+        return self._pretrain_cmd(out, params)
+
+    def tracking_server_kill(self, n: int) -> dict:
+        return chaos_stack.tracking_server_kill(self, n)
+
+    def close(self) -> None:
+        if getattr(self, "stack", None) is not None:
+            self.stack.cli("down")
 
     def _pretrain_cmd(self, out: Path, params: Path | None = None) -> list[str]:
         return [sys.executable, "-m", "components", "pretrain", "--params", str(params or self.params), "--shards",
@@ -373,14 +394,17 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="chaos_") as tmp:
         camp = Campaign(Path(tmp), rng)
-        camp.setup()
-        print(f"[chaos] references ready in {time.perf_counter() - t0:.0f} s (a pretraining run: "
-              f"{camp.pretrain_s:.0f} s)", flush=True)
-        for n in range(args.rounds):
-            if time.perf_counter() - t0 > args.budget_s:
-                print(f"[chaos] budget of {args.budget_s:.0f} s spent after {n} rounds", flush=True)
-                break
-            camp.round(n, rng.choice(kinds))
+        try:
+            camp.setup()
+            print(f"[chaos] references ready in {time.perf_counter() - t0:.0f} s (a pretraining run: "
+                  f"{camp.pretrain_s:.0f} s)", flush=True)
+            for n in range(args.rounds):
+                if time.perf_counter() - t0 > args.budget_s:
+                    print(f"[chaos] budget of {args.budget_s:.0f} s spent after {n} rounds", flush=True)
+                    break
+                camp.round(n, rng.choice(kinds))
+        finally:
+            camp.close()  # stops the stack a tracking_server_kill round started
         summary = summarize(camp.results)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     print("\nchaos campaign")
