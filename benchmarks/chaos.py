@@ -219,15 +219,19 @@ class Campaign:
     def checkpoint_damage(self, n: int) -> dict:
         return self.pretrain_kill(n, damage=True)
 
-    def shard_damage(self, n: int) -> dict:
-        from components.data.loading.loader import iterate_samples
+    def _shards_copy(self, name: str) -> tuple[list[str], dict[str, int]]:
+        """A copy of the campaign's shards under ``name``: the train split's shard URLs and expected counts."""
         from components.data.shards.stage import expected_counts, read_index, split_urls
 
-        out = self.work / f"damaged_{n}"
+        out = self.work / name
         shutil.copytree(self.work / "shards", out)
         split = read_index(out)["train"]
-        urls = split_urls(out, split)
-        expected = expected_counts(out, split)
+        return split_urls(out, split), expected_counts(out, split)
+
+    def shard_damage(self, n: int) -> dict:
+        from components.data.loading.loader import iterate_samples
+
+        urls, expected = self._shards_copy(f"damaged_{n}")
         victim = Path(self.rng.choice(urls))
         data = bytearray(victim.read_bytes())
         if self.rng.random() < 0.5:
@@ -250,13 +254,8 @@ class Campaign:
         import tarfile
 
         from components.data.loading.loader import iterate_samples
-        from components.data.shards.stage import expected_counts, read_index, split_urls
 
-        out = self.work / f"swapped_{n}"
-        shutil.copytree(self.work / "shards", out)
-        split = read_index(out)["train"]
-        urls = split_urls(out, split)
-        expected = expected_counts(out, split)
+        urls, expected = self._shards_copy(f"swapped_{n}")
         genuine = {u: _tar_keys(Path(u)) for u in urls}
         victim, other = self.rng.sample(urls, 2)
         how = self.rng.choice(["copy_of_other", "rename_member", "append_foreign"])
