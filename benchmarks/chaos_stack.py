@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,33 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_ports(names: list[str], rng: random.Random) -> dict[str, int]:
-    """A free port per server (7 in a row for SeaweedFS's internals, ``weed``)."""
-    out: dict[str, int] = {}
-    for name in names:
-        span = 7 if name == "weed" else 1
-        while True:
-            base = rng.randrange(20000, 60000)
-            taken = {p + i for p in out.values() for i in range(7)}
-            if all(_free(base + i) and base + i not in taken for i in range(span)):
-                out[name] = base
-                break
-    return out
-
-
 class StackServer:
     """A stack in ``folder`` for the campaign: ``up`` (idempotent), ``down``, the client env, the MLflow server's pid."""
 
     def __init__(self, folder: Path, rng: random.Random):
+        from components.stack.procs import free_ports
         from components.stack.settings import PORTS
 
         self.dir, self.env_file = folder / "stack", folder / "stack.env"

@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import signal
+import random
 import socket
 import subprocess
 import time
@@ -56,6 +57,31 @@ def port_busy(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_ports(names: Sequence[str], rng: random.Random | None = None) -> dict[str, int]:
+    """A port free on 127.0.0.1 just now for each of ``names`` (7 in a row for SeaweedFS's internals, ``weed``):
+    a stack for tests or a chaos campaign beside the default one."""
+    rng = rng or random.Random()
+    out: dict[str, int] = {}
+    for name in names:
+        span = 7 if name == "weed" else 1
+        while True:
+            base = rng.randrange(20000, 60000)
+            taken = {p + i for p in out.values() for i in range(7)}
+            if all(_bindable(base + i) and base + i not in taken for i in range(span)):
+                out[name] = base
+                break
+    return out
 
 
 def start(name: str, argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None,

