@@ -6,9 +6,11 @@ same JPEGs with the same worker count, in one run (prints figures and the ratio,
                                                      [--size 224] [--repeat 3]
 
 Ours is what ``pretrain`` runs on a CPU: :func:`components.pretrain.views.build_loader` (resampled shards, JPEGs
-decoded in the workers, crop boxes drawn there), then :func:`components.pretrain.views.make_views` in the main
-process (batched crop + resize, colour jitter, grayscale, blur, solarize, normalisation), with the intra-op threads
-``pretrain`` sets (the cores left after one per worker). The authors' way (written here from their recipe: two
+decoded in the workers, crop boxes and augmentation draws made there) with
+:class:`components.pretrain.views.AugmentInWorkers`, so each worker also makes its batches' views
+(:func:`components.pretrain.views.make_views`: batched crop + resize, colour jitter, grayscale, blur, solarize,
+normalisation). A third line makes the views in the main process after the loader instead (the GPU layout, here on
+the CPU, with the intra-op threads ``pretrain`` sets: the cores left after one per worker). The authors' way (written here from their recipe: two
 random resized crops, bicubic, the second overlapping the first by 1 % of its area; flips; colour jitter p 0.8,
 grayscale p 0.2, blur p 1.0 / 0.1, solarize p 0.2 on view 2; ToTensor + Normalize) does all of it per image in the
 workers. Inputs: ``--images`` COCO-size JPEGs (640x480, ~135 KB), prepared and sharded once. Each side has an
@@ -40,7 +42,7 @@ from components.data.prepare.stage import run_prepare  # noqa: E402
 from components.data.shards.stage import expected_counts, run_shard, split_urls  # noqa: E402
 from components.pretrain.augment import TwoViewAugment  # noqa: E402
 from components.pretrain.stage import cpu_threads  # noqa: E402
-from components.pretrain.views import augment_generator, build_loader, make_views  # noqa: E402
+from components.pretrain.views import batch_views, build_loader  # noqa: E402
 from shard_throughput import write_coco_size  # noqa: E402
 
 
@@ -124,13 +126,16 @@ def plain_pass(paths: list[str], workers: int, batch: int, size: int, epoch: int
 # ours, as pretraining runs it on a CPU
 # --------------------------------------------------------------------------------------------------------------------
 def ours_pass(urls: list[str], expected: dict[str, int], n: int, workers: int, batch: int, size: int,
-              epoch: int) -> int:
-    augment, gen, cpu = TwoViewAugment(image_size=size), augment_generator(0, 0), torch.device("cpu")
+              epoch: int, in_workers: bool = True) -> int:
+    """``in_workers``: the views are made in the loader workers (what ``pretrain`` does on a CPU); else in this
+    process after the loader (what it does on a GPU, here on the CPU: the figure it would have without workers)."""
+    augment, cpu = TwoViewAugment(image_size=size), torch.device("cpu")
     loader = build_loader(urls, rank_batch=batch, samples_per_epoch=n, seed=0, epoch=epoch, rank=0, world_size=1,
-                          num_workers=workers, decode="rgb", expected_counts=expected)
+                          num_workers=workers, decode="rgb", expected_counts=expected,
+                          augment=augment if in_workers else None)
     done = 0
     for b in loader:
-        views = make_views(b, augment, gen, cpu)
+        views = batch_views(b, augment, cpu)
         done += views["view1"].shape[0]
     return done
 
@@ -163,20 +168,24 @@ def main() -> None:
           f"{args.workers} workers, batch {args.batch}, views {args.size} px")
     plain_pass(paths, args.workers, args.batch, args.size, 0)  # warm-up passes
     ours_pass(urls, expected, files, args.workers, args.batch, args.size, 0)
-    plain_s, ours_s = [], []
+    plain_s, ours_s, main_s = [], [], []
     for epoch in range(1, args.repeat + 1):
-        t = time.perf_counter()
-        k1 = plain_pass(paths, args.workers, args.batch, args.size, epoch)
-        plain_s.append(k1 / (time.perf_counter() - t))
-        t = time.perf_counter()
-        k2 = ours_pass(urls, expected, files, args.workers, args.batch, args.size, epoch)
-        ours_s.append(k2 / (time.perf_counter() - t))
-    ratios = [o / p for o, p in zip(ours_s, plain_s)]
-    print(f"{'who':>40} | {'img/s (two views each)':>22}")
-    print(f"{'authors: files + PIL/torchvision workers':>40} | {np.median(plain_s):>22.1f}")
-    print(f"{'ours: shards + workers + batched views':>40} | {np.median(ours_s):>22.1f}")
-    print(f"ratio ours/authors {np.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f} over "
-          f"{len(ratios)} pairs)")
+        for rates, run in ((plain_s, lambda e: plain_pass(paths, args.workers, args.batch, args.size, e)),
+                           (ours_s, lambda e: ours_pass(urls, expected, files, args.workers, args.batch, args.size,
+                                                        e)),
+                           (main_s, lambda e: ours_pass(urls, expected, files, args.workers, args.batch, args.size,
+                                                        e, in_workers=False))):
+            t = time.perf_counter()
+            k = run(epoch)
+            rates.append(k / (time.perf_counter() - t))
+    print(f"{'who':>48} | {'img/s (two views each)':>22}")
+    print(f"{'authors: files + PIL/torchvision workers':>48} | {np.median(plain_s):>22.1f}")
+    print(f"{'ours: shards + batched views in the workers':>48} | {np.median(ours_s):>22.1f}")
+    print(f"{'ours, views in the main process (GPU layout)':>48} | {np.median(main_s):>22.1f}")
+    for name, rates in (("ours/authors", ours_s), ("ours-main-process/authors", main_s)):
+        ratios = [o / p for o, p in zip(rates, plain_s)]
+        print(f"ratio {name} {np.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f} over "
+              f"{len(ratios)} pairs)")
     if tmp is not None:
         tmp.cleanup()
 

@@ -36,3 +36,4 @@ def test_shard_benchmark_quick_prints_ratios_scaling_and_plan_rss(tmp_path):
 def test_loader_benchmark_quick_prints_ratio(tmp_path):
     out = _run("loader_throughput.py", tmp_path)
     assert re.search(r"^ratio ours/authors \d+\.\d\d \(range", out, re.M), out
+    assert re.search(r"^ratio ours-main-process/authors \d+\.\d\d \(range", out, re.M), out

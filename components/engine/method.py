@@ -59,7 +59,8 @@ class Method:
         model.compile()
 
     def generators(self) -> list[torch.Generator]:
-        """Per-rank generators whose states go into checkpoints (e.g. the augmentation generator)."""
+        """Per-rank generators whose states go into checkpoints (the pretraining methods have none: every random number
+        of a sample is drawn from its own seed in the loader workers)."""
         return []
 
     def state_dict(self) -> dict[str, Any]:

@@ -279,8 +279,10 @@ class TwoViewAugment(nn.Module):
     ``forward(images, params, generator)``:
         images: list of B uint8 (3, H_i, W_i) tensors (or a (B, 3, H, W) tensor) on the training device.
         params: collated :func:`~components.pretrain.crops.sample_two_crops` output: ``boxes`` (B, 2, 4),
-            ``flips`` (B, 2), ``coords`` (B, 2, 4) (extra keys are ignored).
-        generator: the rank's ``torch.Generator`` (CPU recommended); each call draws 2·B·13 numbers.
+            ``flips`` (B, 2), ``coords`` (B, 2, 4), and ``draws`` (B, 2, NUM_DRAWS): each sample's uniforms for its
+            colour, blur and solarize decisions (extra keys are ignored).
+        generator: without ``draws``, the uniforms come from this ``torch.Generator`` (CPU recommended; each call
+            draws 2·B·13 numbers).
     Returns a dict to pass as ``model(**views)``:
         view1, view2: (B, 3, S, S) float32, ImageNet-normalised.
         coords1, coords2: (B, 4) float32 overlap boxes in each view's normalised coordinates (flipped with it).
@@ -304,9 +306,10 @@ class TwoViewAugment(nn.Module):
     * **Gaussian blur**: separable depthwise convolution, one kernel per sample, reflect padding, kernel size
       ``max(odd(0.1·S), 13)``: 23 at 224 px as BYOL/torchvision, but never under ±3σ_max at small demo sizes.
 
-    All random numbers come from one ``torch.Generator`` (drawn where it lives, normally the CPU: a few numbers per
-    sample), so the same seed gives the same views on CPU and GPU and no GPU→CPU synchronisation is needed to know
-    which samples take which branch.
+    The random numbers are CPU tensors: each sample's own ``draws`` (made in the loader workers with its crops, so a
+    sample's views do not depend on which batch, process or device augments it), else one ``torch.Generator``. So
+    the same seed gives the same views on CPU and GPU, and no GPU→CPU synchronisation is needed to know which
+    samples take which branch.
     """
 
     def __init__(
@@ -342,10 +345,15 @@ class TwoViewAugment(nn.Module):
     NUM_DRAWS = 13  # uniforms per sample and view
 
     def draw(self, batch_size: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-        """Per-sample parameters of both views (CPU tensors, leading dims (2, B)): jitter apply/factors/order,
-        grayscale, blur apply/σ, solarize."""
+        """Per-sample parameters of both views from ``generator`` (CPU tensors, leading dims (2, B)); see
+        :meth:`from_uniforms`."""
         dev = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand(2, batch_size, self.NUM_DRAWS, generator=generator, device=dev).cpu()
+        return self.from_uniforms(torch.rand(2, batch_size, self.NUM_DRAWS, generator=generator, device=dev).cpu())
+
+    def from_uniforms(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(2, B, NUM_DRAWS) uniforms in [0, 1) -> per-sample parameters of both views: jitter apply/factors/order,
+        grayscale, blur apply/σ, solarize."""
+        u = u.cpu()
         b, c, s, h = self.jitter
         lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
         hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
@@ -370,7 +378,8 @@ class TwoViewAugment(nn.Module):
         boxes = params["boxes"]
         bsz = boxes.shape[0]
         device = images.device if isinstance(images, torch.Tensor) else images[0].device
-        r = self.draw(bsz, generator)
+        draws = params.get("draws")  # (B, 2, NUM_DRAWS), drawn per sample where its crops were
+        r = self.draw(bsz, generator) if draws is None else self.from_uniforms(draws.transpose(0, 1))
         flat = {k: v.reshape(2 * bsz, *v.shape[2:]) for k, v in r.items()}  # view-major (2B, ...)
         packer = _Packer()
         jitter = _plan_jitter(packer, flat["factors"], flat["order"], flat["jitter"])

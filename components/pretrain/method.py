@@ -14,13 +14,13 @@ from components.engine.method import Method
 from components.engine.optim import WARMUP_START_FACTOR, lr_at, momentum_at, scaled_lr
 from components.pretrain.augment import TwoViewAugment
 from components.pretrain.plan import Plan
-from components.pretrain.views import DrawCrops, augment_generator, build_loader, make_views
+from components.pretrain.views import DrawCrops, batch_views, build_loader
 
 class PretrainMethod(Method):
     """Base of the pretraining methods: two-view batches from the plan's shards, warm-up + cosine lr, cosine EMA.
 
-    Data: two crops per image drawn in the loader workers, pixels batched on the device
-    (:mod:`components.pretrain.views`). Schedules (:mod:`components.engine.optim`, pure functions of the global
+    Data: two crops and their augmentation draws per image made in the loader workers, pixels batched on the device
+    (on a CPU in the loader workers; :mod:`components.pretrain.views`). Schedules (:mod:`components.engine.optim`, pure functions of the global
     step): ``lr = base_lr * batch / 256``, linear warm-up then cosine to ``min_lr``; the teacher's EMA momentum on a
     cosine from ``m0`` to 1.
     Subclasses set ``name``, ``stat_keys``, ``plot_keys``, ``backbone_prefix``, ``model_class`` and implement
@@ -44,7 +44,6 @@ class PretrainMethod(Method):
         self.peak_lr = scaled_lr(self.params.base_lr, plan.global_batch)
         self.decode = "bytes" if device.type == "cuda" else "rgb"
         self.augment = TwoViewAugment(image_size=cfg.image_size).to(device)
-        self.generator = augment_generator(cfg.seed, plan.rank)
         self.lost = DataLossLedger(dict(zip(plan.urls, plan.shard_samples)))  # what the run never received
         self._per_model: dict[str, tuple[torch.nn.Module, Any]] = {}
 
@@ -111,7 +110,8 @@ class PretrainMethod(Method):
                               samples_per_epoch=self.plan.samples_per_epoch, seed=self.cfg.seed, epoch=epoch,
                               rank=self.plan.rank, world_size=self.plan.world_size, num_workers=self.cfg.num_workers,
                               decode=self.decode, expected_counts=self.lost.expected,
-                              pin_memory=self.device.type == "cuda", map_fn=self.crop_drawer(epoch))
+                              pin_memory=self.device.type == "cuda", map_fn=self.crop_drawer(epoch),
+                              augment=self.augment if self.decode == "rgb" else None)
         return self._count_lost(loader)
 
     def crop_drawer(self, epoch: int):
@@ -139,12 +139,9 @@ class PretrainMethod(Method):
         self.lost.check(self.cfg.max_lost_fraction)
 
     def prepare(self, batch: dict, device: torch.device) -> dict:
-        views = make_views(batch, self.augment, self.generator, device)
+        views = batch_views(batch, self.augment, device)
         self.lost.add_dropped((url, key) for url, key, _ in views.pop("dropped", ()))
         return views
-
-    def generators(self) -> list[torch.Generator]:
-        return [self.generator]
 
     def state_dict(self) -> dict[str, Any]:
         return {"lost": self.lost.state_dict()}

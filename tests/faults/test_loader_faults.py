@@ -235,21 +235,21 @@ def test_nvjpeg_decodes_grey_and_cmyk_and_drops_corrupt(jpegs):
 
 
 def test_make_views_drops_the_crops_of_a_dropped_image(jpegs):
-    """The views of a batch with a corrupt image equal the views of the same batch without it (same generator):
-    the dropped image's boxes, flips and coords went with it."""
+    """The views of a batch with a corrupt image equal the views of the same batch without it: the dropped image's
+    boxes, flips, coords and augmentation draws went with it."""
     from components.pretrain.augment import TwoViewAugment
     from components.pretrain.crops import sample_two_crops
     from components.pretrain.views import collate_pairs, make_views
 
     g = torch.Generator().manual_seed(0)
-    samples = [{"key": n, "url": "u.tar", "image": b, "crops": sample_two_crops(20, 28, g)} for n, b in jpegs.items()]
+    samples = [{"key": n, "url": "u.tar", "image": b,
+                "crops": {**sample_two_crops(20, 28, g), "draws": torch.rand(2, TwoViewAugment.NUM_DRAWS, generator=g)}}
+               for n, b in jpegs.items()]
     augment = TwoViewAugment(image_size=32)
-    views = make_views(collate_pairs(samples), augment, torch.Generator().manual_seed(1), torch.device("cpu"),
-                       device_decode=NvjpegStandIn())
+    views = make_views(collate_pairs(samples), augment, None, torch.device("cpu"), device_decode=NvjpegStandIn())
     assert views["dropped"][0][:2] == ("u.tar", "corrupt") and views["view1"].shape[0] == 4
     kept = [s for s in samples if s["key"] != "corrupt"]
-    ref = make_views(collate_pairs(kept), augment, torch.Generator().manual_seed(1), torch.device("cpu"),
-                     device_decode=NvjpegStandIn())
+    ref = make_views(collate_pairs(kept), augment, None, torch.device("cpu"), device_decode=NvjpegStandIn())
     for k in ("view1", "view2", "coords1", "coords2", "flip1", "flip2", "boxes"):
         assert torch.equal(views[k], ref[k]), k
 

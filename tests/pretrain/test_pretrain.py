@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_exact_resume_equals_straight_run(shards, tmp_path, run_pretrain_in):
     """6 steps straight == 2 steps + 'kill' + resume + 4 steps: per-step losses to 1e-6, final weights equal.
 
-    2 epochs x 3 steps; the stop falls mid-epoch (the resumed loader must skip the consumed batches and the
-    augmentation generator continue from its saved state) and the rest crosses an epoch boundary.
+    2 epochs x 3 steps; the stop falls mid-epoch (the resumed loader must skip the consumed batches, whose samples
+    carry their own crop and augmentation draws) and the rest crosses an epoch boundary.
     """
     cfg = PretrainConfig(**TINY, batch_size=8, epochs=2, samples_per_epoch=24, save_every_steps=2)
     straight: dict[int, dict] = {}
@@ -270,7 +270,7 @@ def test_cli_launches_torchrun_for_two_processes(shards, tmp_path, monkeypatch):
     (run_dir,) = list(Path("checkpoints/pretrain").iterdir())
     state = torch.load(sorted(run_dir.iterdir())[-1], weights_only=False)
     assert len(state["rank_states"]) == 2
-    assert not torch.equal(state["rank_states"][0]["generator"], state["rank_states"][1]["generator"])
+    assert all(isinstance(r["torch"], torch.Tensor) for r in state["rank_states"])  # each rank's own RNG states
     assert Path("models/pretrain/last.pt").is_file()
 
     # the same run again: both ranks resume from rank 0's choice of checkpoint, at step 2 of 2

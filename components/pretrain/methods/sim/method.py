@@ -10,7 +10,7 @@ from components.constants import VIT_SPECS
 from components.pretrain.method import PretrainMethod
 from components.pretrain.methods.sim.masking import DrawCropsAndMask, num_masked_patches
 from components.pretrain.methods.sim.model import SIM, model_kwargs_from_config
-from components.pretrain.views import make_views
+from components.pretrain.views import batch_views
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two AdamW groups: decayed (matrices, class and mask tokens) and not (1-D tensors and
@@ -79,7 +79,7 @@ class SimMethod(PretrainMethod):
         """The shared two views plus ``mask`` ``(B', L)``: an image no decoder accepted is dropped with its crops by
         :func:`~components.pretrain.views.make_views`, and here with its mask (by its url and key), so rows stay
         aligned."""
-        views = make_views(batch, self.augment, self.generator, device)
+        views = batch_views(batch, self.augment, device)
         dropped = views.pop("dropped", ())
         self.lost.add_dropped((url, key) for url, key, _ in dropped)
         mask = batch["mask"]
