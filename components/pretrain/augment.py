@@ -388,12 +388,18 @@ class TwoViewAugment(nn.Module):
         sol = packer.add(sol_idx) if sol_idx.numel() else None
         blur_idx = flat["blur"].nonzero().squeeze(1)
         blur = (packer.add(blur_idx), packer.add(flat["sigma"][blur_idx])) if blur_idx.numel() else None
+        flips = params["flips"].to(dtype=torch.bool).transpose(0, 1).reshape(-1)  # view-major (2B,)
+        flip_idx = flips.nonzero().squeeze(1) if flips.device.type == "cpu" else None  # no sync for CPU flips
+        flip = packer.add(flip_idx) if flip_idx is not None and flip_idx.numel() else None
         packer.send(device)
 
-        x = crop_resize(images, boxes, self.image_size, self.sampling_ratio) / 255.0  # (2B, 3, S, S)
-        flips = params["flips"].to(device=device, dtype=torch.bool).transpose(0, 1).reshape(-1)
-        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-        x = _run_jitter(x, packer, jitter, owned=True)  # x is this call's own tensor (made by torch.where above)
+        x = crop_resize(images, boxes, self.image_size, self.sampling_ratio).div_(255.0)  # (2B, 3, S, S), own tensor
+        if flip is not None:  # only the flipped samples are touched
+            idx = packer.get(flip)
+            x.index_copy_(0, idx, x.index_select(0, idx).flip(-1))
+        elif flip_idx is None:  # flips given on the device: a mask instead of indices
+            x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = _run_jitter(x, packer, jitter, owned=True)  # x is this call's own tensor (made by crop_resize above)
         if gray is not None:  # only the samples that take the branch (the others' pixels are not touched)
             idx = packer.get(gray)
             x.index_copy_(0, idx, rgb_to_gray(x.index_select(0, idx)).expand(-1, x.shape[1], -1, -1))

@@ -160,8 +160,9 @@ def make_views(batch: dict, augment: torch.nn.Module, generator: torch.Generator
                             "`slotcon shard --verify`")
         keep = torch.tensor(decoded.kept)
         crops = {k: v[keep] for k, v in crops.items()}
-    draws = crops.pop("draws", None)  # stays on the CPU: the branch plan is made there
-    crops = {k: v.to(device, non_blocking=True) for k, v in crops.items()}
+    # draws and flips stay on the CPU: the branch plan (which samples take which step) is made there
+    crops = {k: v if k in ("draws", "flips") else v.to(device, non_blocking=True) for k, v in crops.items()}
+    draws = crops.pop("draws", None)
     views = augment(decoded.images, crops if draws is None else {**crops, "draws": draws}, generator=generator)
     views["boxes"] = crops["boxes"]
     views["dropped"] = dropped
