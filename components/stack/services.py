@@ -6,7 +6,8 @@
 - ``mlflow``: ``mlflow server`` on PostgreSQL with ``--artifacts-destination s3://<bucket>/mlartifacts``: clients
   log artifacts through the server (``mlflow-artifacts:/``) and need no S3 keys.
 - ``prefect``: ``prefect server start`` on PostgreSQL; then the process work pool and ``worker`` (a
-  ``prefect worker start`` in the repository, with the stack's client settings in its environment).
+  ``prefect worker start`` in the repository, with the stack's client settings in its environment). The scheduler's
+  loop and the worker's poll keep Prefect's defaults unless the settings' ``intervals`` say otherwise.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def _prefect_env(s: StackSettings) -> dict[str, str]:
 
 def _prefect(s: StackSettings) -> tuple[list[str], dict[str, str]]:
     env = {**_prefect_env(s), "PREFECT_SERVER_DATABASE_CONNECTION_URL": s.pg_uri("prefect", "asyncpg"),
-           "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false")}
+           "PREFECT_UI_ENABLED": os.environ.get("PREFECT_UI_ENABLED", "false"), **s.interval_env("scheduler_loop")}
     return [str(BIN / "prefect"), "server", "start", "--host", s.host, "--port", str(s.ports["prefect"])], env
 
 
@@ -181,7 +182,8 @@ def _pool_setup(s: StackSettings) -> None:
 
 def _worker(s: StackSettings) -> tuple[list[str], dict[str, str]]:
     env = {**s.client_env(), **_prefect_env(s), "PREFECT_HOME": str(s.dir / "prefect-worker"),
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flow runs call dvc and slotcon
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flow runs call dvc and slotcon
+           **s.interval_env("worker_poll")}
     return [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process",
             "--name", f"slotcon-{s.advertise}"], env
 

@@ -23,6 +23,13 @@ PORTS: dict[str, tuple[int, str]] = {
     "prefect": (14200, "the Prefect server (API under /api)"),
     "weed": (19330, "first of 7 consecutive SeaweedFS-internal ports (master, volume, filer and their gRPC)"),
 }
+# name -> (Prefect setting, help): each is also settable as --<name>-s or $SLOTCON_STACK_<NAME>_S; unset = Prefect's
+# default (60 s and 10 s), what a lab wants; tests set a few seconds so a schedule fires within seconds
+INTERVALS: dict[str, tuple[str, str]] = {
+    "scheduler_loop": ("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS",
+                       "how often the Prefect server's scheduler creates the flow runs of schedules"),
+    "worker_poll": ("PREFECT_WORKER_QUERY_SECONDS", "how often the worker asks its pool for flow runs to start"),
+}
 POOL = "slotcon-process"  # the work pool prefect.yaml's deployments name
 ACCESS_KEY = "slotcon"
 
@@ -41,6 +48,11 @@ class StackSettings:
     host: str = "127.0.0.1"
     bucket: str = "slotcon"
     ports: dict[str, int] = field(default_factory=lambda: {k: v[0] for k, v in PORTS.items()})
+    intervals: dict[str, float] = field(default_factory=dict)  # INTERVALS name -> seconds; absent = Prefect's own
+
+    def interval_env(self, name: str) -> dict[str, str]:
+        """The Prefect setting of interval ``name`` for a server's environment (empty: Prefect's default)."""
+        return {INTERVALS[name][0]: f"{self.intervals[name]:g}"} if name in self.intervals else {}
 
     @property
     def advertise(self) -> str:
@@ -94,6 +106,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (default, what) in PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=None,
                             help=f"port of {what} (default {default}; $SLOTCON_STACK_{name.upper()}_PORT)")
+    for name, (setting, what) in INTERVALS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}-s", type=float, default=None,
+                            help=f"seconds: {what} (default Prefect's {setting}; $SLOTCON_STACK_{name.upper()}_S)")
+
+
+def _intervals(args: argparse.Namespace) -> dict[str, float]:
+    out = {}
+    for name in INTERVALS:
+        raw = getattr(args, f"{name}_s", None)
+        raw = raw if raw is not None else os.environ.get(f"SLOTCON_STACK_{name.upper()}_S", "")
+        if raw == "":
+            continue
+        flag = f"--{name.replace('_', '-')}-s / $SLOTCON_STACK_{name.upper()}_S"
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise UserError(f"stack: {name.replace('_', ' ')} {raw!r} is not a number of seconds ({flag})") from None
+        if not 0.5 <= seconds <= 86400:
+            raise UserError(f"stack: {name.replace('_', ' ')} {seconds:g} s is outside 0.5-86400 s ({flag})")
+        out[name] = seconds
+    return out
 
 
 def from_args(args: argparse.Namespace, repo: Path | None = None) -> StackSettings:
@@ -115,4 +148,4 @@ def from_args(args: argparse.Namespace, repo: Path | None = None) -> StackSettin
         ports[name] = port
     return StackSettings(dir=(repo / sdir).resolve(), env_file=(repo / env_file).resolve(), repo=repo,
                          host=args.host or _env("host", "127.0.0.1"), bucket=args.bucket or _env("bucket", "slotcon"),
-                         ports=ports)
+                         ports=ports, intervals=_intervals(args))

