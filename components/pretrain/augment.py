@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+
+from components.pretrain.resize import crop_resize, resize_crops
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -16,6 +17,7 @@ __all__ = [
     "TwoViewAugment",
     "blur_kernel_size",
     "crop_resize",
+    "resize_crops",
     "rgb_to_gray",
     "adjust_brightness",
     "adjust_contrast",
@@ -38,61 +40,6 @@ def blur_kernel_size(image_size: int, sigma_max: float = 2.0) -> int:
     while k // 2 >= image_size:  # reflect padding needs pad < size
         k -= 2
     return max(k, 1)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# crop + resize
-# --------------------------------------------------------------------------------------------------------------------
-def _pad_batch(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Variable-size uint8 (3, H_i, W_i) images → (B, 3, max H + 1, max W + 1), each image's last row/column
-    replicated once so bilinear samples near its border clamp to its edge (not to the zero padding)."""
-    hmax = max(int(im.shape[-2]) for im in images)
-    wmax = max(int(im.shape[-1]) for im in images)
-    out = images[0].new_zeros((len(images), images[0].shape[0], hmax + 1, wmax + 1))
-    for i, im in enumerate(images):
-        h, w = im.shape[-2:]
-        out[i, :, :h, :w] = im
-        out[i, :, h, :w] = im[:, h - 1]
-        out[i, :, : h + 1, w] = out[i, :, : h + 1, w - 1]
-    return out
-
-
-def crop_resize(
-    images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor, size: int, sampling_ratio: int = -1
-) -> torch.Tensor:
-    """Crop several boxes from each image and resize them to ``size`` × ``size`` in one RoIAlign call.
-
-    Args:
-        images: (B, 3, H, W) tensor or a list of B (3, H_i, W_i) tensors (uint8 or float), all on one device.
-        boxes: (B, V, 4) pixel boxes (x0, y0, x1, y1) of V crops per image.
-        size: output side S.
-        sampling_ratio: RoIAlign samples per bin and axis; -1 = adaptive ⌈crop / S⌉ (antialiased down-sampling).
-    Returns:
-        (V·B, 3, S, S) float32 in the input's value range, view-major: rows v·B … v·B + B − 1 are crop v.
-    """
-    b, v = boxes.shape[:2]
-    if len(images) != b:
-        raise ValueError(f"{len(images)} images but boxes for {b}")
-    device = images[0].device
-    boxes = boxes.to(device=device, dtype=torch.float32)
-    if isinstance(images, torch.Tensor) and images.dim() == 4:
-        batch = images
-    elif len({tuple(im.shape) for im in images}) == 1:
-        batch = torch.stack(list(images))
-    else:
-        padded = len(images) * (max(im.shape[-2] for im in images) + 1) * (max(im.shape[-1] for im in images) + 1)
-        if padded <= 4 * sum(im.shape[-2] * im.shape[-1] for im in images):
-            batch = _pad_batch(images)  # COCO-like sizes: one padded batch, one kernel
-        else:  # very uneven sizes (a few huge images): crop image by image instead of padding everything
-            crops = [
-                roi_align(im.unsqueeze(0).float(), [boxes[i]], output_size=(size, size),
-                          sampling_ratio=sampling_ratio, aligned=True)
-                for i, im in enumerate(images)
-            ]  # each (V, 3, S, S)
-            return torch.stack(crops, dim=1).flatten(0, 1)  # view-major
-    idx = torch.arange(b, device=device, dtype=torch.float32).repeat(v)  # view-major
-    rois = torch.cat([idx.unsqueeze(1), boxes.transpose(0, 1).reshape(-1, 4)], 1)
-    return roi_align(batch.float(), rois, output_size=(size, size), sampling_ratio=sampling_ratio, aligned=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -294,12 +241,14 @@ class TwoViewAugment(nn.Module):
     crop boxes and flips come from the loader workers (:func:`components.pretrain.crops.sample_two_crops`) and
     everything with pixels runs on whole batches:
 
-    * **crop + resize**: one ``torchvision.ops.roi_align(aligned=True)`` call for all 2·B crops of a padded uint8
-      batch. With ``sampling_ratio=-1`` each output pixel averages ⌈crop/S⌉² bilinear samples: exact bilinear
-      (``align_corners=False``) when up-sampling, an antialiased (box-of-bilinear) filter when down-sampling. The
-      official code uses PIL bicubic (also antialiased); we approximate it with this filter to keep it one kernel.
-      Padding replicates each image's last row/column, so crops touching the border match torchvision's edge clamping.
-      Batches of very uneven sizes (padding > 4x the pixels, e.g. one huge ImageNet image) are cropped image by image.
+    * **crop + resize** (``resize``; "auto": "filter" on the CPU, "roi_align" elsewhere). "filter": each crop resized
+      from the uint8 image with the authors' antialiased ``interpolation`` (bicubic; MoCo: bilinear), uint8 out, as
+      torchvision's ``resized_crop`` and within rounding of PIL (:func:`components.pretrain.resize.resize_crops`).
+      "roi_align": one ``torchvision.ops.roi_align(aligned=True)`` call for all 2·B crops of a padded uint8 batch
+      (one kernel on the GPU); with ``sampling_ratio=-1`` each output pixel averages ⌈crop/S⌉² bilinear samples:
+      exact bilinear when up-sampling, an antialiased (box-of-bilinear) filter approximating PIL's when
+      down-sampling. Padding replicates each image's last row/column, so crops touching the border match
+      torchvision's edge clamping; batches of very uneven sizes are cropped image by image.
     * **colour jitter**: torchvision's formulas (``adjust_brightness/contrast/saturation/hue`` on float images) with a
       random order per sample; each operation at each position runs only on the samples that do it there.
     * **grayscale**, **solarize** (threshold 128/255, as PIL's 128 on uint8): per-sample masks.
@@ -327,8 +276,13 @@ class TwoViewAugment(nn.Module):
         solarize_prob: tuple[float, float] = (0.0, 0.2),
         solarize_threshold: float = 128.0 / 255.0,
         sampling_ratio: int = -1,
+        interpolation: str = "bicubic",
+        resize: str = "auto",
     ):
         super().__init__()
+        if resize not in ("auto", "filter", "roi_align"):
+            raise ValueError(f"resize={resize!r}: must be 'auto', 'filter' or 'roi_align'")
+        self.interpolation, self.resize = interpolation, resize
         self.image_size = int(image_size)
         self.jitter = tuple(float(j) for j in jitter)
         self.jitter_prob = float(jitter_prob)
@@ -369,6 +323,14 @@ class TwoViewAugment(nn.Module):
             "solarize": u[..., 12] < view_sol,
         }
 
+    def crops(self, images: torch.Tensor | Sequence[torch.Tensor], boxes: torch.Tensor,
+              device: torch.device) -> torch.Tensor:
+        """The 2·B crops, resized to S × S: (2B, 3, S, S) float32 on ``device``, in 0..255, view-major."""
+        mode = self.resize if self.resize != "auto" else "filter" if device.type == "cpu" else "roi_align"
+        if mode == "filter":
+            return resize_crops(images, boxes, self.image_size, self.interpolation).to(device, torch.float32)
+        return crop_resize(images, boxes, self.image_size, self.sampling_ratio)
+
     def forward(
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
@@ -393,7 +355,7 @@ class TwoViewAugment(nn.Module):
         flip = packer.add(flip_idx) if flip_idx is not None and flip_idx.numel() else None
         packer.send(device)
 
-        x = crop_resize(images, boxes, self.image_size, self.sampling_ratio).div_(255.0)  # (2B, 3, S, S), own tensor
+        x = self.crops(images, boxes, device).div_(255.0)  # (2B, 3, S, S), this call's own tensor
         if flip is not None:  # only the flipped samples are touched
             idx = packer.get(flip)
             x.index_copy_(0, idx, x.index_select(0, idx).flip(-1))

@@ -122,7 +122,7 @@ def test_flip_actually_flips():
     images, params = _batch([(64, 80)] * 3)
     params["flips"] = torch.tensor([[False, False], [True, False], [False, True]])
     out = A.TwoViewAugment(32, **OFF)(images, params, torch.Generator().manual_seed(0))
-    plain = A.crop_resize(images, params["boxes"], 32) / 255.0
+    plain = A.resize_crops(images, params["boxes"], 32).float() / 255.0  # the CPU resize
     plain = (plain - torch.tensor(A.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(A.IMAGENET_STD).view(1, 3, 1, 1)
     torch.testing.assert_close(out["view1"][0], plain[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["view1"][1], plain[1].flip(-1), atol=1e-5, rtol=1e-5)
@@ -132,7 +132,7 @@ def test_flip_actually_flips():
 
 def test_grayscale_and_solarize_do_what_they_say():
     images, params = _batch([(64, 64)] * 3)
-    plain = A.crop_resize(images, params["boxes"], 32) / 255.0
+    plain = A.resize_crops(images, params["boxes"], 32).float() / 255.0  # the CPU resize
     flips = params["flips"].transpose(0, 1).reshape(-1).view(-1, 1, 1, 1)
     plain = torch.where(flips, plain.flip(-1), plain)
     gray = _unnormalise(A.TwoViewAugment(32, **{**OFF, "grayscale_prob": 1.0})(

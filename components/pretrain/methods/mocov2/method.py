@@ -17,7 +17,7 @@ from components.pretrain.views import sample_seed
 
 # MoCo v2's augmentation where it differs from TwoViewAugment's defaults (SlotCon/BYOL's asymmetric recipe)
 MOCOV2_AUGMENT = dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(0.5, 0.5),
-                      solarize_prob=(0.0, 0.0))
+                      solarize_prob=(0.0, 0.0), interpolation="bilinear")
 
 
 class MocoV2Method(PretrainMethod):
