@@ -116,7 +116,7 @@ def test_verify_catches_damage_and_cli_exits_2(raw, tmp_path, capsys):
     capsys.readouterr()
     assert main(["shard", "--verify", "--out", str(out), "--params", str(params), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and victim.name in err and "sha1" in err
+    assert err.count("\n") == 0 and victim.name in err and "sha256" in err
     victim.unlink()
     with pytest.raises(UserError, match="shard files differ from index.json"):
         verify_shards(out, progress=False)
@@ -215,8 +215,32 @@ def test_shard_bytes_hash_matches_manifest_metadata(raw, tmp_path):
     _, meta = read_manifest(out / "val2017" / "manifest.parquet")
     for s in meta["shards"]:
         data = (out / "val2017" / s["name"]).read_bytes()
-        assert len(data) == s["bytes"] and hashlib.sha1(data).hexdigest() == s["sha1"]
+        assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+        assert "sha1" not in s  # one digest per shard: the sha256 index.json also records
         assert tarfile.open(fileobj=io.BytesIO(data)).getmembers()[0].mtime == 946684800
+
+
+def test_verify_reads_a_manifest_that_records_each_shards_sha1(raw, tmp_path):
+    """A manifest written before the shards carried one digest (sha256) lists each shard's sha1: --verify checks it."""
+    import pyarrow.parquet as pq
+
+    _, raw_dir = raw
+    out = tmp_path / "shards"
+    run_shard(ShardConfig(max_count=5, workers=1, verify=False), raw_dir, out, progress=False)
+    mpath = out / "val2017" / "manifest.parquet"
+    table = pq.read_table(mpath)
+    _, meta = read_manifest(mpath)
+    for s in meta["shards"]:
+        s["sha1"] = hashlib.sha1((out / "val2017" / s["name"]).read_bytes()).hexdigest()
+        del s["sha256"]
+    pq.write_table(table.replace_schema_metadata({"slotcon": json.dumps(meta, sort_keys=True)}), mpath)
+    assert verify_shards(out, progress=False)["samples"] == 19
+    shard = out / "val2017" / meta["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's data: same size, other bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="size/sha1 differ"):
+        verify_shards(out, progress=False)
 
 
 def test_cocoplus_unlabeled_split_and_cli_metrics(tmp_path, write_coco):

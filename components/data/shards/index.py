@@ -244,8 +244,9 @@ def _check_shard(path: str, smeta: dict[str, Any], rows: list[dict[str, Any]]) -
         data = p.read_bytes()
     except OSError as exc:
         return f"{p}: cannot read ({exc})"
-    if len(data) != smeta["bytes"] or hashlib.sha1(data).hexdigest() != smeta["sha1"]:
-        return f"{p}: size/sha1 differ from manifest.parquet (shard damaged or rewritten); re-run `slotcon shard`"
+    algo = "sha256" if "sha256" in smeta else "sha1"  # a manifest of an older writer records the shard's sha1
+    if len(data) != smeta["bytes"] or hashlib.new(algo, data).hexdigest() != smeta[algo]:
+        return f"{p}: size/{algo} differ from manifest.parquet (shard damaged or rewritten); re-run `slotcon shard`"
     members: list[tuple[str, int, bytes]] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
@@ -310,7 +311,7 @@ def verify_shards(shards_root: str | os.PathLike, *, workers: int = 1, progress:
     """Re-read every shard and check it against ``index.json`` and the split manifests.
 
     Checks: index present (the run completed), no leftover temporary files, exactly the listed shard files, each
-    shard's size and sha1, member keys, order, offsets, sizes and sha1s. Raises a one-line UserError on the first
+    shard's size and sha256, member keys, order, offsets, sizes and sha1s. Raises a one-line UserError on the first
     mismatch; returns counts when everything agrees.
     """
     if is_url(shards_root):

@@ -276,7 +276,7 @@ def _finalize(plans: list[SplitPlan], summaries: dict, work: Path, out_dir: Path
     per_split = {p.split: [summaries[(p.split, i)] for i in range(len(p.cuts))] for p in plans}
     for plan in plans:
         shards = per_split[plan.split]
-        shards_meta = [{k: s[k] for k in ("name", "num_samples", "bytes", "sha1")} for s in shards]
+        shards_meta = [{k: s[k] for k in ("name", "num_samples", "bytes", "sha256")} for s in shards]
         n = sum(s["num_samples"] for s in shards)
         _write_shard_manifest(work / plan.split / "manifest.parquet", shards, work / plan.split, {
             "split": plan.split, "source": raw_index["source"], "labeled": plan.labeled, "num_samples": n,

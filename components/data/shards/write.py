@@ -45,14 +45,14 @@ def dump_meta(obj: Any) -> bytes:
 
 
 class _HashingFile:
-    """Write-through file wrapper that hashes (sha1 for the manifest, sha256 for index.json: the identity the loader
-    checks) and counts what the tar writer emits (no second read of the shard)."""
+    """Write-through file wrapper that hashes and counts what the tar writer emits (no second read of the shard).
+    One digest, sha256: the shard's identity in index.json (what the loader checks) and in the manifest (what
+    ``--verify`` checks)."""
 
     def __init__(self, f):
-        self.f, self.sha1, self.sha256, self.size = f, hashlib.sha1(), hashlib.sha256(), 0
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
 
     def write(self, b) -> int:
-        self.sha1.update(b)
         self.sha256.update(b)
         self.size += len(b)
         return self.f.write(b)
@@ -67,7 +67,7 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
 
     The image file's bytes are checked against the sha1 ``prepare`` recorded. Written to ``.<name>.tmp``, fsynced,
     renamed; then the done-record (``task["done"]``, when given) is written atomically. Returns the shard's summary
-    (name, split, index, num_samples, bytes, sha1, transcoded) and, without a done-record, its manifest records.
+    (name, split, index, num_samples, bytes, sha256, transcoded) and, without a done-record, its manifest records.
     With ``defer_sync`` the temporary file is only written and closed: the result then goes to :func:`finish_shard`
     (fsync, rename, done-record, in that order), which the caller runs beside the next shard's writing so the disk
     flush overlaps it. ``on_sample(i)`` is a test hook called before sample ``i``.
@@ -75,7 +75,7 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
     A sample is ``<key>.jpg`` (the image file's own bytes, or a plain upright JPEG made from them for the images
     ``prepare`` marked ``transcode``), ``<key>.json`` (canonical JSON) and ``<key>.seg.png`` when a semantic map
     exists; members are in sorted order with a fixed mtime, owner and mode. The done-record holds the fingerprint
-    (what went in), size, sha1, mtime and one manifest record per sample.
+    (what went in), size, sha256, mtime and one manifest record per sample.
     """
     path = Path(task["path"])
     tmp = path.parent / tmp_name(path.name)
@@ -87,7 +87,7 @@ def write_shard(task: dict[str, Any], on_sample: Callable[[int], None] | None = 
             raise DiskFullError.of(path, _shard_bytes(task["samples"])) from None
         raise
     summary = {"name": path.name, "split": task.get("split"), "index": task.get("index"), "num_samples": len(records),
-               "bytes": hf.size, "sha1": hf.sha1.hexdigest(), "sha256": hf.sha256.hexdigest(),
+               "bytes": hf.size, "sha256": hf.sha256.hexdigest(),
                "transcoded": sum(r["transcoded"] for r in records)}
     written = {"summary": summary, "tmp": str(tmp), "path": str(path), "done": task.get("done"), "records": None}
     if task.get("done"):  # compact JSON: the C encoder (an indented dump of 1000 records is ~10x slower); the mtime
@@ -250,10 +250,9 @@ def find_finished(done: Path, fingerprint: str, places: list[Path]) -> dict[str,
         except OSError:
             continue
         if st.st_size == rec["bytes"] and st.st_mtime_ns == rec["mtime_ns"]:
-            out = {k: rec[k] for k in ("name", "split", "index", "num_samples", "bytes", "sha1", "transcoded")}
             if "sha256" not in rec:  # a done-record of an older writer: the shard is written again
                 return None
-            out["sha256"] = rec["sha256"]
+            out = {k: rec[k] for k in ("name", "split", "index", "num_samples", "bytes", "sha256", "transcoded")}
             return {**out, "path": str(p)}
     return None
 
