@@ -279,6 +279,11 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
                 _record(stage, args, metrics, tracker, tcfg)
         if rank == 0 and metrics is not None and stage.summary is not None:
             print(f"slotcon {stage.name}: {stage.summary(metrics)}", flush=True)
+    except RuntimeError as exc:  # a collective outside the engine's loop lost a peer: the same one line
+        reason = dist.peer_lost(exc)
+        if reason is None:
+            raise
+        raise UserError(dist.lost_peer_message(reason)) from exc
     finally:
         if own_group:
             dist.destroy()

@@ -36,6 +36,11 @@ class NonFiniteLossError(UserError):
     """A non-finite loss on some rank: every rank raises it at the same step (the last good checkpoint is kept)."""
 
 
+class PeerLostError(UserError):
+    """Another rank died or stopped answering (``SLOTCON_DDP_TIMEOUT_S``) mid-run: the surviving ranks stop with one
+    line naming it, the step and the last checkpoint (a re-run of the same command on every node resumes there)."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """The run's shape and knobs (from a params section). ``steps_per_epoch=None``: an epoch is one loader pass."""
@@ -175,8 +180,18 @@ def fit(
     """
     loop = _Loop(method, spec, ckpt_dir=ckpt_dir, fingerprint=fingerprint, tracker=tracker, device=device,
                  on_step=on_step, stop_after_step=stop_after_step)
-    loop.resume()
-    return loop.run()
+    try:
+        loop.resume()
+        return loop.run()
+    except RuntimeError as exc:  # gloo / NCCL: a peer closed its connection or timed out
+        reason = dist.peer_lost(exc)
+        if reason is None:
+            raise
+        raise PeerLostError(f"{spec.label}: " + dist.lost_peer_message(
+            reason, step=loop.step + 1, checkpoint=loop.checkpoint_text())) from exc
+    finally:
+        if hasattr(loop, "bar"):
+            loop.bar.close()  # the error line starts on a line of its own
 
 
 class _Loop:
@@ -202,6 +217,7 @@ class _Loop:
         self.epoch_sums = torch.zeros(len(self.keys))
         self.epoch_steps = 0
         self.resumed_from: str | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
         self.pending_rng = None
         self.time_before = 0.0  # training seconds of the segments before this one (from the checkpoint)
         self.t_start: float | None = None
@@ -227,7 +243,7 @@ class _Loop:
             self.time_before = float(state.get("train_time_s", 0.0))
             rank_states = state.get("rank_states") or []
             self.pending_rng = rank_states[self.rank] if len(rank_states) == self.world else None
-            self.resumed_from = str(path)
+            self.resumed_from, self.saved_step = str(path), self.step
             if self.is_main:
                 print(f"{spec.label}: resuming from {path} at step {self.step} (epoch {self.epoch + 1}, batch "
                       f"{self.skip})", file=sys.stderr, flush=True)
@@ -259,6 +275,14 @@ class _Loop:
                 "train_time_s": self.train_time(),
             }, self.run_dir, self.step, keep=self.spec.keep_checkpoints)
         dist.barrier()
+        self.saved_step = self.step
+
+    def checkpoint_text(self) -> str:
+        """The newest checkpoint for a message: its step (and its path where this rank sees the file)."""
+        if self.saved_step is None:
+            return "none yet: the re-run starts from scratch"
+        path = ckpt.checkpoint_path(self.run_dir, self.saved_step) if self.run_dir is not None else None
+        return f"step {self.saved_step}" + (f", {path}" if path is not None and path.is_file() else "")
 
     def train_time(self) -> float:
         """Training seconds so far over every segment of the run (this one's since :meth:`run` began)."""
