@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from components import codegraph
 from components.backbone import clean_keys
 from components.config import resume_safe_keys
 from components.errors import UserError
@@ -38,7 +39,8 @@ def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
     ``extra`` carries resolved facts that also define the run: world size, samples per epoch, a hash of the shard
     index (different data -> different run). The hash covers every param that changes what the run computes (model,
     optimisation, schedule length ``epochs``, seed, data identity, world size), not knobs that don't change the numbers
-    (workers, logging/checkpoint cadence, compile). ``epochs`` is in it because the cosine lr/EMA schedules span the
+    (workers, logging/checkpoint cadence, compile); the engine adds the :func:`code_digest` of the method's code.
+    ``epochs`` is in it because the cosine lr/EMA schedules span the
     whole run: ``dvc exp run -S pretrain.epochs=N`` must give the same model as a fresh N-epoch run, never a longer
     run's checkpoint with its schedule bent. So the same params resume from the newest checkpoint of that fingerprint
     (``torchrun --max-restarts`` and a re-run of ``dvc repro`` after a crash both land here); changed params restart
@@ -49,6 +51,20 @@ def fingerprint(params: Mapping[str, Any], extra: Mapping[str, Any] | None = Non
     fp["_format"] = FORMAT_VERSION  # checkpoints of an older file format sit in another folder: a fresh run, no refusal
     text = json.dumps(fp, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12], fp
+
+
+def code_digest(module: str, root: str | os.PathLike | None = None) -> str:
+    """A hash of the project code a run executes: every file in the import closure of ``module`` (the method's
+    module; the engine's for a method defined outside the project, e.g. in a test). It goes into the fingerprint, so
+    after a code change (when DVC re-runs the stage) training starts fresh instead of resuming, or finding finished,
+    the old code's run; a crash re-run on the same code still resumes."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    modules, _ = codegraph.graph(root)
+    names = codegraph.closure(module if module in modules else "components.engine.loop", root)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode() + b"\0" + modules[name].read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

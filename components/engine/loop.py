@@ -207,7 +207,8 @@ class _Loop:
         self.keys = tuple(method.stat_keys)
         self.model = method.build(self.device)
         self.optimizer = method.optimizer(self.model)
-        self.fp_hash, self.fp = ckpt.fingerprint(dict(fingerprint), {"world_size": self.world})
+        self.fp_hash, self.fp = ckpt.fingerprint(dict(fingerprint), {
+            "world_size": self.world, "code": ckpt.code_digest(type(method).__module__)})
         self.ckpt_dir = ckpt_dir
         self.run_dir = Path(ckpt_dir) / self.fp_hash if ckpt_dir is not None else None
         # position and records (all restored by a resume)

@@ -131,3 +131,32 @@ def test_clean_state_dict_and_unwrap():
 
     assert ckpt.unwrap(Wrap()) is inner
 
+
+
+def _tree_copy(tmp_path):
+    """A copy of the project's components/ (the code a run executes), to edit."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(ckpt.__file__).resolve().parents[2]
+    shutil.copytree(repo / "components", tmp_path / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def test_code_digest_follows_the_code_a_method_imports_and_nothing_else(tmp_path):
+    root = _tree_copy(tmp_path)
+    method = "components.pretrain.methods.slotcon.method"
+    before = ckpt.code_digest(method, root)
+    assert ckpt.code_digest(method, root) == before  # stable
+    # a file outside the method's import closure (the detection stage) changes nothing ...
+    with open(root / "components/transfer/detect/stage.py", "a") as f:
+        f.write("\n# edited\n")
+    assert ckpt.code_digest(method, root) == before  # (the file bytes are read on every call)
+    # ... one inside it (the augmentation the method's views run) changes the digest, so the fingerprint
+    with open(root / "components/pretrain/augment.py", "a") as f:
+        f.write("\n# edited\n")
+    after = ckpt.code_digest(method, root)
+    assert after != before
+    fp_a = ckpt.fingerprint({"lr": 1.0}, {"code": before})[0]
+    fp_b = ckpt.fingerprint({"lr": 1.0}, {"code": after})[0]
+    assert fp_a != fp_b
